@@ -11,7 +11,7 @@ through null, 0, 1, 2, 3. It is cached under --cache (default tmp/bench) as
 canonical JSONL and canonical Parquet (zstd).
 
 Each variant runs in its own subprocess, which reports its own peak RSS (ru_maxrss) and wall time:
-  clean  worldpm.tasks.clean.clean_frame on a lazy scan of the file (the stage's code path)
+  clean  tasks.clean.clean_frame on a lazy scan of the file (the stage's code path)
   loop   the same rules as a per-row Python loop, as the original scripts do: json.loads per line (pyarrow
          to_pylist per batch for Parquet), re.sub, html.unescape, a set of seen keys; JSONL out
   floor  a bare polars scan of the same file + a zstd Parquet write (no rules)
@@ -53,7 +53,7 @@ def build_inputs(size_mb: int, cache: Path) -> tuple[Path, Path]:
     """Canonical JSONL of about size_mb MB and the same rows as zstd Parquet (cached)."""
     import polars as pl
 
-    from worldpm.tasks.sources.schema import CANONICAL_SCHEMA, COLUMNS
+    from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
 
     cache.mkdir(parents=True, exist_ok=True)
     jl, pq = cache / f"pairs-{size_mb}mb.jsonl", cache / f"pairs-{size_mb}mb.parquet"
@@ -78,7 +78,7 @@ def build_inputs(size_mb: int, cache: Path) -> tuple[Path, Path]:
 def _expand(base, copies: int):
     import polars as pl
 
-    from worldpm.tasks.sources.schema import MESSAGE
+    from worldpm.data.schema import MESSAGE
 
     i = pl.col("i")
     # every 50th copy repeats the previous copy's text exactly: duplicates the clean stage must catch
@@ -110,7 +110,7 @@ def _expand(base, copies: int):
 def _scan(path: Path):
     import polars as pl
 
-    from worldpm.tasks.sources.schema import CANONICAL_SCHEMA
+    from worldpm.data.schema import CANONICAL_SCHEMA
 
     return pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_ndjson(path, schema=CANONICAL_SCHEMA)
 
@@ -123,7 +123,7 @@ def variant_floor(path: Path, out: Path, scfg: dict) -> int:
 
 
 def variant_clean(path: Path, out: Path, scfg: dict) -> int:
-    from worldpm.tasks import clean
+    from tasks import clean
 
     logging.basicConfig(level=logging.WARNING)
     rep = clean.clean_frame(_scan(path), scfg, out, out / "work", logging.getLogger("bench"))
@@ -292,7 +292,7 @@ def main() -> None:
         _child(name, Path(path), Path(out), json.loads(scfg))
         return
     sys.path.insert(0, str(ROOT))
-    from worldpm.tasks.config import CleanConfig
+    from worldpm.config import CleanConfig
 
     scfg = CleanConfig().model_dump(mode="json")
     jl, pq = build_inputs(a.size_mb, a.cache)

@@ -43,8 +43,8 @@ def tokenized_artifact(cfg, store):
     """download adapter -> (fixture clean) -> shard -> tokenize, through worldpm's stages (cached in the store)."""
     import polars as pl
 
-    from worldpm import pipeline
-    from worldpm.tasks.sources import read_source_file
+    from tasks import PIPELINE as pipeline
+    from worldpm.data.sources import read_source_file
 
     pairs = pl.concat([read_source_file(p, "stack_exchange_paired").pairs.collect()
                        for p in sorted(SHARED_SE.rglob("*.parquet"))])
@@ -58,7 +58,7 @@ def tokenized_artifact(cfg, store):
 
 
 def sampler_padding(ref, batch_size: int, seed: int, window: int) -> dict:
-    from worldpm.tasks.trainer.data import PairBatchSampler, load_pairs, padding_fraction
+    from worldpm.modeling.trainer.data import PairBatchSampler, load_pairs, padding_fraction
 
     d = load_pairs(Path(ref.path) / "train.parquet")
     lens = (d.chosen_len, d.rejected_len)
@@ -70,9 +70,10 @@ def sampler_padding(ref, batch_size: int, seed: int, window: int) -> dict:
 def accuracy(model, ref) -> float:
     import numpy as np
 
-    from worldpm.tasks import models, tokenize
+    from worldpm.data.splits import read_split
+    from worldpm.modeling import models
 
-    test = tokenize.read_split(ref, "test")
+    test = read_split(ref, "test")
     pad = model.config.pad_token_id
     rc = models.score_token_ids(model, test["chosen_ids"].to_list(), pad, batch_size=32)
     rr = models.score_token_ids(model, test["rejected_ids"].to_list(), pad, batch_size=32)
@@ -87,8 +88,8 @@ def non_embedding_params(model) -> int:
 # ---- ours ---------------------------------------------------------------------------------------------------------
 
 def run_ours(cfg, store, ref, group: bool) -> dict:
-    from worldpm import pipeline
-    from worldpm.tasks import models
+    from tasks import PIPELINE as pipeline
+    from worldpm.modeling import models
 
     cfg = cfg.model_copy(deep=True)
     cfg.train.group_by_length = group
@@ -126,11 +127,12 @@ def trl_worker(spec_path: str) -> None:
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from worldpm.tasks import models, tokenize
+    from worldpm.data.splits import read_split
+    from worldpm.modeling import models
 
     spec = json.loads(Path(spec_path).read_text())
     tok = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
-    df = tokenize.read_split(spec["data_dir"], "train").select("chosen_ids", "rejected_ids")
+    df = read_split(spec["data_dir"], "train").select("chosen_ids", "rejected_ids")
     ds = datasets.Dataset.from_polars(df)
     torch.manual_seed(spec["seed"])
     model = models.build_reward_model(spec["model"], tok)
@@ -189,7 +191,7 @@ def trl_worker(spec_path: str) -> None:
 
 
 def run_trl(cfg, ref, precision: str, work: Path) -> dict:
-    from worldpm.tasks import models
+    from worldpm.modeling import models
 
     work.mkdir(parents=True, exist_ok=True)
     spec = {"tokenizer_dir": str(Path(ref.path) / "tokenizer"), "data_dir": ref.path,
@@ -224,8 +226,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
-    from worldpm.tasks.config import load_config
-    from worldpm.tasks.store import ArtifactStore
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactStore
 
     if a.gpu:
         if not torch.cuda.is_available():

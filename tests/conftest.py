@@ -30,8 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """../shared/data: the real preference samples. Missing data fails the tests that need it (never a silent
+    skip: CI must not pass without having tested on real data)."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared preference data is not at {SHARED_DATA}")
+        pytest.fail(f"the shared preference data is not at {SHARED_DATA}: tests on real data cannot run")
     return SHARED_DATA
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from worldpm import pipeline
-from worldpm.tasks import clean, text
-from worldpm.tasks.config import CleanConfig, FieldLimits, PipelineConfig, load_config
-from worldpm.tasks.sources.schema import CANONICAL_SCHEMA, MESSAGE
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from tasks import clean
+from worldpm.data import text
+from worldpm.config import CleanConfig, FieldLimits, PipelineConfig, load_config
+from worldpm.data.schema import CANONICAL_SCHEMA, MESSAGE
+from worldpm.store import ArtifactStore
 
 
 # ---- helpers: a download artifact built here from the raw shared files ----------------------------------------
@@ -227,9 +228,9 @@ def test_through_the_download_stage(tmp_path, se_paired):
 
 KILL_SCRIPT = """
 import sys
-from worldpm import pipeline
-from worldpm.tasks.config import PipelineConfig
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from worldpm.config import PipelineConfig
+from worldpm.store import ArtifactStore
 store = ArtifactStore(sys.argv[1])
 dl = store.get("download", "test-download")
 pipeline.execute("clean", PipelineConfig(artifacts_dir=sys.argv[1]), {"download": dl}, store)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from worldpm.tasks.config import ConfigError, load_config, source_from_cli
+from worldpm.config import ConfigError, load_config, source_from_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from uuid import UUID
 import pytest
 import yaml
 
-from worldpm import pipeline
-from worldpm.flows import deploy
+from tasks import PIPELINE as pipeline
+from flows import deploy
 
 RUN_TIMEOUT = 1200  # a hang guard for one `prefect deployment run --watch`, not a performance bound
 
@@ -49,7 +49,7 @@ def test_deployments_follow_the_config(tmp_path):
     for d in (full, clean):
         assert d.concurrency_limit == 1
         assert d.concurrency_options.collision_strategy.value == "ENQUEUE"
-        assert d.entrypoint == "worldpm.flows.worldpm.worldpm"  # importable from any working directory
+        assert d.entrypoint == "flows.worldpm.worldpm"  # importable from any working directory
     full, _ = deploy.build_deployments(str(cfg), schedule=False, on_overlap="cancel-new")
     assert full.schedules == []
     assert full.concurrency_options.collision_strategy.value == "CANCEL_NEW"
@@ -127,7 +127,7 @@ def _worldpm_serve_cmd() -> list[str]:
         p = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
         if p.returncode == 0 and "--no-schedule" in p.stdout:
             return [exe, "serve"]
-    return [sys.executable, "-m", "worldpm.flows.deploy", "serve"]
+    return [sys.executable, "-m", "flows.deploy", "serve"]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -213,7 +213,7 @@ def _artifact_dirs(root: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_served_deployments_run_cache_and_rerun_clean(prefect_api_url, se_paired, tmp_path):
-    stages = pipeline.available_stages()
+    stages = list(pipeline.names)
     assert "clean" in stages and "download" in stages, f"the DAG has no download/clean yet: {stages}"
     cfg = _tiny_config(tmp_path, se_paired)
     artifacts = tmp_path / "artifacts"
@@ -300,7 +300,7 @@ def test_worldpm_server_starts_and_stops_both(tmp_path):
     env.pop("PREFECT_API_URL", None)
     log = tmp_path / "server.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "worldpm.flows.deploy", "server", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "flows.deploy", "server", "--port", str(port),
                                  "--prefect-home", str(tmp_path / "home"), "--config", str(cfg)],
                                 cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"

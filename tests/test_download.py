@@ -8,12 +8,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from worldpm import pipeline
-from worldpm.tasks import demo, download
-from worldpm.tasks.config import load_config
-from worldpm.tasks.sources import REJECTS_SCHEMA
-from worldpm.tasks.sources.schema import CANONICAL_SCHEMA
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from worldpm.data.splits import scan_pairs
+from worldpm.errors import StageError
+from tasks import download
+from worldpm.data import demo
+from worldpm.config import load_config
+from worldpm.data.sources import REJECTS_SCHEMA
+from worldpm.data.schema import CANONICAL_SCHEMA
+from worldpm.store import ArtifactStore
 
 
 def run_download(tmp_path, sources: list[str], *overrides: str):
@@ -51,7 +54,7 @@ def test_local_directory_of_every_format(tmp_path, shared_data):
         assert f["candidate_pairs"] == f["pairs"] + f["equal_score_pairs"] + f["capped_pairs"]
     rejects = pl.read_parquet(Path(res.path) / "rejects.parquet")
     assert rejects.height == m["records_rejected"] == sum(m["rejected_by_reason"].values())
-    pairs = download.scan_pairs(res.ref).collect()
+    pairs = scan_pairs(res.ref).collect()
     assert pairs.height == m["rows_out"] and pairs["pair_id"].null_count() == 0
     assert json.loads((Path(res.path) / "sources.json").read_text())[0]["kind"] == "local"
 
@@ -78,13 +81,13 @@ def test_glob_and_several_tagged_sources(tmp_path, se_paired, shared_data):
         "  - {kind: demo, rows: 20}\n")
     cfg = load_config(cfg_file)
     res = pipeline.execute("download", cfg, {}, ArtifactStore(cfg.artifacts_dir))
-    counts = dict(download.scan_pairs(res.ref).group_by("source").len().collect().rows())
+    counts = dict(scan_pairs(res.ref).group_by("source").len().collect().rows())
     assert counts["paired"] == 1396 and counts["med"] == 100 and counts["demo"] > 20
 
 
 def test_hf_source_offline_fails_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(pipeline.StageError) as e:
+    with pytest.raises(StageError) as e:
         run_download(tmp_path, ["lvwerra/stack-exchange-paired"])
     msg = str(e.value)
     assert "cannot reach the Hugging Face hub" in msg and "--source /path/to/files" in msg and "\n" not in msg
@@ -99,7 +102,7 @@ def test_hf_pinned_sha_needs_no_network_for_the_key(tmp_path):
 def test_a_source_with_only_bad_records_stops(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text("{not json\n{also not\n")
-    with pytest.raises(pipeline.StageError, match=f"{f}.*no readable record"):
+    with pytest.raises(StageError, match=f"{f}.*no readable record"):
         run_download(tmp_path, [str(f)])
 
 
@@ -109,7 +112,7 @@ def test_stack_exchange_paired_end_to_end(tmp_path, se_paired):
     assert res.status == "ran" and cfg.sources[0].kind == "local"
     m = res.manifest
     assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (1396, 1396, 0)
-    pairs = download.scan_pairs(res.ref).collect()
+    pairs = scan_pairs(res.ref).collect()
     assert dict(pairs.schema) == CANONICAL_SCHEMA
     assert dict(pairs.group_by("domain").len().rows()) == {"beer.stackexchange.com": 1267,
                                                           "coffee.stackexchange.com": 129}
@@ -145,7 +148,7 @@ def test_bad_input_through_the_stage(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for bad, needle in ((cols, "columns found: bar, foo"), (empty, "empty file")):
-        with pytest.raises(pipeline.StageError) as e:
+        with pytest.raises(StageError) as e:
             run_download(tmp_path, [str(bad)])
         msg = str(e.value)
         assert msg.startswith(f"download: {bad}") and needle in msg and "\n" not in msg
@@ -184,7 +187,7 @@ def test_hf_source_pinned_to_a_commit_reads_the_hub_cache_offline(tmp_path, monk
     assert [p.name for p in (Path(res.path) / "pairs").iterdir()] == ["00000-owner_se-pairs.parquet"]
     # a data_dir with no data files in it is one line
     cfg = load_config(cfg_file, ["sources.0.data_dir=data/nothing"])
-    with pytest.raises(pipeline.StageError, match="no data files"):
+    with pytest.raises(StageError, match="no data files"):
         pipeline.execute("download", cfg, {}, ArtifactStore(cfg.artifacts_dir))
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from worldpm.tasks.trainer.dpo import DPO, dpo_loss
-from worldpm.tasks.trainer.logps import response_mask, sequence_logps
+from worldpm.config import TrainConfig
+from worldpm.modeling.dpo import DPO, dpo_loss
+from worldpm.modeling.logps import response_mask, sequence_logps
 
 LOG = logging.getLogger("test")
 TINY_QWEN_SPEC = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -67,7 +68,7 @@ def test_dpo_objective_statistics_rpo_and_length_average():
              "ref_chosen_logps": torch.tensor([-3.0, -2.0], dtype=torch.float64),
              "ref_rejected_logps": torch.tensor([-4.0, -1.0], dtype=torch.float64)}
     beta = 0.1
-    obj = DPO({"beta": beta, "dpo_loss": "sigmoid"})
+    obj = DPO(TrainConfig(objective="dpo", beta=beta, dpo_loss="sigmoid"))
     loss, st = obj.compute(Fixed(), batch)
     pc, pr = [hand[0][0], hand[1][0]], [hand[2][0], hand[3][0]]
     cr = [pc[i] - [-3.0, -2.0][i] for i in range(2)]
@@ -82,12 +83,12 @@ def test_dpo_objective_statistics_rpo_and_length_average():
     assert float(st["kl"]) == pytest.approx(np.mean(cr + rj), rel=1e-5)
 
     # RPO: + alpha * NLL per chosen response token
-    loss_rpo, _ = DPO({"beta": beta, "rpo_alpha": 0.5}).compute(Fixed(), batch)
+    loss_rpo, _ = DPO(TrainConfig(objective="dpo", beta=beta, rpo_alpha=0.5)).compute(Fixed(), batch)
     nll = -(pc[0] + pc[1]) / (hand[0][1] + hand[1][1])
     assert float(loss_rpo) == pytest.approx(want + 0.5 * nll, rel=1e-5)
 
     # length-averaged: policy and reference both divided by the response token count (row 1 has one token)
-    loss_avg, _ = DPO({"beta": beta, "logp_average": True}).compute(Fixed(), batch)
+    loss_avg, _ = DPO(TrainConfig(objective="dpo", beta=beta, logp_average=True)).compute(Fixed(), batch)
     n = [h[1] for h in hand]
     cra = [pc[i] / n[i] - [-3.0, -2.0][i] / n[i] for i in range(2)]
     rja = [pr[i] / n[2 + i] - [-4.0, -1.0][i] / n[2 + i] for i in range(2)]
@@ -175,7 +176,7 @@ DPO_SETTINGS = [f"model.from_config={TINY_QWEN}", "tokenize.max_length=48", "tra
 
 
 def dpo_cfg(*extra: str):
-    from worldpm.tasks.config import load_config
+    from worldpm.config import load_config
 
     return load_config(None, [*DPO_SETTINGS, *extra])
 
@@ -183,8 +184,8 @@ def dpo_cfg(*extra: str):
 @pytest.fixture(scope="module")
 def dpo_setup(tmp_path_factory, se_paired):
     """240 real StackExchange pairs sharded, tokenized (max_length 64) and their reference log-probs cached."""
-    from worldpm import pipeline
-    from worldpm.tasks.store import ArtifactStore
+    from tasks import PIPELINE as pipeline
+    from worldpm.store import ArtifactStore
 
     from test_tokenize import se_shard
 
@@ -201,12 +202,12 @@ def test_prompt_len_marks_where_the_response_starts(dpo_setup):
     """tokenize's prompt_len: the tokens after it are the response (then the end marker), for both sides."""
     import polars as pl
 
-    from worldpm.tasks import models, tokenize
-    from worldpm.tasks.shard import data_files
+    from worldpm.modeling import models
+    from worldpm.data.splits import data_files, read_split
 
     _, _, shard, tok_ref, _ = dpo_setup
     tokzr = models.load_tokenizer(f"{tok_ref.path}/tokenizer")
-    t = tokenize.read_split(tok_ref, "train")
+    t = read_split(tok_ref, "train")
     src = pl.read_parquet(data_files(shard)["train"]).select("pair_id", "chosen", "rejected")
     t = t.join(src, on="pair_id", how="left", maintain_order="left").head(60)
     tail = 1  # MiniLM's plain template ends with [SEP]
@@ -227,18 +228,19 @@ def test_cached_reference_logps_equal_the_frozen_reference_on_the_fly(dpo_setup)
 
     import polars as pl
 
-    from worldpm.tasks import models, ref_logps
-    from worldpm.tasks.trainer.data import collate_pairs, load_pairs
+    from worldpm.data.splits import read_split
+    from worldpm.modeling import models
+    from worldpm.modeling.trainer.data import collate_pairs, load_pairs
 
     store, cfg, _, tok_ref, ref = dpo_setup
-    cached = ref_logps.read_split(ref.ref, "train")
+    cached = read_split(ref.ref, "train")
     tokd = pl.read_parquet(Path(tok_ref.path) / "train.parquet")
     assert cached["pair_id"].to_list() == tokd["pair_id"].to_list()
     assert cached.schema["ref_chosen_logp"] == pl.Float64
     assert (cached["chosen_tokens"] == tokd["chosen_len"] - tokd["prompt_len"].clip(lower_bound=1)).all()
     assert (cached["ref_chosen_logp"] < 0).all() and (cached["ref_rejected_logp"] < 0).all()
     tokzr = models.load_tokenizer(f"{tok_ref.path}/tokenizer")
-    obj = DPO(cfg.train.model_dump(mode="json"))
+    obj = DPO(cfg.train)
     model = obj.build_model(cfg.model.model_dump(mode="json"), tokzr).eval()
     data = load_pairs(Path(tok_ref.path) / "train.parquet", ref_path=Path(ref.ref.path) / "train.parquet")
     idx = list(range(5, 29))  # a trainer batch: other pairs, other padding than the stage's batches
@@ -255,7 +257,7 @@ def test_cached_reference_logps_equal_the_frozen_reference_on_the_fly(dpo_setup)
 
 def implicit_accuracy(model, obj: DPO, data, pad_id: int) -> tuple[float, float]:
     """(accuracy of beta * log pi/ref over all pairs, ties counted half; the largest |reward|)."""
-    from worldpm.tasks.trainer.data import collate_pairs
+    from worldpm.modeling.trainer.data import collate_pairs
 
     rc, rr = [], []
     for lo in range(0, len(data), 32):
@@ -275,15 +277,15 @@ def test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy(dpo_setup):
     import json
     from pathlib import Path
 
-    from worldpm import pipeline
-    from worldpm.tasks import models
-    from worldpm.tasks.trainer.data import load_pairs
-    from worldpm.tasks.trainer.logps import load_causal_lm
+    from tasks import PIPELINE as pipeline
+    from worldpm.modeling import models
+    from worldpm.modeling.trainer.data import load_pairs
+    from worldpm.modeling.logps import load_causal_lm
 
     store, cfg, _, tok_ref, ref = dpo_setup
     tokzr = models.load_tokenizer(f"{tok_ref.path}/tokenizer")
     data = load_pairs(Path(tok_ref.path) / "train.parquet", ref_path=Path(ref.ref.path) / "train.parquet")
-    obj = DPO(cfg.train.model_dump(mode="json"))
+    obj = DPO(cfg.train)
     before = implicit_accuracy(obj.build_model(cfg.model.model_dump(mode="json"), tokzr).eval(), obj, data,
                                tokzr.pad_token_id)
     res = pipeline.execute("train", cfg, {"tokenize": tok_ref, "ref_logps": ref.ref}, store, log=LOG)
@@ -315,10 +317,10 @@ def test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy(dpo_setup):
 def test_bt_ref_logps_is_a_constant_marker(dpo_setup):
     """With objective bt the stage computes nothing and its artifact digest does not depend on DPO settings, so the
     BT train key stays put when beta or the reference change."""
-    from worldpm import pipeline
+    from tasks import PIPELINE as pipeline
 
     store, _, _, tok_ref, _ = dpo_setup
-    from worldpm.tasks.config import load_config
+    from worldpm.config import load_config
 
     a = pipeline.execute("ref_logps", load_config(None, []), {"tokenize": tok_ref}, store, log=LOG)
     b = pipeline.execute("ref_logps", load_config(None, ["train.beta=0.7"]), {"tokenize": tok_ref}, store, log=LOG)
@@ -330,19 +332,19 @@ def test_bt_ref_logps_is_a_constant_marker(dpo_setup):
 
 
 def test_dpo_with_an_encoder_model_is_refused():
-    from worldpm.pipeline import StageError
-    from worldpm.tasks import ref_logps
-    from worldpm.tasks.config import load_config
+    from tasks import ref_logps
+    from worldpm.config import load_config
+    from worldpm.errors import ConfigError
 
-    with pytest.raises(StageError, match="needs a causal LM"):
+    with pytest.raises(ConfigError, match="needs a causal LM"):
         ref_logps.stage_config(load_config(None, ["train.objective=dpo"]))
 
 
 def test_dpo_preset_validates_and_keys_the_reference_apart_from_beta():
     from pathlib import Path
 
-    from worldpm.tasks import ref_logps
-    from worldpm.tasks.config import load_config
+    from tasks import ref_logps
+    from worldpm.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "qwen2.5-0.5b-dpo.yaml"
     cfg = load_config(path)

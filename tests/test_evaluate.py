@@ -16,11 +16,13 @@ import polars as pl
 import pytest
 import torch
 
-from worldpm import cli, pipeline
-from worldpm.tasks import metrics as M
-from worldpm.tasks.config import load_config
-from worldpm.tasks.sources import read_source_file
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from worldpm.errors import StageError
+from flows import cli
+from worldpm.modeling import metrics as M
+from worldpm.config import load_config
+from worldpm.data.sources import read_source_file
+from worldpm.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RB = ROOT / "tests" / "fixtures" / "rewardbench_small.jsonl"
@@ -41,7 +43,7 @@ def model_dir(tmp_path_factory) -> Path:
     seeded, so the scores are fixed. Saved the way the train stage saves: weights + config + tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    from worldpm.tasks import models
+    from worldpm.modeling import models
 
     torch.manual_seed(0)
     m = AutoModelForSequenceClassification.from_pretrained(str(models.minilm_dir()), num_labels=1)
@@ -53,7 +55,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random-initialised BERT reward model with MiniLM's tokenizer: the same code paths, ~100x cheaper."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from worldpm.tasks import models
+    from worldpm.modeling import models
 
     tok = models.load_tokenizer(str(models.minilm_dir()))
     torch.manual_seed(0)
@@ -232,7 +234,7 @@ def test_stage_scores_test_split_and_eval_sets(staged, tiny_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["test", "rb"]
     preds = pl.read_parquet(out / "predictions.parquet")
-    from worldpm.tasks.tokenize import read_split
+    from worldpm.data.splits import read_split
 
     test = read_split(inputs["tokenize"], "test")
     assert test.height > 20
@@ -286,12 +288,12 @@ def test_stage_key_follows_eval_file_content_and_counts_rejects(staged):
     assert m["rb"]["n"] == 32 and m["rb"]["records"] == 33 and m["rb"]["rows_rejected"] == 1
     assert res.manifest["rows_rejected"] == 1
 
-    with pytest.raises(pipeline.StageError, match="no such file"):
+    with pytest.raises(StageError, match="no such file"):
         pipeline.resolve("evaluate", load_config(cfg_path, ["evaluate.eval_sets.0.path=eval_sets/none.jsonl"]), inputs)
 
 
 def test_eval_set_names_are_validated():
-    from worldpm.tasks.config import ConfigError
+    from worldpm.config import ConfigError
 
     with pytest.raises(ConfigError, match="cannot be named `test`"):
         load_config(None, ["evaluate.eval_sets=[{name: test, path: x.jsonl}]"])
@@ -304,7 +306,7 @@ def test_score_decoder_with_chat_template_reads_the_end_marker(tmp_path, monkeyp
     non-pad token), and right-padded batches of different lengths give the single-sequence scores."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from worldpm.tasks import models
+    from worldpm.modeling import models
 
     tok = models.load_tokenizer(str(models.minilm_dir()))
     tok.chat_template = ("{% for m in messages %}[CLS]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n"

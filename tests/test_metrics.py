@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from worldpm.tasks import metrics as M
+from worldpm.modeling import metrics as M
 
 # four pairs: chosen wins by 1, a tie, chosen loses by 1, chosen wins by 3
 CHOSEN = [2.0, 1.0, 0.0, 3.0]

@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from worldpm.tasks import models
+from worldpm.config import ModelConfig
+from worldpm.modeling import models
 
 TINY = {
     "bert": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -101,16 +102,17 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
     """A LoRA model with a trained head, saved as the trainer saves it (merged + adapter), scores the same."""
     from accelerate import Accelerator
 
-    from worldpm.tasks.trainer.main import save_final, setup_model
-    from worldpm.tasks.trainer.objectives import build_objective
+    from worldpm.modeling.trainer.save import save_final
+    from worldpm.modeling.trainer.setup import setup_model
+    from worldpm.modeling.objectives import build_objective
 
     # the real MiniLM base: an adapter is reloaded on top of its base model (a from_config base has no weights to
     # reload)
-    mcfg = {"name_or_path": "minilm",
-            "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}}
+    mcfg = ModelConfig(name_or_path="minilm",
+                       lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = setup_model(build_objective({"objective": "bt"}), mcfg, tok, acc, "fp32")
+    model = setup_model(build_objective({"objective": "bt"}), mcfg, tok, acc)
     assert any("classifier" in n and p.requires_grad for n, p in model.named_parameters())
     # "train": move the LoRA weights and the head away from their initial values
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
     seqs = [tok(t, truncation=True, max_length=40)["input_ids"] for t in se_texts[:6]]
     before = models.score_token_ids(model, seqs, tok.pad_token_id)
     out = tmp_path / "out"
-    save_final(acc, model, tok, out / "model", mcfg, {"train": {"objective": "bt"}})
+    save_final(acc, model, tok, out / "model", mcfg, "bt")
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
 
@@ -140,11 +142,11 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
 def test_qlora_on_cpu_is_a_clear_error(tok):
     from accelerate import Accelerator
 
-    from worldpm.tasks.trainer.main import setup_model
-    from worldpm.tasks.trainer.objectives import build_objective
+    from worldpm.modeling.trainer.setup import setup_model
+    from worldpm.modeling.objectives import build_objective
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    mcfg = {"name_or_path": "minilm", "lora": {"enabled": True, "quantize_4bit": True}}
+    mcfg = ModelConfig(name_or_path="minilm", lora={"enabled": True, "quantize_4bit": True})
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        setup_model(build_objective({"objective": "bt"}), mcfg, tok, Accelerator(cpu=True), "fp32")
+        setup_model(build_objective({"objective": "bt"}), mcfg, tok, Accelerator(cpu=True))

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worldpm import pipeline
-from worldpm.tasks import metrics as M
-from worldpm.tasks.config import PipelineConfig
-from worldpm.tasks.plot import ema, epoch_index, epoch_means, plot_trend
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from worldpm.modeling import metrics as M
+from worldpm.config import PipelineConfig
+from worldpm.report.figures import ema, epoch_index, epoch_means, plot_trend
+from worldpm.store import ArtifactStore
 
 log = logging.getLogger("test_plot")
 
@@ -133,7 +133,7 @@ def _logger(name: str) -> tuple[logging.Logger, _Records]:
 
 
 def test_check_regression_fires_on_a_drop_only(tmp_path):
-    from worldpm.tasks.report import append_history, check_regression
+    from worldpm.report.history import append_history, check_regression
 
     h = tmp_path / "h.jsonl"
     ok, msg = check_regression(h, {"test": {"accuracy": 0.70}}, 0.02)
@@ -163,8 +163,8 @@ def test_check_regression_fires_on_a_drop_only(tmp_path):
 
 
 def test_after_evaluate_warn_and_fail_modes(tmp_path):
-    from worldpm.pipeline import StageError
-    from worldpm.tasks.report import after_evaluate, history_path, read_history, trend_path
+    from worldpm.errors import StageError
+    from worldpm.report.history import after_evaluate, history_path, read_history, trend_path
 
     store = ArtifactStore(tmp_path / "artifacts")
     cfg = PipelineConfig(name="guard test", artifacts_dir=str(tmp_path / "artifacts"))
@@ -194,7 +194,7 @@ def test_after_evaluate_warn_and_fail_modes(tmp_path):
 
 
 def test_publish_prefect_artifacts_is_a_no_op_outside_a_flow_run(tmp_path):
-    from worldpm.tasks.report import publish_prefect_artifacts, run_table
+    from flows.artifacts import publish_prefect_artifacts, run_table
 
     store = ArtifactStore(tmp_path / "artifacts")
     inputs = fake_upstream(store)

@@ -7,11 +7,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from worldpm import pipeline
-from worldpm.tasks import shard
-from worldpm.tasks.config import load_config
-from worldpm.tasks.sources.schema import CANONICAL_SCHEMA, COLUMNS
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from worldpm.errors import StageError
+from tasks import shard
+from worldpm.data.splits import data_files
+from worldpm.config import load_config
+from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
+from worldpm.store import ArtifactStore
 
 LOG = logging.getLogger("test")
 
@@ -57,7 +59,7 @@ def test_splits_are_leak_free_deterministic_and_loadable(tmp_path, pairs):
     a, b = outs
     assert a.key == b.key and a.ref.digest == b.ref.digest  # same input, same split, same bytes
 
-    files = shard.data_files(a.ref)
+    files = data_files(a.ref)
     frames = {s: pl.read_parquet(fs) for s, fs in files.items()}
     assert sum(f.height for f in frames.values()) == pairs.height
     groups = {s: set(f["group_id"]) for s, f in frames.items()}
@@ -95,6 +97,6 @@ def test_rows_without_group_id_stop_the_stage(tmp_path, pairs):
     store = ArtifactStore(tmp_path)
     bad = pairs.head(10).with_columns(pl.lit(None, pl.String).alias("group_id"))
     clean = commit_clean(store, bad)
-    with pytest.raises(pipeline.StageError, match="without group_id"):
+    with pytest.raises(StageError, match="without group_id"):
         pipeline.execute("shard", load_config(None), {"clean": clean}, store, log=LOG)
     assert not list((tmp_path / "shard").glob("*/manifest.json"))

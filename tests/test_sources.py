@@ -10,8 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from worldpm.tasks.sources import AdapterError, read_source_file
-from worldpm.tasks.sources.schema import CANONICAL_SCHEMA
+from worldpm.data.sources import AdapterError, read_source_file
+from worldpm.data.schema import CANONICAL_SCHEMA
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sources"
 

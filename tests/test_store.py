@@ -6,7 +6,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from worldpm.tasks.store import ArtifactStore, dir_digest, stage_key
+from worldpm.store import ArtifactStore, dir_digest, stage_key
 
 
 def _commit(store: ArtifactStore, stage: str, key: str, text: str):

@@ -8,11 +8,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from worldpm import pipeline
-from worldpm.tasks import models, tokenize
-from worldpm.tasks.config import load_config
-from worldpm.tasks.sources import read_source_file
-from worldpm.tasks.store import ArtifactStore
+from tasks import PIPELINE as pipeline
+from tasks import tokenize
+from worldpm.data import render
+from worldpm.data.splits import SPLITS, read_split
+from worldpm.modeling import models
+from worldpm.config import load_config
+from worldpm.data.sources import read_source_file
+from worldpm.store import ArtifactStore
 
 LOG = logging.getLogger("test")
 CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -50,7 +53,7 @@ def run_tokenize(store, shard_ref, *sets):
 
 
 def all_splits(ref) -> pl.DataFrame:
-    return pl.concat([tokenize.read_split(ref, s).with_columns(split=pl.lit(s)) for s in tokenize.SPLITS])
+    return pl.concat([read_split(ref, s).with_columns(split=pl.lit(s)) for s in SPLITS])
 
 
 def test_truncate_keeps_every_pair_the_reward_token_and_the_response_end(shard_ref, se_paired):
@@ -115,7 +118,7 @@ def test_chat_template_rows_match_apply_chat_template(shard_ref, chatml_tokenize
     assert res.manifest["template"]["template"] == "chat" and res.manifest["template"]["compositional"]
     tok = models.load_tokenizer(str(chatml_tokenizer))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    df = tokenize.read_split(res.ref, "test")
+    df = read_split(res.ref, "test")
     assert df.height and not df["truncated"].any()
     assert (df["chosen_ids"].list.last() == im_end).all()  # the reward token of a decoder
     shard_rows = pl.read_parquet(Path(shard.path) / "test").select("pair_id", "prompt", "chosen")
@@ -128,14 +131,14 @@ def test_chat_template_rows_match_apply_chat_template(shard_ref, chatml_tokenize
 
 def test_multi_turn_prompts_take_the_rendered_path(tmp_path, chatml_tokenizer):
     tok = models.load_tokenizer(str(chatml_tokenizer))
-    r = tokenize.Renderer(tok, "{prompt}\n\n{response}", "")
-    enc = tokenize.ParallelEncoder(tok, 1)
+    r = render.Renderer(tok, "{prompt}\n\n{response}", "")
+    enc = render.ParallelEncoder(tok, 1)
     prompt = [{"role": "user", "content": "Is stout a lager?"}, {"role": "assistant", "content": "No."},
               {"role": "user", "content": "Why not?"}]
     df = pl.DataFrame({"pair_id": ["p"], "source": ["s"], "domain": [None], "group_id": ["g"], "prompt": [prompt],
                        "chosen": ["Top-fermenting yeast."], "rejected": ["It is."], "margin": [None]},
                       schema_overrides={"domain": pl.String, "margin": pl.Float64})
-    out = tokenize.tokenize_frame(df, r, enc, 512)
+    out = render.tokenize_frame(df, r, enc, 512)
     msgs = [{"role": "system", "content": ""}] + prompt + [{"role": "assistant", "content": "Top-fermenting yeast."}]
     want = tok(tok.apply_chat_template(msgs, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]
     assert out["chosen_ids"].to_list()[0] == want

@@ -13,14 +13,18 @@ import polars as pl
 import pytest
 import torch
 
-from worldpm import pipeline
-from worldpm.pipeline import StageError
-from worldpm.tasks import models, tokenize, train
-from worldpm.tasks.config import load_config
-from worldpm.tasks.store import ArtifactStore
-from worldpm.tasks.trainer import main as trainer
-from worldpm.tasks.trainer.data import PairBatchSampler, collate_pairs, load_pairs, padding_fraction
-from worldpm.tasks.trainer.objectives import bt_loss
+from tasks import PIPELINE as pipeline
+from worldpm.errors import StageError
+from tasks import train
+from worldpm.data.splits import read_split
+from worldpm.modeling import models
+from worldpm.config import load_config
+from worldpm.store import ArtifactStore
+from worldpm.modeling.trainer import save as trainer_save
+from worldpm.modeling.trainer import setup as trainer_setup
+from worldpm.modeling.trainer import step as trainer_step
+from worldpm.modeling.trainer.data import PairBatchSampler, collate_pairs, load_pairs, padding_fraction
+from worldpm.modeling.objectives import bt_loss
 
 from test_tokenize import se_shard
 
@@ -43,7 +47,7 @@ class ListLog(logging.Logger):
 def tokenized(tmp_path_factory, se_paired):
     """240 real pairs sharded and tokenized at max_length 64 (MiniLM's tokenizer)."""
     store = ArtifactStore(tmp_path_factory.mktemp("train") / "store")
-    cfg = load_config(None, ["tokenize.max_length=64"])
+    cfg = load_config(None, ["tokenize.max_length=64", "shard.train=0.9", "shard.eval=0.05", "shard.test=0.05"])
     shard = se_shard(store, se_paired, cfg, head=240)
     tok = pipeline.execute("tokenize", cfg, {"shard": shard}, store, log=LOG)
     return store, tok.ref, shard
@@ -71,9 +75,9 @@ def test_bt_loss_matches_a_hand_computation():
 
 
 def test_nonfinite_loss_names_step_and_pairs():
-    with pytest.raises(trainer.NonFiniteLoss, match=r"step 7; pair ids: a, b"):
-        trainer.check_finite(torch.tensor(float("nan")), 7, ["a", "b"])
-    trainer.check_finite(torch.tensor(0.3), 7, ["a"])
+    with pytest.raises(trainer_step.NonFiniteLoss, match=r"step 7; pair ids: a, b"):
+        trainer_step.check_finite(torch.tensor(float("nan")), 7, ["a", "b"])
+    trainer_step.check_finite(torch.tensor(0.3), 7, ["a"])
 
 
 def test_sampler_is_deterministic_complete_sharded_and_resumable():
@@ -137,7 +141,7 @@ def test_launch_configs_cpu_gpu_and_deepspeed(tmp_path):
         train.accelerate_config({**t, "num_processes": 2}, 0, "fp32", tmp_path)
     cmd = train.launch_command(tmp_path / "a.yaml", tmp_path / "args.json", ["--num_machines", "2"])
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_machines" in cmd
-    assert cmd[-4:] == ["-m", "worldpm.tasks.trainer.main", "--args-json", str(tmp_path / "args.json")]
+    assert cmd[-4:] == ["-m", "worldpm.modeling.trainer.main", "--args-json", str(tmp_path / "args.json")]
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path):
@@ -183,14 +187,14 @@ def tiny_cfg(*extra: str):
 def test_killed_run_resumes_from_its_checkpoint(tokenized, monkeypatch):
     store, ref, _ = tokenized
     cfg = tiny_cfg()
-    monkeypatch.setenv(trainer.CRASH_ENV, "3")
+    monkeypatch.setenv(trainer_setup.CRASH_ENV, "3")
     with pytest.raises(StageError, match="exited with 17"):
         pipeline.execute("train", cfg, train_inputs(store, ref), store, log=LOG)
     key, _ = pipeline.resolve("train", cfg, train_inputs(store, ref))
     work = store.work_dir("train", key)
-    assert [p.name for p in trainer.complete_checkpoints(work / "checkpoints")] == ["step-00000002"]
+    assert [p.name for p in trainer_save.complete_checkpoints(work / "checkpoints")] == ["step-00000002"]
     assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    monkeypatch.delenv(trainer.CRASH_ENV)
+    monkeypatch.delenv(trainer_setup.CRASH_ENV)
     log = ListLog()
     res = pipeline.execute("train", cfg, train_inputs(store, ref), store, log=log)
     assert res.status == "ran" and res.manifest["resumed_from_step"] == 2 and res.manifest["steps"] == 6
@@ -209,7 +213,7 @@ def test_killed_run_resumes_from_its_checkpoint(tokenized, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
     m = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
-    test = tokenize.read_split(ref, "test").head(8)
+    test = read_split(ref, "test").head(8)
     ids = test["chosen_ids"].to_list()
     a = models.score_token_ids(m, ids, m.config.pad_token_id)
     b = models.score_token_ids(models.load_reward_model(out), ids, m.config.pad_token_id, padding_side="left")
@@ -219,7 +223,7 @@ def test_killed_run_resumes_from_its_checkpoint(tokenized, monkeypatch):
 
 def test_nan_loss_stops_the_run_with_step_and_pair_ids(tokenized, monkeypatch):
     store, ref, _ = tokenized
-    monkeypatch.setenv(trainer.NAN_ENV, "2")
+    monkeypatch.setenv(trainer_setup.NAN_ENV, "2")
     with pytest.raises(StageError, match=r"non-finite loss \(nan\) at step 2; pair ids: \S+"):
         pipeline.execute("train", tiny_cfg("train.max_steps=3", "train.seed=5"), train_inputs(store, ref), store, log=LOG)
 
@@ -254,7 +258,7 @@ def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean([m["loss"] for m in steps[:2]]), np.mean([m["loss"] for m in steps[-2:]])
     model = models.load_reward_model(out)
-    test = tokenize.read_split(tok.ref, "test")
+    test = read_split(tok.ref, "test")
     pad = model.config.pad_token_id
     rc = models.score_token_ids(model, test["chosen_ids"].to_list(), pad, batch_size=64)
     rr = models.score_token_ids(model, test["rejected_ids"].to_list(), pad, batch_size=64)
@@ -267,9 +271,9 @@ def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
 
 
 def test_timeout_reaches_the_stage_but_not_its_key():
-    from worldpm import pipeline
-    from worldpm.tasks.config import load_config
-    from worldpm.tasks.store import ArtifactRef
+    from tasks import PIPELINE as pipeline
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactRef
 
     refs = {u: ArtifactRef(u, "k", "/nonexistent", "d" + u) for u in ("tokenize", "ref_logps")}
     with_timeout, without = load_config(None, ["train.timeout_s=5"]), load_config(None, [])

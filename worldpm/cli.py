@@ -9,6 +9,9 @@
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
 Errors in the config or the input are printed as one line and the exit status is 2 (config) or 1 (a stage).
+
+The commands know the stages only through the Pipeline they are given and run the flow through the function they
+are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Prefect flow.
 """
 from __future__ import annotations
 
@@ -18,12 +21,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
-from worldpm.pipeline import ALL_STAGES, StageError
-from worldpm.tasks.config import ConfigError, PipelineConfig, load_config
-
-EXIT_STAGE = 1
-EXIT_CONFIG = 2
+from worldpm.config import PipelineConfig, load_config
+from worldpm.engine import Pipeline
+from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, StageError
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -40,7 +42,7 @@ def _load(args) -> tuple[str | None, PipelineConfig]:
 
 
 def _print_results(results: list[dict], stream=sys.stdout) -> None:
-    width = max(len(s) for s in ALL_STAGES)
+    width = max(len(r["stage"]) for r in results)
     for r in results:
         key = r["key"] or "-"
         secs = f"{r['seconds']:.1f}s" if r["status"] != "skipped" else ""
@@ -55,9 +57,7 @@ def cmd_run(args) -> int:
     path, cfg = _load(args)  # validate before Prefect starts: a typo fails in milliseconds
     if args.until and args.only:
         raise ConfigError("--until and --only cannot be combined")
-    from worldpm.flows.worldpm import worldpm as worldpm_flow
-
-    results = worldpm_flow(
+    results = args.run_flow(
         config_path=path, overrides=args.set or [], sources=args.source or None,
         until=args.until, only=args.only, start=args.start, force=args.force or [],
     )
@@ -73,11 +73,11 @@ def cmd_status(args) -> int:
     from worldpm.status import pipeline_status
 
     _, cfg = _load(args)
-    rows = pipeline_status(cfg)
+    rows = pipeline_status(args.pipeline, cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    width = max(len(s) for s in ALL_STAGES)
+    width = max(len(s) for s in args.pipeline.names)
     for r in rows:
         print(f"{r['stage']:<{width}}  {r['status']:<9}  {r['key'] or '-':<20}  {r['why']}")
     return 0
@@ -85,13 +85,13 @@ def cmd_status(args) -> int:
 
 # ---- artifacts ------------------------------------------------------------------------------------------------
 def cmd_artifacts(args) -> int:
-    from worldpm.tasks.store import ArtifactStore
+    from worldpm.store import ArtifactStore
 
     _, cfg = _load(args)
     store = ArtifactStore(cfg.artifacts_dir)
     action = args.action or "list"
     if action == "list":
-        mans = [m for s in ALL_STAGES for m in store.manifests(s) if not args.stage or s == args.stage]
+        mans = [m for s in args.pipeline.names for m in store.manifests(s) if not args.stage or s == args.stage]
         rows = [{"stage": m["stage"], "key": m["key"], "pipeline": m.get("pipeline"), "bytes": m.get("bytes"),
                  "rows_out": m.get("rows_out"), "seconds": m.get("seconds"), "finished_at": m.get("finished_at"),
                  "path": m["path"]} for m in mans]
@@ -116,8 +116,8 @@ def cmd_artifacts(args) -> int:
         keep: set[tuple[str, str]] = set()
         configs = [cfg] + [load_config(str(Path(c).resolve())) for c in (args.keep_config or [])]
         for c in configs:
-            keep |= referenced_keys(c)
-        removed = store.gc(keep, dry_run=args.dry_run, stages=ALL_STAGES)
+            keep |= referenced_keys(args.pipeline, c)
+        removed = store.gc(keep, dry_run=args.dry_run, stages=args.pipeline.names)
         verb = "would remove" if args.dry_run else "removed"
         for p in removed:
             print(f"{verb} {p}")
@@ -156,12 +156,16 @@ def _config_args(p: argparse.ArgumentParser, sources: bool = True) -> None:
                             "dataset id owner/name[@revision]; repeatable")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
+                 commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
+    """The `worldpm` parser over `pipeline`'s stages; `commands` add more subcommands (serve, server)."""
+    stages = pipeline.names
     parser = argparse.ArgumentParser(
         prog="worldpm",
         description="WorldPM-style reward-model pipeline: download -> clean -> shard -> tokenize -> ref_logps -> "
                     "train -> evaluate -> plot, each stage a cached artifact, run as a Prefect flow.",
     )
+    parser.set_defaults(pipeline=pipeline, run_flow=run_flow)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are skipped)",
@@ -169,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "its config, its inputs' content digests) is in the artifact store is a cache hit.")
     _config_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--until", metavar="STAGE", choices=ALL_STAGES, help="stop after this stage")
-    g.add_argument("--only", metavar="STAGE", choices=ALL_STAGES,
+    g.add_argument("--until", metavar="STAGE", choices=stages, help="stop after this stage")
+    g.add_argument("--only", metavar="STAGE", choices=stages,
                    help="run only this stage; its upstream must be cached")
-    p.add_argument("--from", dest="start", metavar="STAGE", choices=ALL_STAGES,
+    p.add_argument("--from", dest="start", metavar="STAGE", choices=stages,
                    help="start at this stage; the stages before it must be cached")
-    p.add_argument("--force", action="append", metavar="STAGE", choices=ALL_STAGES,
+    p.add_argument("--force", action="append", metavar="STAGE", choices=stages,
                    help="recompute this stage even if cached; repeatable")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {stage, key, status: ran|cached|skipped, path, seconds}")
@@ -189,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=("list", "show", "gc"), default="list")
     p.add_argument("ref", nargs="?", metavar="STAGE/KEY", help="for show: STAGE/KEY, KEY or a key prefix")
     _config_args(p)
-    p.add_argument("--stage", choices=ALL_STAGES, help="list: only this stage")
+    p.add_argument("--stage", choices=stages, help="list: only this stage")
     p.add_argument("--dry-run", action="store_true", help="gc: say what would be removed")
     p.add_argument("--keep-config", action="append", metavar="FILE",
                    help="gc: also keep what this config references; repeatable")
@@ -197,17 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_artifacts)
 
     from worldpm import cli_eval
-    from worldpm.flows import deploy
 
     cli_eval.register(sub)  # evaluate, score
-    deploy.register(sub)    # serve, server
+    for register in commands:
+        register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, pipeline: Pipeline, run_flow: Callable[..., list[dict]],
+         commands: Iterable[Callable] = ()) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    parser = build_parser()
+    parser = build_parser(pipeline, run_flow, commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):  # one line per HTTP request to the Prefect API
@@ -223,7 +228,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("worldpm: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

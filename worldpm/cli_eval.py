@@ -25,15 +25,15 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.pipeline import StageError
-from worldpm.tasks.config import SOURCE_FORMATS, TokenizeConfig
+from worldpm.config import SOURCE_FORMATS, TokenizeConfig
+from worldpm.errors import StageError
 
 log = logging.getLogger("worldpm.evaluate")
 _TOK = TokenizeConfig()
 
 
 def _render_settings(args, model) -> "object":
-    from worldpm.tasks.evaluate import RenderSettings
+    from worldpm.data.render import RenderSettings
 
     max_length = args.max_length
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -59,7 +59,7 @@ def _stdout_is_ours(cmd):
 # ---- evaluate ---------------------------------------------------------------------------------------------------
 @_stdout_is_ours
 def cmd_evaluate(args, stdout) -> int:
-    from worldpm.tasks.evaluate import evaluate_pairs, load_model_dir, read_eval_file
+    from worldpm.modeling.scoring import evaluate_pairs, load_model_dir, read_eval_file
 
     data = Path(args.data)
     if not data.is_file():
@@ -148,7 +148,7 @@ def _read_rows(args) -> tuple[pl.DataFrame, str]:
 
 
 def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
-    from worldpm.tasks.sources.common import to_messages
+    from worldpm.data.sources.common import to_messages
 
     if "prompt" not in df.columns:
         raise StageError(f"{name}: rows need a `prompt` (string or list of {{role, content}} messages); "
@@ -156,7 +156,7 @@ def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
     expr = to_messages(pl.col("prompt"), df.schema["prompt"])
     if df.schema["prompt"] == pl.String:
         # rows mixing string and message-list prompts: polars reads the lists as their JSON text; decode those
-        from worldpm.tasks.sources.schema import MESSAGE
+        from worldpm.data.schema import MESSAGE
 
         looks = pl.col("prompt").str.contains(r'^\s*\[\s*\{[\s\S]*"role"[\s\S]*\}\s*\]\s*$').fill_null(False)
         decoded = pl.when(looks).then(pl.col("prompt")).otherwise(pl.lit("[]")).str.json_decode(pl.List(MESSAGE))
@@ -168,7 +168,8 @@ def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
 
 @_stdout_is_ours
 def cmd_score(args, stdout) -> int:
-    from worldpm.tasks.evaluate import load_model_dir, renderer, score_pairs, score_sequences, tokenize_pairs
+    from worldpm.data.render import renderer, tokenize_pairs
+    from worldpm.modeling.scoring import load_model_dir, score_pairs, score_sequences
 
     df, name = _read_rows(args)
     cols = set(df.columns)

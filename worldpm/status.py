@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from worldpm import pipeline
-from worldpm.tasks.config import PipelineConfig
-from worldpm.tasks.store import ArtifactRef, ArtifactStore
+from worldpm import engine
+from worldpm.config import PipelineConfig
+from worldpm.engine import Pipeline, Stage
+from worldpm.errors import StageError
+from worldpm.store import ArtifactRef, ArtifactStore
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -33,63 +35,54 @@ def _short(v: Any, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def explain(stage: str, cfg: PipelineConfig, scfg: dict, inputs: dict[str, ArtifactRef],
+def explain(stage: Stage, cfg: PipelineConfig, scfg: dict, inputs: dict[str, ArtifactRef],
             store: ArtifactStore) -> str:
     """Why `stage` is not cached: the difference to its newest earlier artifact of this pipeline."""
-    previous = [m for m in store.manifests(stage) if m.get("pipeline") == cfg.name] or store.manifests(stage)
+    previous = [m for m in store.manifests(stage.name) if m.get("pipeline") == cfg.name] or store.manifests(stage.name)
     if not previous:
         return "never run in this store"
     last = previous[0]
     reasons = []
-    if last.get("code_version") != pipeline.code_version(stage):
+    if last.get("code_version") != engine.code_version(stage):
         reasons.append("stage code changed")
     old, new = _flatten(last.get("config", {})), _flatten(scfg)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     for k in changed[:5]:
-        reasons.append(f"{stage}.{k}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
+        reasons.append(f"{stage.name}.{k}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
     if len(changed) > 5:
         reasons.append(f"and {len(changed) - 5} more setting(s)")
     for u, ref in inputs.items():
-        if last.get("upstream", {}).get(u, {}).get("digest") != pipeline.input_digest(
-                pipeline.stage_module(stage), u, ref):
+        if last.get("upstream", {}).get(u, {}).get("digest") != engine.input_digest(stage, u, ref):
             reasons.append(f"{u} output changed")
     return "; ".join(reasons) or "forced or removed"
 
 
-def pipeline_status(cfg: PipelineConfig) -> list[dict]:
+def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
     store = ArtifactStore(cfg.artifacts_dir)
     refs: dict[str, ArtifactRef] = {}
-    pending: dict[str, str] = {}  # stage -> why it cannot be resolved
     rows = []
-    for stage in pipeline.available_stages():
-        mod = pipeline.stage_module(stage)
-        blocked = [u for u in mod.UPSTREAM if u not in refs]
+    for stage in pipeline:
+        blocked = [u for u in stage.upstream if u not in refs]
         if blocked:
-            rows.append({"stage": stage, "status": "would run", "key": None,
+            rows.append({"stage": stage.name, "status": "would run", "key": None,
                          "why": f"after {', '.join(blocked)} (its inputs are not computed yet)"})
-            pending[stage] = "blocked"
             continue
-        inputs = {u: refs[u] for u in mod.UPSTREAM}
+        inputs = {u: refs[u] for u in stage.upstream}
         try:
-            key, scfg = pipeline.resolve(stage, cfg, inputs)
-        except pipeline.StageError as e:
-            rows.append({"stage": stage, "status": "unknown", "key": None, "why": str(e)})
-            pending[stage] = "error"
+            key, scfg = engine.resolve(stage, cfg, inputs)
+        except StageError as e:
+            rows.append({"stage": stage.name, "status": "unknown", "key": None, "why": str(e)})
             continue
-        ref = store.get(stage, key)
+        ref = store.get(stage.name, key)
         if ref is not None:
-            refs[stage] = ref
-            rows.append({"stage": stage, "status": "cached", "key": key, "why": f"cached at {ref.path}"})
+            refs[stage.name] = ref
+            rows.append({"stage": stage.name, "status": "cached", "key": key, "why": f"cached at {ref.path}"})
         else:
-            rows.append({"stage": stage, "status": "would run", "key": key,
+            rows.append({"stage": stage.name, "status": "would run", "key": key,
                          "why": explain(stage, cfg, scfg, inputs, store)})
     return rows
 
 
-def referenced_keys(cfg: PipelineConfig) -> set[tuple[str, str]]:
+def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig) -> set[tuple[str, str]]:
     """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`)."""
-    keep = set()
-    for r in pipeline_status(cfg):
-        if r["key"]:
-            keep.add((r["stage"], r["key"]))
-    return keep
+    return {(r["stage"], r["key"]) for r in pipeline_status(pipeline, cfg) if r["key"]}

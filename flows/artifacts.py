@@ -1,0 +1,69 @@
+"""Prefect artifacts of a flow run: a markdown artifact (the plot stage's report.md) and a table artifact (metrics,
+funnel, sizes, seconds per stage, artifact paths)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+
+def _artifact_key(text: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "worldpm"
+
+
+def run_table(results: list[dict]) -> list[dict]:
+    """Rows of the run's table artifact: per stage seconds/status/size/path, then metrics and the funnel."""
+    rows: list[dict] = []
+    by_stage = {r["stage"]: r for r in results}
+    for r in results:
+        size = rows_out = None
+        if r.get("path"):
+            try:
+                man = json.loads((Path(r["path"]) / "manifest.json").read_text())
+                size, rows_out = man.get("bytes"), man.get("rows_out")
+            except (OSError, json.JSONDecodeError):
+                pass
+        rows.append({"kind": "stage", "name": r["stage"], "value": r.get("status"),
+                     "seconds": r.get("seconds"), "bytes": size, "rows_out": rows_out, "key": r.get("key"),
+                     "path": r.get("path")})
+    ev = by_stage.get("evaluate")
+    if ev and ev.get("path") and (Path(ev["path"]) / "metrics.json").exists():
+        metrics = json.loads((Path(ev["path"]) / "metrics.json").read_text())
+        for set_name, m in metrics.items():
+            for k in ("n", "accuracy", "bt_loss", "ece", "margin_mean"):
+                rows.append({"kind": "metric", "name": f"{set_name}.{k}", "value": m.get(k), "seconds": None,
+                             "bytes": None, "rows_out": None, "key": None, "path": None})
+    cl = by_stage.get("clean")
+    if cl and cl.get("path") and (Path(cl["path"]) / "report.json").exists():
+        rep = json.loads((Path(cl["path"]) / "report.json").read_text())
+        funnel = [("rows_in", rep.get("rows_in"))] + [(f"rejected:{k}", v) for k, v in
+                                                        rep.get("rejected_by_rule", {}).items()]
+        funnel.append(("rows_out", rep.get("rows_out")))
+        for k, v in funnel:
+            rows.append({"kind": "funnel", "name": k, "value": v, "seconds": None, "bytes": None,
+                         "rows_out": None, "key": None, "path": None})
+    return rows
+
+
+def publish_prefect_artifacts(cfg, results: list[dict]) -> bool:
+    """Inside a Prefect flow run: a markdown artifact (the plot stage's report.md) and a table artifact (stage
+    seconds/sizes/paths, metrics, data funnel), keyed by the pipeline name. Outside a flow run: nothing.
+
+    ``results``: run_pipeline's list of {stage, key, status, path, seconds}. Returns True when published."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return False
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = _artifact_key(cfg.name)
+    plot = next((r for r in results if r["stage"] == "plot" and r.get("path")), None)
+    if plot and (Path(plot["path"]) / "report.md").exists():
+        md = (Path(plot["path"]) / "report.md").read_text()
+        # relative image links cannot resolve in the Prefect UI: say where the images are
+        md = f"Report files (images included): `{plot['path']}`\n\n" + md
+        create_markdown_artifact(markdown=md, key=f"{key}-report", description=f"{cfg.name}: run report")
+    create_table_artifact(table=run_table(results), key=f"{key}-run",
+                          description=f"{cfg.name}: stages (seconds, sizes, paths), metrics, data funnel")
+    return True

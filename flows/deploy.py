@@ -1,0 +1,296 @@
+"""Deployments of the `worldpm` flow, served with Prefect: `worldpm serve` and `worldpm server`.
+
+* ``worldpm/full``  the whole DAG on the cron schedule of pipeline.yaml (``schedule.cron`` in
+  ``schedule.timezone``; nightly at 02:00 UTC by default). A nightly run re-resolves an hf source without a
+  pinned revision to its current commit (the download stage's key includes it), so an unchanged upstream and
+  config make every stage a cache hit and the run ends in seconds, logging "nothing changed".
+* ``worldpm/clean`` download + clean only (``until="clean"``): rerun the filters after a config change.
+
+Both take the config path and ``--set`` style overrides as parameters (a run may pass its own), and allow one
+run at a time per deployment (a deployment concurrency limit of 1; an overlapping run waits for its slot, or is
+cancelled with ``--on-overlap cancel-new``).
+
+`serve` registers the deployments with the Prefect API (PREFECT_API_URL) and runs their flow runs in
+subprocesses of this process, via ``prefect.serve(..., pause_on_shutdown=False)``: stopping it leaves the
+schedule active (``flow.serve`` would pause it), so runs due while it is down show as Late and start when it
+is back. `server` is a convenience for one machine: `prefect server start` on 127.0.0.1 plus `serve` against it,
+both stopped cleanly on Ctrl-C / SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+FLOW_NAME = "worldpm"
+DEPLOYMENTS = ("full", "clean")
+DEFAULT_CONFIG = "pipeline.yaml"
+
+
+class DeployError(RuntimeError):
+    """A bad schedule, config or server option; the message is one line."""
+
+
+# ---- deployments ------------------------------------------------------------------------------------------------
+def resolve_config_path(config: str | None) -> str | None:
+    """The config file as an absolute path (runs execute later, in another process), or None for the defaults.
+
+    Without --config, ./pipeline.yaml is used when it exists (as `worldpm run` does)."""
+    if config is None:
+        return str(Path(DEFAULT_CONFIG).resolve()) if Path(DEFAULT_CONFIG).is_file() else None
+    p = Path(config)
+    if not p.is_file():
+        raise DeployError(f"config file not found: {p}")
+    return str(p.resolve())
+
+
+def build_deployments(config_path: str | None = None, overrides: list[str] | None = None, *,
+                      schedule: bool = True, on_overlap: str = "enqueue") -> list[Any]:
+    """RunnerDeployments `full` (scheduled) and `clean` of the flow `worldpm`, ready for `prefect.serve`.
+
+    The config is loaded and validated here, so a bad pipeline.yaml or cron fails at `serve`, not at 02:00."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.worldpm import worldpm
+    from worldpm.config import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)  # ConfigError names the file and key
+    origin = config_path or "<defaults>"
+    strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE,
+                "cancel-new": ConcurrencyLimitStrategy.CANCEL_NEW}[on_overlap]
+    common: dict[str, Any] = {
+        "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
+        # a module path, not a file path relative to the cwd: the package is installed, the cwd may be anywhere
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "tags": ["worldpm"],
+    }
+    params = {"config_path": config_path, "overrides": overrides}
+    when = f"{cfg.schedule.cron!r} {cfg.schedule.timezone}" if schedule else "no schedule"
+    try:  # the cron string is checked by Cron, the time zone when the deployment model is built
+        full = worldpm.to_deployment(
+            name="full",
+            schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else [],
+            parameters=params,
+            description=f"The whole DAG (download -> ... -> plot), each stage cached by content; {when}.",
+            **common,
+        )
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+        raise DeployError(f"{origin}: bad schedule (schedule.cron {cfg.schedule.cron!r}, schedule.timezone "
+                          f"{cfg.schedule.timezone!r}): {' '.join(msg.split())}") from None
+    clean = worldpm.to_deployment(
+        name="clean",
+        parameters={**params, "until": "clean"},
+        description="download + clean only (until=clean): rerun the filters after a config change.",
+        **common,
+    )
+    return [full, clean]
+
+
+def serve(config_path: str | None = None, overrides: list[str] | None = None, *, schedule: bool = True,
+          on_overlap: str = "enqueue", limit: int | None = None) -> None:
+    """Register `worldpm/full` and `worldpm/clean` and execute their runs until interrupted."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    deployments = build_deployments(config_path, overrides, schedule=schedule, on_overlap=on_overlap)
+    if not get_current_settings().api.url:
+        print("worldpm serve: PREFECT_API_URL is not set: serving against a temporary local Prefect server that "
+              "stops with this process; start one with `worldpm server` or `prefect server start` and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+    print(f"worldpm serve: config {config_path or '<defaults>'}"
+          + (f" with --set {' '.join(overrides)}" if overrides else ""), flush=True)
+    # pause_on_shutdown=False: Ctrl-C on the server must not pause the nightly schedule
+    prefect.serve(*deployments, pause_on_shutdown=False, limit=limit)
+
+
+# ---- `worldpm server`: prefect server + serve, as two process groups ------------------------------------------
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, name: str, grace: float = 30.0) -> int | None:
+    """SIGTERM the process group that `proc` leads, wait up to `grace` s, then SIGKILL it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            print(f"worldpm server: {name} did not stop in {grace:.0f}s; killing it", file=sys.stderr)
+    try:  # also whatever the leader left behind in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.wait()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):  # noqa: ARG001
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | None = None,
+               overrides: list[str] | None = None, *, schedule: bool = True, on_overlap: str = "enqueue",
+               limit: int | None = None, startup_timeout: float = 180.0, home: str | None = None) -> int:
+    """`prefect server start` (SQLite under PREFECT_HOME) and `worldpm serve` against it, until a signal.
+
+    Each child leads its own session, so a Ctrl-C in the terminal reaches this process only, and the children
+    stop in order: the deployments first (their flow runs are in that group), then the server."""
+    if not _port_free(host, port):
+        raise DeployError(f"{host}:{port} is in use (a Prefect server already running? then use `worldpm serve` "
+                          "with PREFECT_API_URL set); choose another with --port")
+    build_deployments(config_path, overrides, schedule=schedule, on_overlap=on_overlap)  # fail before starting
+    url = f"http://{host}:{port}/api"
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    if home:
+        env["PREFECT_HOME"] = str(Path(home).resolve())
+    procs: list[tuple[str, subprocess.Popen]] = []
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                   "--port", str(port)], env=env, start_new_session=True)
+        procs.append(("prefect server", server))
+        print(f"worldpm server: starting the Prefect server on {url} (pid {server.pid})", flush=True)
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(url):
+            if server.poll() is not None:
+                raise DeployError(f"the Prefect server exited with code {server.returncode} before it was healthy")
+            if time.monotonic() > deadline:
+                raise DeployError(f"the Prefect server did not answer {url}/health in {startup_timeout:.0f}s")
+            time.sleep(0.5)
+        cmd = [sys.executable, "-m", "flows.deploy", "serve", "--on-overlap", on_overlap]
+        if config_path:
+            cmd += ["--config", config_path]
+        for o in overrides or []:
+            cmd += ["--set", o]
+        if not schedule:
+            cmd.append("--no-schedule")
+        if limit is not None:
+            cmd += ["--limit", str(limit)]
+        served = subprocess.Popen(cmd, env=dict(env, PREFECT_API_URL=url), start_new_session=True)
+        procs.append(("worldpm serve", served))
+        print(f"worldpm server: serving {FLOW_NAME}/full and {FLOW_NAME}/clean (pid {served.pid}); UI and API "
+              f"at http://{host}:{port}; Ctrl-C stops both", flush=True)
+        while True:
+            for name, p in procs:
+                if p.poll() is not None:
+                    print(f"worldpm server: {name} exited with code {p.returncode}; stopping", file=sys.stderr)
+                    return p.returncode or 1
+            time.sleep(0.5)
+    except _Stop as s:
+        print(f"worldpm server: {s.args[0]} received; stopping the deployments, then the server", flush=True)
+        return 0
+    finally:
+        # further signals must not interrupt the shutdown itself
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        for name, p in reversed(procs):
+            stop_group(p, name)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None,
+                   help=f"pipeline config (default: ./{DEFAULT_CONFIG} if it exists, else the built-in defaults); "
+                        "passed to every run as an absolute path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override passed to every run (repeatable); a run's own `overrides` parameter "
+                        "replaces these")
+    p.add_argument("--no-schedule", dest="schedule", action="store_false",
+                   help="register worldpm/full without its cron schedule (manual runs only)")
+    p.add_argument("--on-overlap", choices=("enqueue", "cancel-new"), default="enqueue",
+                   help="a run started while one of the same deployment runs: wait for its slot (default) or "
+                        "be cancelled")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many flow runs at once in this process (all deployments together)")
+
+
+def _serve_cmd(args: argparse.Namespace) -> int:
+    from worldpm.errors import ConfigError
+
+    try:
+        serve(resolve_config_path(args.config), args.overrides, schedule=args.schedule,
+              on_overlap=args.on_overlap, limit=args.limit)
+    except (DeployError, ConfigError) as e:
+        print(f"worldpm serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _server_cmd(args: argparse.Namespace) -> int:
+    from worldpm.errors import ConfigError
+
+    try:
+        return run_server(args.host, args.port, resolve_config_path(args.config), args.overrides,
+                          schedule=args.schedule, on_overlap=args.on_overlap, limit=args.limit,
+                          startup_timeout=args.startup_timeout, home=args.prefect_home)
+    except (DeployError, ConfigError) as e:
+        print(f"worldpm server: {e}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers) -> None:
+    """Add `serve` and `server` to the `worldpm` CLI (an argparse subparsers object)."""
+    p = subparsers.add_parser(
+        "serve", help="serve the deployments worldpm/full (nightly) and worldpm/clean against PREFECT_API_URL",
+        description="Register the deployments worldpm/full (the whole DAG on pipeline.yaml's schedule.cron in "
+                    "schedule.timezone) and worldpm/clean (download + clean) with the Prefect API and run their "
+                    "flow runs here until Ctrl-C. One run at a time per deployment. Trigger one with "
+                    "`prefect deployment run worldpm/full --watch`.")
+    _add_common(p)
+    p.set_defaults(func=_serve_cmd)
+
+    p = subparsers.add_parser(
+        "server", help="start a local Prefect server (127.0.0.1) and serve the deployments against it",
+        description="Start `prefect server start` (SQLite under PREFECT_HOME, default ~/.prefect) on 127.0.0.1 "
+                    "and, once it is healthy, `worldpm serve` against it. Ctrl-C or SIGTERM stops both.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server (its SQLite database)")
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the server")
+    _add_common(p)
+    p.set_defaults(func=_server_cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""evaluate: score the test split and every configured eval set with the trained model.
+
+Inputs: the tokenize artifact (``<tokenize>/test.parquet`` with chosen_ids / rejected_ids, and the tokenizer it used
+in ``<tokenize>/tokenizer/``) and the train artifact (``<train>/model/``). Eval sets (``evaluate.eval_sets`` in
+pipeline.yaml: RewardBench's ``prompt, chosen, rejected, subset`` or any format the source adapters read) are read
+with the source adapters and rendered + tokenized by worldpm/data/render.py with the tokenize stage's settings, so
+they see exactly the template the model was trained on. Eval sets are always truncated, never dropped (a benchmark
+keeps all its pairs); the count is reported.
+
+Output:
+    metrics.json       {"test": metrics.summarize(...), "<eval set>": {...}}, plus per set: truncated,
+                       and for eval sets: path, format, records, rows_rejected
+    predictions.parquet  one row per scored pair (worldpm.modeling.scoring.PRED_SCHEMA)
+    rejects.parquet    records of eval sets that could not become a pair (the adapters' rejects, with reason)
+
+Length bias is measured in response tokens: for the tokenized test split, chosen_len - rejected_len of the
+sequences as fed to the model (the prompt and template are the same on both sides, so the sign is the response
+length difference); for eval sets, the response tokens before truncation.
+
+With ``train.objective: dpo`` the trained model is a policy (a causal LM), not a reward model: the score of a
+response is DPO's implicit reward beta * (log pi(y|x) - log ref(y|x)) (summed response log-probs, or per-token
+means with train.logp_average), so accuracy is the implicit reward accuracy and every other metric (bt_loss, ECE,
+length bias ...) is computed on those rewards. The test split's reference log-probs come from the cached
+``ref_logps`` artifact; eval sets' are computed here with the same frozen reference. Each set's metrics carry
+``score: dpo_implicit_reward`` and ``beta``. With bt the ``ref_logps`` input is a marker and is not read.
+
+After a new evaluation is committed, `after_commit` appends the run to the history of this pipeline name and runs
+the regression guard (worldpm/report/history.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from worldpm.config import PipelineConfig, dpo_reference
+from worldpm.data.render import RenderSettings, tokenize_pairs
+from worldpm.data.splits import read_split
+from worldpm.errors import StageError
+from worldpm.store import ArtifactRef, file_digest
+
+REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
+
+
+def stage_config(cfg: PipelineConfig) -> dict:
+    e = cfg.evaluate
+    sets = []
+    for s in e.eval_sets:
+        p = Path(s.path)
+        if not p.is_file():
+            raise StageError(f"evaluate.eval_sets {s.name!r}: no such file: {p}")
+        # the eval file is an input outside the store: its content digest goes into the key
+        sets.append({"name": s.name, "path": str(p), "format": s.format, "digest": file_digest(p)})
+    t = cfg.tokenize
+    out = {
+        "batch_size": e.batch_size,
+        "ece_bins": e.ece_bins,
+        "eval_sets": sets,
+        # how eval-set text is rendered and cut: the tokenize stage's settings (its output may not change when
+        # these do, e.g. a larger max_length with no long pair, so they are part of this key too)
+        "render": {"max_length": t.max_length, "plain_template": t.plain_template, "system_prompt": t.system_prompt},
+    }
+    if cfg.train.objective == "dpo":  # only then: a BT evaluation's key does not move with DPO settings
+        out["dpo"] = {"beta": cfg.train.beta, "logp_average": cfg.train.logp_average,
+                      "reference": dpo_reference(cfg), "precision": cfg.train.precision}
+    return out
+
+
+def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+    from worldpm.modeling.scoring import (
+        ImplicitReward,
+        RewardScorer,
+        pick_device,
+        predictions,
+        read_eval_file,
+        summarize_predictions,
+    )
+
+    tok_dir, train_dir = Path(inputs["tokenize"].path), Path(inputs["train"].path)
+    device = pick_device()
+    bins = int(scfg["ece_bins"])
+    if scfg.get("dpo"):
+        ref_ref = inputs.get("ref_logps")
+        if ref_ref is None or ref_ref.manifest().get("objective") != "dpo":
+            raise StageError(f"evaluate: train.objective dpo needs the ref_logps artifact of a dpo config "
+                             f"({ref_ref.path if ref_ref else 'none given'})")
+        scorer = ImplicitReward(scfg, tok_dir, train_dir, ref_ref, device, log)
+        log.info("evaluate: DPO policy %s on %s: implicit reward beta * log(pi/ref), beta %g", train_dir / "model",
+                 device, scorer.beta)
+    else:
+        tman = inputs["tokenize"].manifest()
+        scorer = RewardScorer(train_dir, tok_dir, device, int(scfg["batch_size"]), tman.get("padding_side", "right"),
+                              log)
+        if tman.get("pad_token_id") is not None and int(tman["pad_token_id"]) != scorer.pad_id:
+            raise StageError(f"evaluate: the model's pad_token_id {scorer.pad_id} ({train_dir}/model/config.json) "
+                             f"differs from the tokenizer's {tman['pad_token_id']} ({tok_dir}/tokenizer)")
+        log.info("evaluate: model %s on %s, batch %d", train_dir / "model", device, scorer.batch_size)
+
+    metrics: dict[str, dict] = {}
+    preds: list[pl.DataFrame] = []
+    # test split: already tokenized by the tokenize stage, exactly as training saw its pairs
+    test = read_split(inputs["tokenize"], "test").with_columns(subset=pl.lit(None, pl.String))
+    c, r = scorer.rewards(test, "test", cached_reference=True)
+    tp = predictions("test", test, c, r, test["chosen_len"], test["rejected_len"])
+    metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag}
+    preds.append(tp)
+    log.info("evaluate: test: %d pairs, accuracy %s, BT loss %s", tp.height, _fmt(metrics["test"]["accuracy"]),
+             _fmt(metrics["test"]["bt_loss"]))
+
+    rs = RenderSettings.of(scfg["render"])
+    rejects: list[pl.DataFrame] = []
+    for es in scfg["eval_sets"]:
+        name = es["name"]
+        pairs, rej, info = read_eval_file(es["path"], es["format"], name)
+        if rej.height:
+            rejects.append(rej.select(pl.lit(name).alias("set"), "file", "line", "reason", "detail"))
+            log.warning("evaluate: %s: %d record(s) could not become a pair (rejects.parquet)", name, rej.height)
+        t = tokenize_pairs(pairs, scorer.tok, rs)
+        log.info("evaluate: %s: %d pairs tokenized (%d truncated to %d tokens)", name, t.height,
+                 int(t["truncated"].sum() or 0), rs.max_length)
+        c, r = scorer.rewards(t, name, cached_reference=False)
+        p = predictions(name, t, c, r, t["_resp_c"], t["_resp_r"])
+        summary = summarize_predictions(p, bins)
+        metrics[name] = {**summary, **info, **scorer.tag}
+        preds.append(p)
+        log.info("evaluate: %s: %d pairs, accuracy %s%s", name, p.height, _fmt(summary["accuracy"]),
+                 "".join(f", {k} {_fmt(v['accuracy'])}" for k, v in summary["sections"].items()))
+    return {**_write(out, metrics, preds, rejects, device), **({"score": "dpo_implicit_reward"} if scfg.get("dpo")
+                                                                else {})}
+
+
+def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
+    """The run's line in the history of this pipeline name, the trend plot and the regression guard (a history of
+    runs, not a function of one run's inputs: it lives beside the store, not in it). A cached evaluation is the
+    same model on the same data: nothing new to record, so this runs only after a new artifact."""
+    from worldpm.report.history import after_evaluate
+
+    after_evaluate(cfg, ref, log)
+
+
+def _write(out: Path, metrics: dict, preds: list[pl.DataFrame], rejects: list[pl.DataFrame], device: str) -> dict:
+    from worldpm.modeling.scoring import PRED_SCHEMA
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=False))
+    allp = pl.concat(preds) if preds else pl.DataFrame(schema=PRED_SCHEMA)
+    allp.write_parquet(out / "predictions.parquet", compression="zstd")
+    rj = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECTS_SCHEMA)
+    rj.write_parquet(out / "rejects.parquet", compression="zstd")
+    return {
+        "rows_out": allp.height,
+        "rows_rejected": rj.height,
+        "sets": {k: {"n": v["n"], "accuracy": v["accuracy"], "bt_loss": v["bt_loss"]} for k, v in metrics.items()},
+        "test_accuracy": metrics["test"]["accuracy"],
+        "device": device,
+    }
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,68 @@
+"""plot: training curves and evaluation figures (PNG + SVG) and report.md, from clean, train and evaluate.
+
+The figures are worldpm/report/figures.py's, the report worldpm/report/markdown.py's. The output depends only on
+the inputs (SVGs without a date, a fixed hash salt; report.md without timestamps or paths).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from worldpm.config import PipelineConfig
+from worldpm.errors import StageError
+from worldpm.store import ArtifactRef
+
+
+def stage_config(cfg: PipelineConfig) -> dict:
+    return {"name": cfg.name, **cfg.plot.model_dump(mode="json")}
+
+
+def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+    from worldpm.report.figures import (
+        plot_eval_accuracy,
+        plot_length_bias,
+        plot_loss,
+        plot_reliability,
+        plot_train_accuracy_margin,
+    )
+    from worldpm.report.history import read_jsonl
+    from worldpm.report.markdown import render_report
+
+    formats = list(scfg["formats"]) or ["png"]
+    clean_dir, train_dir, eval_dir = (Path(inputs[s].path) for s in ("clean", "train", "evaluate"))
+
+    clean_report = _read_json(clean_dir / "report.json")
+    train_summary = _read_json(train_dir / "train_summary.json")
+    metrics = _read_json(eval_dir / "metrics.json")
+    if metrics is None:
+        raise StageError(f"plot: the evaluate artifact has no metrics.json ({eval_dir})")
+    rows = read_jsonl(train_dir / "metrics.jsonl")
+
+    files: dict[str, list[str]] = {}
+    if rows:
+        files["loss"] = plot_loss(rows, scfg["smoothing"], out, formats)
+        files["train_accuracy_margin"] = plot_train_accuracy_margin(rows, scfg["smoothing"], out, formats)
+    else:
+        log.warning("plot: %s has no logged steps; no training curves", train_dir / "metrics.jsonl")
+    files["eval_accuracy"] = plot_eval_accuracy(metrics, out, formats)
+    files["reliability"] = plot_reliability(metrics, out, formats)
+    files["length_bias"] = plot_length_bias(metrics, out, formats)
+    files = {k: v for k, v in files.items() if v}
+    # the report links the PNG where there is one (GitHub/VS Code previews render both; PNG is smaller)
+    images = {k: next((f for f in v if f.endswith(".png")), v[0]) for k, v in files.items()}
+    md = render_report(name=scfg["name"], clean_report=clean_report, train_summary=train_summary,
+                       metrics=metrics, images=images,
+                       digests={s: ref.digest for s, ref in inputs.items()})
+    (out / "report.md").write_text(md)
+    log.info("plot: %d figures (%s) and report.md", len(files), ", ".join(formats))
+    return {"figures": sorted(files), "figure_files": sorted(f for v in files.values() for f in v) + ["report.md"]}
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None

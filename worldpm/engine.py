@@ -1,0 +1,319 @@
+"""How one stage is keyed, skipped or run, and which stages a run selects. No Prefect here: flows/ wires these.
+
+A stage is a module of ``tasks/`` that follows one small protocol (see tasks/__init__.py, which lists the stages
+and their edges: the DAG, written once):
+
+    stage_config(cfg: PipelineConfig) -> dict   the part of the config its output depends on (goes into the key)
+    run(stage_cfg, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict
+                                                writes its artifact into `out` (a temporary folder renamed into
+                                                place on success) and returns manifest fields (rows_in, rows_out,
+                                                rows_rejected, ...). `work` is a per-key scratch folder that
+                                                survives a crash (training checkpoints live there) and is deleted
+                                                after the commit.
+    optional:
+    INPUT_FILES: {upstream: (glob, ...)}        read only these files of an upstream artifact (their digest is
+                                                what the key sees): early cutoff on what the stage really reads
+    NOT_IN_KEY: (top-level stage_config keys)   change how a stage runs (a timeout), never what it writes
+    after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
+                                                runs and the regression guard, which lives outside the store)
+
+The engine knows stages only through the `Pipeline` it is handed: nothing in worldpm/ imports tasks/ or flows/.
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import hashlib
+import importlib.util
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from worldpm.config import PipelineConfig
+from worldpm.errors import StageError
+from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG: its name, the module that implements it, the stages whose artifacts it reads."""
+
+    name: str
+    module: ModuleType
+    upstream: tuple[str, ...] = ()
+
+    def config(self, cfg: PipelineConfig) -> dict:
+        return self.module.stage_config(cfg)
+
+    @property
+    def input_files(self) -> dict[str, tuple[str, ...]]:
+        return getattr(self.module, "INPUT_FILES", {})
+
+    @property
+    def not_in_key(self) -> tuple[str, ...]:
+        return tuple(getattr(self.module, "NOT_IN_KEY", ()))
+
+
+class Pipeline:
+    """The stages in a topological order; checked when built (an edge to a later or unknown stage is a bug)."""
+
+    def __init__(self, stages: Iterable[Stage]):
+        self.stages = tuple(stages)
+        self._by_name: dict[str, Stage] = {}
+        for s in self.stages:
+            if s.name in self._by_name:
+                raise ValueError(f"stage {s.name!r} is listed twice")
+            bad = [u for u in s.upstream if u not in self._by_name]
+            if bad:
+                raise ValueError(f"stage {s.name!r} reads {', '.join(bad)}, which must come before it")
+            self._by_name[s.name] = s
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def __getitem__(self, name: str) -> Stage:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.names)}") from None
+
+    def ancestors(self, name: str) -> list[str]:
+        """Every stage `name` reads from, directly or not, in DAG order."""
+        seen: set[str] = set()
+        todo = list(self[name].upstream)
+        while todo:
+            u = todo.pop()
+            if u not in seen:
+                seen.add(u)
+                todo.extend(self[u].upstream)
+        return [s for s in self.names if s in seen]
+
+    def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
+        """The key and stage config of stage `name` (see `resolve`)."""
+        return resolve(self[name], cfg, inputs)
+
+    def execute(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+                force: bool = False, log: logging.Logger | logging.LoggerAdapter | None = None) -> "StageResult":
+        """Run stage `name` or take it from the cache (see `execute`): usable without Prefect."""
+        return execute(self[name], cfg, inputs, store, force=force, log=log)
+
+    def select(self, until: str | None = None, only: str | None = None,
+               start: str | None = None) -> tuple[list[str], list[str]]:
+        """(stages to resolve from the cache only, stages to run) for --until / --only / --from."""
+        names = list(self.names)
+        for opt, v in (("--until", until), ("--only", only), ("--from", start)):
+            if v is not None and v not in names:
+                raise StageError(f"{opt} {v}: unknown stage; stages: {', '.join(names)}")
+        if only:
+            if until or start:
+                raise StageError("--only cannot be combined with --until or --from")
+            return self.ancestors(only), [only]
+        end = names.index(until) + 1 if until else len(names)
+        begin = names.index(start) if start else 0
+        if begin >= end:
+            raise StageError(f"--from {start} comes after --until {until}")
+        return (self.ancestors(start) if start else []), names[begin:end]
+
+
+# ---- the stage code version: the source files a stage's module imports, followed through the project ------------
+
+_code_cache: dict[str, str] = {}
+# Imported by every stage, yet unable to change what a stage writes except through values that are in its key
+# already: the settings (a default or a validator changes the stage_config a key is made of), the store (digests
+# are keyed), the one-line errors. Left out, so that editing them does not recompute every artifact.
+KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py")
+
+
+def _project_roots() -> dict[str, Path]:
+    """{top-level package: its folder} of the packages whose code can change a stage's output."""
+    roots = {}
+    for top in ("worldpm", "tasks"):
+        spec = importlib.util.find_spec(top)
+        if spec and spec.submodule_search_locations:
+            roots[top] = Path(list(spec.submodule_search_locations)[0]).resolve()
+    return roots
+
+
+def _module_file(name: str, roots: dict[str, Path]) -> Path | None:
+    top, _, rest = name.partition(".")
+    if top not in roots:
+        return None
+    base = roots[top].joinpath(*rest.split(".")) if rest else roots[top]
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _package_of(path: Path, roots: dict[str, Path]) -> str:
+    for top, root in roots.items():
+        if path.is_relative_to(root):
+            parts = [top, *path.relative_to(root).with_suffix("").parts]
+            return ".".join(parts[:-1])  # the package a module (or an __init__.py) is in
+    return ""
+
+
+def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
+    """`path` and every project source file it imports, directly or not, at module level or inside a function
+    (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
+    roots = roots or _project_roots()
+    seen: set[Path] = set()
+    todo = [path.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        pkg = _package_of(f, roots)
+        names: list[str] = []
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, base] if base else up)
+                names.append(base)
+                names += [f"{base}.{a.name}" for a in node.names]  # `from pkg import module`
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # the packages on the way are executed too
+                m = _module_file(".".join(parts[:i]), roots)
+                if m is not None and m.resolve() not in seen:
+                    todo.append(m.resolve())
+    return sorted(seen)
+
+
+def code_version(stage: Stage) -> str:
+    """sha256 of the stage module's source and of every project file it imports (not Prefect's TASK_SOURCE,
+    which misses the helpers a task calls, and not a hand-kept list, which drifts from the imports)."""
+    if stage.name in _code_cache:
+        return _code_cache[stage.name]
+    roots = _project_roots()
+    h = hashlib.sha256()
+    for f in imported_files(Path(stage.module.__file__), roots):
+        top = next(t for t, r in roots.items() if f.is_relative_to(r))
+        rel = f"{top}/{f.relative_to(roots[top]).as_posix()}"
+        if rel in KEY_NEUTRAL:
+            continue
+        h.update(rel.encode())
+        h.update(f.read_bytes())
+    _code_cache[stage.name] = h.hexdigest()[:16]
+    return _code_cache[stage.name]
+
+
+# ---- keys, execution ----------------------------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    stage: str
+    key: str
+    status: str  # ran | cached
+    path: str | None
+    seconds: float
+    ref: ArtifactRef | None = None
+    manifest: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "key": self.key, "status": self.status, "path": self.path,
+                "seconds": round(self.seconds, 3)}
+
+
+def input_digest(stage: Stage, upstream: str, ref: ArtifactRef) -> str:
+    """The digest of what a stage reads from an upstream artifact: the whole artifact, or only the files its
+    module names in INPUT_FILES (shard reads clean's pairs.parquet, not its report.json, whose rule settings
+    change with every threshold: a threshold that drops nothing must not rerun shard)."""
+    patterns = stage.input_files.get(upstream)
+    if not patterns:
+        return ref.digest
+    files = {f["path"]: f["sha256"] for f in ref.manifest().get("files", [])}
+    picked = sorted((p, h) for p, h in files.items() if any(fnmatch.fnmatch(p, pat) for pat in patterns))
+    if not picked:
+        raise StageError(f"stage {stage.name}: upstream {upstream} artifact {ref.path} has none of {patterns}")
+    return "files:" + sha256_text(canonical_json(picked))
+
+
+def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
+    """The stage's key and config given its upstream artifacts."""
+    missing = [u for u in stage.upstream if u not in inputs]
+    if missing:
+        raise StageError(f"stage {stage.name} needs {', '.join(missing)} first")
+    scfg = stage.config(cfg)
+    keyed = {k: v for k, v in scfg.items() if k not in stage.not_in_key}
+    key = stage_key(stage.name, code_version(stage), keyed,
+                    {u: input_digest(stage, u, inputs[u]) for u in stage.upstream})
+    return key, scfg
+
+
+def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+            force: bool = False, log: logging.Logger | logging.LoggerAdapter | None = None) -> StageResult:
+    """Skip the stage if its key is committed (unless forced); otherwise run it and commit atomically."""
+    name = stage.name
+    log = log or logging.getLogger(f"worldpm.{name}")
+    t0 = time.perf_counter()
+    with store.using():
+        key, scfg = resolve(stage, cfg, inputs)
+        if not force and (ref := store.get(name, key)) is not None:
+            log.info("%s: cached %s (%s)", name, key, ref.path)
+            return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
+        with store.key_lock(name, key):
+            if not force and (ref := store.get(name, key)) is not None:  # another run finished it while we waited
+                log.info("%s: cached %s (finished by a concurrent run)", name, key)
+                return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
+            for stale in store.clear_stale_tmp(name, key):
+                log.warning("%s: removed the unfinished output of an earlier run: %s", name, stale)
+            tmp = store.new_tmp(name, key)
+            log.info("%s: running (key %s)", name, key)
+            upstream = {u: inputs[u] for u in stage.upstream}
+            try:
+                stats = stage.module.run(scfg, upstream, tmp, log, store.work_dir(name, key)) or {}
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            seconds = time.perf_counter() - t0
+            _check_counts(name, stats)
+            manifest = {
+                "pipeline": cfg.name,
+                "code_version": code_version(stage),
+                "config": scfg,
+                "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)} for u, ref in upstream.items()},
+                "seconds": round(seconds, 3),
+                **stats,
+            }
+            ref = store.commit(name, key, tmp, manifest, replace=force)
+            store.drop_work_dir(name, key)
+    log.info("%s: done in %.1fs -> %s", name, seconds, ref.path)
+    hook = getattr(stage.module, "after_commit", None)
+    if hook is not None:
+        hook(cfg, ref, log)
+    return StageResult(name, key, "ran", ref.path, time.perf_counter() - t0, ref, ref.manifest())
+
+
+def _check_counts(name: str, stats: dict[str, Any]) -> None:
+    if {"rows_in", "rows_out", "rows_rejected"} <= stats.keys():
+        if stats["rows_in"] != stats["rows_out"] + stats["rows_rejected"]:
+            raise StageError(
+                f"stage {name}: rows_in {stats['rows_in']} != rows_out {stats['rows_out']} + rejected "
+                f"{stats['rows_rejected']}: rows were lost"
+            )
+
+
+def cached_only(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
+                store: ArtifactStore) -> StageResult:
+    """Resolve an upstream stage that --only/--from must not run: it has to be in the cache."""
+    key, _ = resolve(stage, cfg, inputs)
+    ref = store.get(stage.name, key)
+    if ref is None:
+        raise StageError(f"stage {stage.name} is not cached for this config (key {key}); run it first "
+                         "(without --only/--from)")
+    return StageResult(stage.name, key, "cached", ref.path, 0.0, ref, ref.manifest())

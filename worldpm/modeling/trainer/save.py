@@ -1,0 +1,89 @@
+"""Checkpoints (accelerator.save_state, renamed into place when complete) and the final HF model folder."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from worldpm.config import ModelConfig
+from worldpm.modeling import models
+
+CKPT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints (renamed into place, with trainer_state.json), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    done = [p for p in ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> Path:
+    final = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
+    tmp = ckpt_dir / f".tmp-{CKPT_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its part (ZeRO-3 shards)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # a checkpoint dir with trainer_state.json is complete
+        for old in complete_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, ckpt_dir: Path) -> tuple[int, Path | None]:
+    """Load the newest complete checkpoint (model, optimizer, scheduler, RNG): (the step it was taken at, its
+    folder), or (0, None) when there is none."""
+    done = complete_checkpoints(ckpt_dir)
+    if not done:
+        return 0, None
+    accelerator.load_state(str(done[-1]))
+    return int(json.loads((done[-1] / STATE_FILE).read_text())["step"]), done[-1]
+
+
+def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, objective: str) -> None:
+    """<out>/model in HF format. LoRA: merged into the base (plain HF folder) and the adapter with its trained
+    head kept beside it (<out>/adapter); QLoRA or LoRA under ZeRO-3: the adapter folder is the model."""
+    lora = mcfg.lora.enabled
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save)
+    unwrapped = accelerator.unwrap_model(model)
+    zero3 = getattr(accelerator.state, "deepspeed_plugin", None) is not None and \
+        accelerator.state.deepspeed_plugin.zero_stage == 3
+    if accelerator.is_main_process:
+        dest.mkdir(parents=True, exist_ok=True)
+        if lora:
+            unwrapped.save_pretrained(str(dest.parent / "adapter"), state_dict=state_dict)
+            tokenizer.save_pretrained(str(dest.parent / "adapter"))
+            if mcfg.lora.quantize_4bit or zero3:
+                shutil.rmtree(dest)
+                shutil.copytree(dest.parent / "adapter", dest)
+            else:
+                merged = unwrapped.merge_and_unload()
+                merged.save_pretrained(str(dest))
+        else:
+            unwrapped.save_pretrained(str(dest), state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(str(dest))
+        reward_token = "first" if models.is_encoder(models.config_of(unwrapped)) else "last"
+        (dest / "worldpm.json").write_text(json.dumps({
+            "objective": objective, "reward_token": reward_token,
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": "right", "lora": bool(lora)}, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def peak_memory_gb(accelerator) -> float:
+    """Peak GPU memory allocated by torch on this process's device, or the process's peak RSS on CPU."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,280 @@
+"""Figures of a run (PNG + SVG): the loss (raw, EMA-smoothed, per-epoch means), training accuracy and margin,
+evaluation accuracy per set and subset/domain, reliability (one panel per evaluation set), length bias, and the trend
+of runs (``plot_trend``, drawn after each new evaluation by worldpm/report/history.py).
+
+Figures are drawn on matplotlib's Agg canvas through the object API (``Figure`` + ``FigureCanvasAgg``), never
+pyplot's global state, so they work headless and in threads. SVGs are written without a date and with a fixed hash
+salt, so the same inputs give the same bytes.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib import rcParams
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+rcParams["svg.hashsalt"] = "worldpm"  # stable element ids in SVG output
+_RAW = "#9ecae1"
+_SMOOTH = "#08519c"
+_EPOCH = "#d94801"
+_SET_COLORS = ["#08519c", "#d94801", "#238b45", "#6a51a3", "#cb181d", "#525252"]
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+def ema(values: list[float] | np.ndarray, smoothing: float) -> np.ndarray:
+    """Debiased exponential moving average (as TensorBoard draws it): s_t = a s_(t-1) + (1-a) x_t, / (1 - a^t).
+
+    NaN values (a step that logged no value) are skipped and keep the previous smoothed value."""
+    x = np.asarray(values, dtype=np.float64)
+    out = np.full_like(x, np.nan)
+    s, w = 0.0, 0.0
+    for i, v in enumerate(x):
+        if not math.isnan(v):
+            s = smoothing * s + (1 - smoothing) * v
+            w = smoothing * w + (1 - smoothing)
+        out[i] = s / w if w > 0 else np.nan
+    return out
+
+
+def epoch_index(epochs: np.ndarray) -> np.ndarray:
+    """Which epoch each logged step belongs to: integer epochs as they are; fractional progress e in (k, k+1]
+    belongs to epoch k (a log at exactly 1.0 closes the first epoch)."""
+    e = np.asarray(epochs, dtype=np.float64)
+    if np.all(np.isnan(e)):
+        return np.zeros(e.shape, dtype=int)
+    e = np.nan_to_num(e, nan=0.0)
+    if np.allclose(e, np.round(e)):
+        return np.round(e).astype(int)
+    return np.maximum(np.ceil(e) - 1, 0).astype(int)
+
+
+def epoch_means(steps: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> list[dict]:
+    """[{epoch, step_lo, step_hi, mean, n}] over the logged values of each epoch."""
+    idx = epoch_index(epochs)
+    e = np.nan_to_num(np.asarray(epochs, dtype=np.float64))
+    fractional = not np.allclose(e, np.round(e))  # progress 0.5, 1.0, ... : epochs are numbered from 1
+    out = []
+    for k in np.unique(idx):
+        m = (idx == k) & ~np.isnan(values)
+        if m.any():
+            out.append({"epoch": int(k), "label": f"epoch {int(k) + 1 if fractional else int(k)}", "step_lo": float(steps[m].min()), "step_hi": float(steps[m].max()),
+                        "mean": float(values[m].mean()), "n": int(m.sum())})
+    return out
+
+
+def _new_figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: Path, stem: str, formats: list[str]) -> list[str]:
+    names = []
+    for fmt in formats:
+        name = f"{stem}.{fmt}"
+        meta = {"Date": None} if fmt == "svg" else {"Software": None}
+        fig.savefig(out / name, format=fmt, metadata=meta)
+        names.append(name)
+    return names
+
+
+def _column(rows: list[dict], key: str) -> np.ndarray:
+    return np.asarray([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=np.float64)
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+def plot_loss(rows: list[dict], smoothing: float, out: Path, formats: list[str]) -> list[str]:
+    steps, loss = _column(rows, "step"), _column(rows, "loss")
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    ax.plot(steps, loss, color=_RAW, lw=1, label="loss (raw)")
+    ax.plot(steps, ema(loss, smoothing), color=_SMOOTH, lw=2, label=f"EMA (smoothing {smoothing:g})")
+    for i, e in enumerate(epoch_means(steps, _column(rows, "epoch"), loss)):
+        ax.hlines(e["mean"], e["step_lo"], e["step_hi"], colors=_EPOCH, linestyles="--", lw=1.5,
+                  label="epoch mean" if i == 0 else None)
+        ax.annotate(f"{e['label']} mean: {e['mean']:.3f}", (e["step_hi"], e["mean"]), textcoords="offset points",
+                    xytext=(-4, 5), ha="right", fontsize=8, color=_EPOCH,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="log 2 (no preference)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("Bradley-Terry loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, out, "loss", formats)
+
+
+def plot_train_accuracy_margin(rows: list[dict], smoothing: float, out: Path, formats: list[str]) -> list[str]:
+    steps = _column(rows, "step")
+    fig = _new_figure(11, 4.0)
+    ax1, ax2 = fig.subplots(1, 2)
+    acc, margin = _column(rows, "accuracy"), _column(rows, "margin")
+    ax1.plot(steps, acc, color=_RAW, lw=1, label="batch accuracy (raw)")
+    ax1.plot(steps, ema(acc, smoothing), color=_SMOOTH, lw=2, label="EMA")
+    ax1.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("accuracy (r_chosen > r_rejected)")
+    ax1.set_title("Training accuracy")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.plot(steps, margin, color=_RAW, lw=1, label="mean margin (raw)")
+    ax2.plot(steps, ema(margin, smoothing), color=_SMOOTH, lw=2, label="EMA")
+    ax2.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("r_chosen - r_rejected")
+    ax2.set_title("Training reward margin")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right", fontsize=8)
+    return _save(fig, out, "train_accuracy_margin", formats)
+
+
+def _accuracy_rows(metrics: dict, max_groups: int = 15, max_subsets: int = 30) -> list[tuple[str, float, int, int]]:
+    """(label, accuracy, n, depth) bars: each set, then its subsets (all of RewardBench's 23 fit) or, if it has
+    none, its largest domains."""
+    rows = []
+    for set_name, m in metrics.items():
+        if m.get("accuracy") is None:
+            continue
+        rows.append((set_name, m["accuracy"], m["n"], 0))
+        groups, limit = m.get("by_subset") or {}, max_subsets
+        if not groups and len(m.get("by_domain") or {}) > 1:
+            groups, limit = m["by_domain"], max_groups
+        items = sorted(groups.items(), key=lambda kv: (-kv[1]["n"], kv[0]))[:limit]
+        for k, v in sorted(items):
+            if v["accuracy"] is not None:
+                rows.append((k, v["accuracy"], v["n"], 1))
+    return rows
+
+
+def plot_eval_accuracy(metrics: dict, out: Path, formats: list[str]) -> list[str]:
+    rows = _accuracy_rows(metrics)
+    if not rows:
+        return []
+    fig = _new_figure(8, 1.2 + 0.32 * len(rows))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    colors, ci = [], -1
+    for label, _, _, depth in rows:
+        if depth == 0:
+            ci += 1
+        colors.append(_SET_COLORS[ci % len(_SET_COLORS)] if depth == 0 else _SET_COLORS[ci % len(_SET_COLORS)] + "99")
+    ax.barh(y, [r[1] for r in rows], color=colors, height=0.7)
+    ax.set_yticks(y, [label for label, _, _, _ in rows], fontsize=8)
+    for tick, (_, _, _, depth) in zip(ax.get_yticklabels(), rows):
+        if depth:  # a subset/domain of the set above it
+            tick.set_fontstyle("italic")
+            tick.set_color("#404040")
+        else:
+            tick.set_fontweight("bold")
+    for yi, (_, acc, n, _) in zip(y, rows):
+        ax.text(min(acc, 1.0) + 0.01, yi, f"{100 * acc:.1f}% (n={n:,})", va="center", fontsize=7)
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.text(0.5, 0.995, " chance", transform=ax.get_xaxis_transform(), fontsize=7, color="grey", va="top")
+    ax.set_xlim(0, 1.18)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_xlabel("accuracy (ties count half)")
+    ax.set_title("Evaluation accuracy per set and subset")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out, "eval_accuracy", formats)
+
+
+def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
+    sets = [(k, m) for k, m in metrics.items() if m.get("reliability") and m.get("n")]
+    if not sets:
+        return []
+    cols = min(len(sets), 3)
+    nrows = math.ceil(len(sets) / cols)
+    fig = _new_figure(4.2 * cols, 4.0 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    for ax, (name, m) in zip(axes, sets):
+        table = m["reliability"]
+        lo = np.array([r["bin_lo"] for r in table])
+        hi = np.array([r["bin_hi"] for r in table])
+        acc = np.array([np.nan if r["accuracy"] is None else r["accuracy"] for r in table])
+        conf = np.array([np.nan if r["confidence"] is None else r["confidence"] for r in table])
+        n = np.array([r["n"] for r in table])
+        ax.bar(lo, np.nan_to_num(acc), width=hi - lo, align="edge", color=_SMOOTH, alpha=0.75,
+               edgecolor="white", label="accuracy in bin")
+        ax.plot([0.5, 1.0], [0.5, 1.0], color="black", lw=1, ls="--", label="perfect calibration")
+        ax.plot(conf, acc, "o", color=_EPOCH, ms=4, label="(mean confidence, accuracy) of bin", clip_on=False, zorder=3)
+        for l, h, k in zip(lo, hi, n):
+            if k:
+                ax.text((l + h) / 2, 0.015, f"{k}", ha="center", va="bottom", fontsize=6, color="white")
+        ax.set_xlim(0.5, 1.0)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence max(p, 1-p), p = sigmoid(r_c - r_r)")
+        ax.set_ylabel("fraction ranked right")
+        ece = m.get("ece")
+        ax.set_title(f"{name}: ECE {ece:.3f}" if ece is not None else name, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(sets):]:
+        ax.set_visible(False)
+    fig.suptitle("Reliability (white numbers: pairs per bin)", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    return _save(fig, out, "reliability", formats)
+
+
+def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
+    sets = [(k, m.get("length_bias") or {}) for k, m in metrics.items()]
+    sets = [(k, lb) for k, lb in sets if any(lb.get(c, {}).get("n") for c in ("chosen_longer", "chosen_shorter"))]
+    if not sets:
+        return []
+    fig = _new_figure(max(5.0, 1.6 * len(sets) + 2), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(sets))
+    width = 0.38
+    for j, (cat, color, label) in enumerate((("chosen_longer", _SMOOTH, "chosen longer"),
+                                             ("chosen_shorter", _EPOCH, "chosen shorter"))):
+        vals = [lb.get(cat, {}).get("accuracy") for _, lb in sets]
+        ns = [lb.get(cat, {}).get("n", 0) for _, lb in sets]
+        xs = x + (j - 0.5) * width
+        ax.bar(xs, [np.nan if v is None else v for v in vals], width=width, color=color, label=label)
+        for xi, v, k in zip(xs, vals, ns):
+            if v is not None:
+                ax.text(xi, v + 0.015, f"{100 * v:.0f}%\nn={k}", ha="center", fontsize=7)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    units = sorted({metrics[k].get("length_unit") or "characters" for k, _ in sets})
+    ax.set_xticks(x, [k for k, _ in sets])
+    ax.set_xlabel(f"evaluation set (length in {' / '.join(units)})")
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Length bias: accuracy by which response is longer")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8, ncols=3)
+    return _save(fig, out, "length_bias", formats)
+
+
+def plot_trend(history: list[dict], path: str | Path, title: str = "evaluation across runs") -> Path | None:
+    """Test accuracy (and each eval set's) per flow run; failed/warned runs marked. None if < 2 points."""
+    points = [h for h in history if h.get("test_accuracy") is not None]
+    if len(points) < 2:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _new_figure(max(6.0, 0.35 * len(points) + 3), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(1, len(points) + 1)
+    ax.plot(x, [p["test_accuracy"] for p in points], "o-", color=_SET_COLORS[0], label="test")
+    names = sorted({k for p in points for k in (p.get("eval_sets") or {})})
+    for i, name in enumerate(names, 1):
+        ys = [np.nan if (p.get("eval_sets") or {}).get(name) is None else p["eval_sets"][name] for p in points]
+        ax.plot(x, ys, "s--", color=_SET_COLORS[i % len(_SET_COLORS)], ms=4, label=name)
+    bad = [(xi, p) for xi, p in zip(x, points) if p.get("status") in ("failed", "warned")]
+    if bad:
+        ax.scatter([b[0] for b in bad], [b[1]["test_accuracy"] for b in bad], s=120, facecolors="none",
+                   edgecolors="red", linewidths=1.5, label="regression (warned/failed)", zorder=5)
+    ax.set_xticks(x, [p.get("time", "")[:16].replace("T", "\n") for p in points], fontsize=6)
+    ax.set_xlabel("flow run")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, format=path.suffix.lstrip(".") or "png")
+    return path

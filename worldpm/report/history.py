@@ -1,0 +1,160 @@
+"""The history of evaluation metrics across runs and the regression guard.
+
+* ``<artifacts_dir>/history/<pipeline name>.jsonl``: one JSON line per new evaluation (time, evaluate key, test
+  accuracy and BT loss, accuracy per eval set, status). It lives outside the content-addressed store on purpose:
+  it is a log of runs, not a function of one run's inputs.
+* ``check_regression`` / ``after_evaluate``: a run whose test accuracy falls more than ``evaluate.regression_delta``
+  below the previous successful run fails (``evaluate.on_regression: fail``) or warns (``warn``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+from pathlib import Path
+
+from worldpm.errors import StageError
+
+HISTORY_DIR = "history"
+
+
+def history_path(cfg) -> Path:
+    return Path(cfg.artifacts_dir) / HISTORY_DIR / f"{_safe_name(cfg.name)}.jsonl"
+
+
+def trend_path(cfg) -> Path:
+    return Path(cfg.artifacts_dir) / HISTORY_DIR / f"{_safe_name(cfg.name)}-trend.png"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "worldpm"
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The history's entries, oldest first."""
+    return read_jsonl(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """A JSON-lines file (history, training metrics); [] when it does not exist. A line that is not JSON is an
+    error naming the file and line."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    entries = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise StageError(f"{p}:{i}: not a JSON line ({e.msg})") from None
+    return entries
+
+
+def history_entry(metrics: dict, evaluate_key: str | None, status: str = "ok") -> dict:
+    test = metrics.get("test") or {}
+    entry = {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "evaluate_key": evaluate_key,
+        "test_accuracy": test.get("accuracy"),
+        "test_bt_loss": test.get("bt_loss"),
+        "test_n": test.get("n"),
+        "eval_sets": {k: v.get("accuracy") for k, v in metrics.items() if k != "test"},
+        "status": status,
+    }
+    run_id = _flow_run_id()
+    if run_id:
+        entry["flow_run_id"] = run_id
+    return entry
+
+
+def append_history(path: str | Path, entry: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+
+
+def check_regression(history_path: str | Path, metrics: dict, delta: float | None,
+                     mode: str = "warn") -> tuple[bool, str]:
+    """(ok, message): not ok when test accuracy is more than ``delta`` below the previous successful run's.
+
+    The previous successful run is the newest history entry whose status is not "failed" and that has a test
+    accuracy. ``delta`` None turns the guard off. ``mode`` (fail | warn) only words the message: the caller
+    decides what to do with a regression."""
+    if mode not in ("fail", "warn"):
+        raise ValueError(f"on_regression must be fail or warn, got {mode!r}")
+    acc = (metrics.get("test") or {}).get("accuracy")
+    if delta is None:
+        return True, "regression guard off (evaluate.regression_delta is null)"
+    if acc is None:
+        return True, "regression guard: no test accuracy in this run (empty test split); nothing to compare"
+    prev = next((e for e in reversed(read_history(history_path))
+                 if e.get("status") != "failed" and e.get("test_accuracy") is not None), None)
+    if prev is None:
+        return True, f"regression guard: first run in {history_path}; test accuracy {acc:.4f}"
+    before = float(prev["test_accuracy"])
+    drop = before - acc
+    if drop > delta:
+        action = "failing the run" if mode == "fail" else "warning only (evaluate.on_regression: warn)"
+        return False, (f"test accuracy regressed: {acc:.4f} now vs {before:.4f} in the previous successful run "
+                       f"({prev.get('time', '?')}, evaluate {prev.get('evaluate_key') or '?'}), a drop of "
+                       f"{drop:.4f} > evaluate.regression_delta {delta}; {action}")
+    return True, (f"regression guard: test accuracy {acc:.4f} vs {before:.4f} in the previous successful run "
+                  f"(allowed drop {delta})")
+
+
+def after_evaluate(cfg, evaluate_ref, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
+    """After a new evaluate artifact (the evaluate stage's after_commit): regression guard, history line, trend plot.
+
+    ``evaluate_ref``: an ArtifactRef, its dict form, or the artifact's path. In fail mode a regression raises
+    StageError (after recording the run in the history as failed); in warn mode it logs a warning."""
+    log = log or logging.getLogger("worldpm.evaluate")
+    path, key = _ref_path_key(evaluate_ref)
+    mfile = path / "metrics.json"
+    if not mfile.exists():
+        raise StageError(f"after_evaluate: no metrics.json in the evaluate artifact {path}")
+    metrics = json.loads(mfile.read_text())
+    hpath = history_path(cfg)
+    ok, message = check_regression(hpath, metrics, cfg.evaluate.regression_delta, cfg.evaluate.on_regression)
+    fail = not ok and cfg.evaluate.on_regression == "fail"
+    status = "ok" if ok else ("failed" if fail else "warned")
+    append_history(hpath, history_entry(metrics, key, status))
+    if ok:
+        log.info("%s", message)
+    else:
+        log.warning("%s", message)
+    try:
+        from worldpm.report.figures import plot_trend
+
+        written = plot_trend(read_history(hpath), trend_path(cfg), title=f"{cfg.name}: evaluation across runs")
+        if written:
+            log.info("trend plot: %s", written)
+    except Exception as e:  # the trend plot is a convenience; it never fails a run
+        log.warning("trend plot not written: %s", e)
+    if fail:
+        raise StageError(message)
+
+
+def _ref_path_key(ref) -> tuple[Path, str | None]:
+    if isinstance(ref, (str, Path)):
+        p = Path(ref)
+        return p, p.name
+    if isinstance(ref, dict):
+        return Path(ref["path"]), ref.get("key")
+    return Path(ref.path), getattr(ref, "key", None)
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this process is in, for the history line (None outside a flow run)."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+    except Exception:
+        return None
+    if ctx is None or getattr(ctx, "flow_run", None) is None:
+        return None
+    return str(ctx.flow_run.id)
