@@ -6,7 +6,7 @@
 
 Both sides train on the same token ids: the shared StackExchange sample (../shared/data/stack-exchange-paired)
 through worldpm's own download adapter, shard and tokenize stages. Ours runs as the pipeline runs it (the train
-stage: `accelerate launch` of tasks/trainer/main.py); TRL runs in its own process (this file with --trl-worker), so
+stage: `accelerate launch` of worldpm/modeling/trainer/main.py); TRL runs in its own process (this file with --trl-worker), so
 each side's peak memory is its own. Reported per side: pairs/s and (non-pad) tokens/s over the steps after the first
 (warm-up excluded), peak memory (GPU: torch max allocated; CPU: peak RSS), the fraction of padded tokens actually fed,
 and held-out accuracy on the test split. The padding fraction of one epoch with and without the length-grouped

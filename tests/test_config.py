@@ -17,9 +17,40 @@ def test_shipped_pipeline_yaml_is_the_offline_demo():
     assert Path(cfg.artifacts_dir).is_absolute()
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_validate(preset):
-    load_config(preset)
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_say_what_their_name_says(preset):
+    """Each preset validates and is the experiment its file name promises: its backbone, its objective, ZeRO-3 or
+    LoRA, a real data source, and a max_length the backbone's positions hold."""
+    cfg = load_config(preset)
+    name = preset.stem
+    assert cfg.name == name
+    assert Path(cfg.artifacts_dir) == (ROOT / "artifacts").resolve()  # the presets share the project's store
+    for s in cfg.sources:
+        if s.kind == "hf":
+            assert s.repo_id == "lvwerra/stack-exchange-paired" and (s.data_dir or s.allow_patterns)
+        else:
+            assert s.kind == "local" and "stack-exchange-paired" in s.path
+    m, t = cfg.model, cfg.train
+    if name.startswith("qwen2.5-"):
+        size = name.split("-")[1].upper()
+        assert m.name_or_path.startswith(f"Qwen/Qwen2.5-{size}") and m.from_config is None
+        assert cfg.tokenize.system_prompt == "" and cfg.tokenize.max_length == 1024  # WorldPM's empty system turn
+        assert t.precision == "bf16"
+    if name.endswith("-zero3"):
+        assert t.deepspeed.enabled and t.deepspeed.zero_stage == 3 and not m.lora.enabled and t.objective == "bt"
+    if name.endswith("-lora"):
+        assert m.lora.enabled and not t.deepspeed.enabled and t.objective == "bt"
+    if name.endswith("-dpo"):
+        assert t.objective == "dpo" and t.reference is None and t.deepspeed.enabled
+    if name == "qwen2-0.5b-random":  # Qwen2.5-0.5B's shape, random weights, the real Qwen vocabulary
+        fc = m.from_config
+        assert fc["model_type"] == "qwen2" and fc["hidden_size"] == 896 and fc["num_hidden_layers"] == 24
+        assert fc["vocab_size"] == 151936 and m.tokenizer and cfg.tokenize.max_length <= fc["max_position_embeddings"]
+    if name == "stack-exchange-minilm":
+        assert m.name_or_path == "minilm" and not t.deepspeed.enabled and cfg.tokenize.max_length <= 512
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 
 from tasks import PIPELINE as pipeline
-from tasks import tokenize
 from worldpm.data import render
 from worldpm.data.splits import SPLITS, read_split
 from worldpm.modeling import models

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 

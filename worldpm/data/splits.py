@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from worldpm.data.schema import CANONICAL_SCHEMA
+from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
 SPLITS = ("train", "eval", "test")
@@ -25,9 +25,11 @@ def pair_files(ref: ArtifactRef | str | Path) -> list[Path]:
 
 
 def scan_pairs(ref: ArtifactRef | str | Path) -> pl.LazyFrame:
-    """A download artifact's pairs as one lazy frame (empty, with the canonical schema, when it has none)."""
+    """A download artifact's pairs as one lazy frame."""
     files = pair_files(ref)
-    return pl.scan_parquet(files) if files else pl.LazyFrame(schema=CANONICAL_SCHEMA)
+    if not files:
+        raise StageError(f"the download artifact {_root(ref)} has no pairs/*.parquet")
+    return pl.scan_parquet(files)
 
 
 def data_files(ref: ArtifactRef | str | Path) -> dict[str, list[str]]:

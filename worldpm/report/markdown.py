@@ -50,123 +50,135 @@ def render_report(*, name: str, clean_report: dict | None, train_summary: dict |
     out: list[str] = [f"# worldpm run report: {name}", ""]
     if digests:
         out += ["Inputs (content digests): " + ", ".join(f"{s} `{d[:12]}`" for s, d in digests.items()), ""]
-
-    # data funnel
-    out += ["## Data funnel", ""]
-    if clean_report:
-        rin, rout = clean_report.get("rows_in"), clean_report.get("rows_out")
-        rows: list[list[Any]] = [["pairs in (from download)", rin, ""]]
-        remaining = rin
-        rules = clean_report.get("rules", {})
-        for rule, n in clean_report.get("rejected_by_rule", {}).items():
-            if remaining is not None and isinstance(n, int):
-                remaining -= n
-            setting = rules.get(rule)
-            rows.append([f"- {rule}", -n if isinstance(n, int) else n,
-                         json.dumps(setting, default=str) if setting is not None else ""])
-        rows.append(["pairs out (cleaned)", rout, ""])
-        out.append(_table(["step", "pairs", "rule setting"], rows, "lrl"))
-        if rin is not None and rout is not None and rin:
-            out += ["", f"{_pct(rout / rin)} of the pairs read survive cleaning."]
-        if remaining is not None and rout is not None and remaining != rout:
-            out += ["", f"Note: pairs in minus rejections is {remaining:,}, not {rout:,}: a pair rejected by "
-                        f"several rules is counted under each."]
+    out += _funnel(clean_report) + _training(train_summary, images)
+    out += ["## Evaluation", ""]
+    if not metrics:
+        out += ["(no evaluation metrics)", ""]
     else:
-        out.append("(no clean report)")
-    out.append("")
+        out += _evaluation(metrics, images, max_group_rows) + _length_bias(metrics, images) + \
+            _calibration(metrics, images)
+    return "\n".join(out).rstrip() + "\n"
 
-    # training
-    out += ["## Training", ""]
+
+def _funnel(clean_report: dict | None) -> list[str]:
+    out = ["## Data funnel", ""]
+    if not clean_report:
+        return out + ["(no clean report)", ""]
+    rin, rout = clean_report.get("rows_in"), clean_report.get("rows_out")
+    rows: list[list[Any]] = [["pairs in (from download)", rin, ""]]
+    remaining = rin
+    rules = clean_report.get("rules", {})
+    for rule, n in clean_report.get("rejected_by_rule", {}).items():
+        if remaining is not None and isinstance(n, int):
+            remaining -= n
+        setting = rules.get(rule)
+        rows.append([f"- {rule}", -n if isinstance(n, int) else n,
+                     json.dumps(setting, default=str) if setting is not None else ""])
+    rows.append(["pairs out (cleaned)", rout, ""])
+    out.append(_table(["step", "pairs", "rule setting"], rows, "lrl"))
+    if rin is not None and rout is not None and rin:
+        out += ["", f"{_pct(rout / rin)} of the pairs read survive cleaning."]
+    if remaining is not None and rout is not None and remaining != rout:
+        out += ["", f"Note: pairs in minus rejections is {remaining:,}, not {rout:,}: a pair rejected by "
+                    f"several rules is counted under each."]
+    return out + [""]
+
+
+def _training(train_summary: dict | None, images: dict[str, str]) -> list[str]:
+    out = ["## Training", ""]
     if train_summary:
         keys = ["steps", "epochs", "final_loss", "train_accuracy", "seconds", "tokens_per_s", "device",
                 "num_processes", "precision", "padding_fraction", "resumed_from_step"]
         known = [k for k in keys if k in train_summary] + [k for k in train_summary if k not in keys]
-        out.append(_table(["", "value"], [[k, _fmt_any(train_summary[k])] for k in known], "lr"))
-        out.append("")
+        out += [_table(["", "value"], [[k, _fmt_any(train_summary[k])] for k in known], "lr"), ""]
     else:
         out += ["(no training summary)", ""]
     for fig, title in (("loss", "Training loss"), ("train_accuracy_margin", "Training accuracy and margin")):
         if fig in images:
             out += [f"![{title}]({images[fig]})", ""]
+    return out
 
-    # evaluation
-    out += ["## Evaluation", ""]
-    if not metrics:
-        out += ["(no evaluation metrics)", ""]
-        return "\n".join(out).rstrip() + "\n"
-    out += [ACCURACY_NOTE + " BT loss is the mean of -log sigmoid(r_chosen - r_rejected).", ""]
+
+def _evaluation(metrics: dict, images: dict[str, str], max_group_rows: int) -> list[str]:
+    out = [ACCURACY_NOTE + " BT loss is the mean of -log sigmoid(r_chosen - r_rejected).", ""]
     rows = []
     for set_name, m in metrics.items():
         rows.append([set_name, m.get("n"), m.get("ties"), m.get("truncated"), _pct(m.get("accuracy")),
                      m.get("bt_loss"), m.get("ece"), _mean_std(m.get("chosen_mean"), m.get("chosen_std")),
                      _mean_std(m.get("rejected_mean"), m.get("rejected_std")), m.get("margin_mean")])
-    out.append(_table(["set", "pairs", "ties", "truncated", "accuracy", "BT loss", "ECE", "chosen reward",
-                       "rejected reward", "mean margin"], rows))
-    out.append("")
+    out += [_table(["set", "pairs", "ties", "truncated", "accuracy", "BT loss", "ECE", "chosen reward",
+                    "rejected reward", "mean margin"], rows), ""]
     if "eval_accuracy" in images:
         out += [f"![Accuracy per set and subset]({images['eval_accuracy']})", ""]
-
     for set_name, m in metrics.items():
-        sections = m.get("sections") or {}
-        groups = [("subset", m.get("by_subset") or {}), ("source", m.get("by_source") or {}),
-                  ("domain", m.get("by_domain") or {})]
-        if not sections and not any(len(g) > 1 or (g and "subset" == k) for k, g in groups):
-            continue
-        out += [f"### {set_name}", ""]
-        if sections:
-            srows = [[s, _pct(v["accuracy"], 2), v["weight"], ", ".join(v["subsets"]),
-                      "yes" if v.get("complete") else "no"] for s, v in sections.items()]
-            out.append("RewardBench sections (prompt-weighted by RewardBench's example counts; Reasoning: math "
-                       "and code weigh one half each):")
-            out.append("")
-            out.append(_table(["section", "score", "weight", "subsets present", "complete"], srows, "lrrll"))
-            if m.get("rewardbench_score") is not None:
-                out += ["", f"RewardBench score (mean of the four sections): **{_pct(m['rewardbench_score'], 2)}**"]
-            out.append("")
-        for kind, g in groups:
-            if not g or (kind != "subset" and len(g) < 2):
-                continue
-            items = sorted(g.items(), key=lambda kv: (-kv[1]["n"], kv[0]))
-            shown = items[:max_group_rows]
-            out.append(f"Accuracy by {kind}:")
-            out.append("")
-            out.append(_table([kind, "pairs", "accuracy"], [[k, v["n"], _pct(v["accuracy"])] for k, v in shown]))
-            if len(items) > len(shown):
-                rest = sum(v["n"] for _, v in items[len(shown):])
-                out += ["", f"... and {len(items) - len(shown)} more {kind}s ({rest:,} pairs)."]
-            out.append("")
+        out += _set_details(set_name, m, max_group_rows)
+    return out
 
+
+def _set_details(set_name: str, m: dict, max_group_rows: int) -> list[str]:
+    """RewardBench sections and accuracy by subset / source / domain of one set (nothing when it has none)."""
+    sections = m.get("sections") or {}
+    groups = [("subset", m.get("by_subset") or {}), ("source", m.get("by_source") or {}),
+              ("domain", m.get("by_domain") or {})]
+    if not sections and not any(len(g) > 1 or (g and "subset" == k) for k, g in groups):
+        return []
+    out = [f"### {set_name}", ""]
+    if sections:
+        srows = [[s, _pct(v["accuracy"], 2), v["weight"], ", ".join(v["subsets"]),
+                  "yes" if v.get("complete") else "no"] for s, v in sections.items()]
+        out += ["RewardBench sections (prompt-weighted by RewardBench's example counts; Reasoning: math "
+                "and code weigh one half each):", "",
+                _table(["section", "score", "weight", "subsets present", "complete"], srows, "lrrll")]
+        if m.get("rewardbench_score") is not None:
+            out += ["", f"RewardBench score (mean of the four sections): **{_pct(m['rewardbench_score'], 2)}**"]
+        out.append("")
+    for kind, g in groups:
+        if not g or (kind != "subset" and len(g) < 2):
+            continue
+        items = sorted(g.items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+        shown = items[:max_group_rows]
+        out += [f"Accuracy by {kind}:", "",
+                _table([kind, "pairs", "accuracy"], [[k, v["n"], _pct(v["accuracy"])] for k, v in shown])]
+        if len(items) > len(shown):
+            rest = sum(v["n"] for _, v in items[len(shown):])
+            out += ["", f"... and {len(items) - len(shown)} more {kind}s ({rest:,} pairs)."]
+        out.append("")
+    return out
+
+
+def _length_bias(metrics: dict, images: dict[str, str]) -> list[str]:
     units = sorted({m.get("length_unit") or "characters" for m in metrics.values()})
-    out += ["## Length bias", "",
-            f"Accuracy on the pairs where the chosen response is longer (in {' / '.join(units)}) than the rejected "
-            "one, and where it is shorter. A reward model that mostly rewards length is right on the first and wrong "
-            "on the second.", ""]
+    out = ["## Length bias", "",
+           f"Accuracy on the pairs where the chosen response is longer (in {' / '.join(units)}) than the rejected "
+           "one, and where it is shorter. A reward model that mostly rewards length is right on the first and wrong "
+           "on the second.", ""]
     rows = []
     for set_name, m in metrics.items():
         lb = m.get("length_bias") or {}
         rows.append([set_name] + [f"{_pct(lb[k]['accuracy'])} (n={lb[k]['n']:,})" if k in lb else "-"
                                   for k in ("chosen_longer", "chosen_shorter", "same_length")])
-    out.append(_table(["set", "chosen longer", "chosen shorter", "same length"], rows))
-    out.append("")
+    out += [_table(["set", "chosen longer", "chosen shorter", "same length"], rows), ""]
     if "length_bias" in images:
         out += [f"![Length bias]({images['length_bias']})", ""]
+    return out
 
-    out += ["## Calibration", "",
-            "p = sigmoid(r_chosen - r_rejected). Each pair's confidence is max(p, 1 - p); the reliability table "
-            "bins it and compares the mean confidence with the fraction of pairs the model ranks right. "
-            "ECE = sum over bins of (pairs in bin / pairs) x |accuracy - confidence|.", ""]
+
+def _calibration(metrics: dict, images: dict[str, str]) -> list[str]:
+    out = ["## Calibration", "",
+           "p = sigmoid(r_chosen - r_rejected). Each pair's confidence is max(p, 1 - p); the reliability table "
+           "bins it and compares the mean confidence with the fraction of pairs the model ranks right. "
+           "ECE = sum over bins of (pairs in bin / pairs) x |accuracy - confidence|.", ""]
     if "reliability" in images:
         out += [f"![Reliability diagram]({images['reliability']})", ""]
     for set_name, m in metrics.items():
         table = m.get("reliability") or []
         if not table:
             continue
-        out += [f"{set_name} (ECE {_num(m.get('ece'))}):", ""]
-        out.append(_table(["confidence bin", "pairs", "mean confidence", "accuracy"],
-                          [[f"{r['bin_lo']:.2f}-{r['bin_hi']:.2f}", r["n"], r["confidence"], r["accuracy"]]
-                           for r in table]))
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+        out += [f"{set_name} (ECE {_num(m.get('ece'))}):", "",
+                _table(["confidence bin", "pairs", "mean confidence", "accuracy"],
+                       [[f"{r['bin_lo']:.2f}-{r['bin_hi']:.2f}", r["n"], r["confidence"], r["accuracy"]]
+                        for r in table]), ""]
+    return out
 
 
 def _mean_std(mean: float | None, std: float | None) -> str:
