@@ -116,17 +116,44 @@ def _scan(path: Path):
 
 
 def variant_floor(path: Path, out: Path, scfg: dict) -> int:
+    """A bare scan of the input and a zstd Parquet write: the floor of the normalise stage."""
     import polars as pl
 
     _scan(path).sink_parquet(out / "pairs.parquet", compression="zstd", engine="streaming")
     return pl.scan_parquet(out / "pairs.parquet").select(pl.len()).collect().item()
 
 
-def variant_clean(path: Path, out: Path, scfg: dict) -> int:
+def variant_normalise(path: Path, out: Path, scfg: dict) -> int:
+    """The normalise stage's code path on a scan of the input (Parquet: in parts with progress, as the stage)."""
+    import polars as pl
+
+    from tasks import normalise
+
+    logging.basicConfig(level=logging.WARNING)
+    src = _scan(path)
+    rows = src.select(pl.len()).collect().item() if path.suffix == ".parquet" else None
+    rep = normalise.normalise_frame(src, {"normalize_markup": scfg["normalize_markup"]}, out, logging.getLogger("bench"),
+                                    rows=rows)
+    return rep["rows_in"]
+
+
+def variant_floor_normalised(path: Path, out: Path, scfg: dict) -> int:
+    """A bare scan of the normalised pairs (a normalise artifact's pairs/) and a zstd write: the refilter's floor."""
+    import polars as pl
+
+    pl.scan_parquet(sorted((path / "pairs").glob("*.parquet"))).sink_parquet(
+        out / "pairs.parquet", compression="zstd", engine="streaming")
+    return pl.scan_parquet(out / "pairs.parquet").select(pl.len()).collect().item()
+
+
+def variant_refilter(path: Path, out: Path, scfg: dict) -> int:
+    """The clean stage's code path (the filters) on a normalise artifact, with a changed threshold: a tweak."""
     from tasks import clean
 
     logging.basicConfig(level=logging.WARNING)
-    rep = clean.clean_frame(_scan(path), scfg, out, out / "work", logging.getLogger("bench"))
+    filters = {k: v for k, v in scfg.items() if k != "normalize_markup"}
+    rep = clean.filter_pairs(path, filters, out, logging.getLogger("bench"),
+                             normalize_markup=scfg["normalize_markup"])
     return rep["rows_in"]
 
 
@@ -246,7 +273,8 @@ def variant_loop(path: Path, out: Path, scfg: dict) -> int:
     return n
 
 
-VARIANTS = {"clean": variant_clean, "loop": variant_loop, "floor": variant_floor}
+VARIANTS = {"floor": variant_floor, "normalise": variant_normalise, "floor_normalised": variant_floor_normalised,
+            "refilter": variant_refilter, "loop": variant_loop}
 
 
 def _child(name: str, path: Path, out: Path, scfg: dict) -> None:
@@ -260,7 +288,7 @@ def _child(name: str, path: Path, out: Path, scfg: dict) -> None:
     print(json.dumps({"variant": name, "rows": rows, "seconds": dt, "peak_rss": rss}))
 
 
-def run_variant(name: str, path: Path, out: Path, scfg: dict) -> dict:
+def run_variant(name: str, path: Path, out: Path, scfg: dict, data_mb: float, keep: bool = False) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -270,19 +298,29 @@ def run_variant(name: str, path: Path, out: Path, scfg: dict) -> dict:
         raise SystemExit(f"variant {name} on {path.name} failed:\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["input"] = path.name
-    res["file_mb"] = path.stat().st_size / 1e6
-    # MB/s is counted on the data volume (the JSONL size of the same rows) for both formats: the repeated
-    # StackExchange text compresses far better in Parquet than real text would
-    res["mb"] = path.with_suffix(".jsonl").stat().st_size / 1e6
-    shutil.rmtree(out, ignore_errors=True)
+    # MB/s is counted on the data volume (the JSONL size of the same rows) for every variant and format: the
+    # repeated StackExchange text compresses far better in Parquet than real text would
+    res["mb"] = data_mb
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def _load() -> str:
+    """The load average when a variant starts: the machine is shared, so say how busy it was."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=int, default=1000, help="JSONL input size (default 1000 MB)")
     ap.add_argument("--cache", type=Path, default=ROOT / "tmp" / "bench", help="where inputs are cached")
-    ap.add_argument("--variants", default="floor,clean,loop", help="comma-separated: floor,clean,loop")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated, in this order: {','.join(VARIANTS)} (floor_normalised and refilter read "
+                         "what normalise wrote)")
     ap.add_argument("--formats", default="jsonl,parquet")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
@@ -295,32 +333,48 @@ def main() -> None:
     from worldpm.config import CleanConfig
 
     scfg = CleanConfig().model_dump(mode="json")
+    tweak = dict(scfg, min_margin=1.0)  # the re-filter: a threshold changed after normalisation
     jl, pq = build_inputs(a.size_mb, a.cache)
+    data_mb = jl.stat().st_size / 1e6
+    variants = a.variants.split(",")
     results = []
     for fmt in a.formats.split(","):
         path = jl if fmt == "jsonl" else pq
-        for v in a.variants.split(","):
-            r = run_variant(v, path, a.cache / f"out-{v}", scfg)
-            r["format"] = fmt
+        norm = a.cache / f"out-normalised-{fmt}"
+        for v in variants:
+            reads_norm = v in ("floor_normalised", "refilter")
+            if reads_norm and not (norm / "measures.parquet").is_file():
+                raise SystemExit(f"variant {v} reads the normalise variant's output: list normalise before it")
+            load = _load()
+            r = run_variant(v, norm if reads_norm else path, norm if v == "normalise" else a.cache / f"out-{v}",
+                            tweak if v == "refilter" else scfg, data_mb, keep=v == "normalise")
+            r.update(format=fmt, file_mb=path.stat().st_size / 1e6, load_before=load)
             results.append(r)
-            print(f"{fmt:8s} {v:6s} {r['seconds']:8.1f} s {r['mb'] / r['seconds']:8.1f} MB/s "
-                  f"{r['rows'] / r['seconds']:9.0f} pairs/s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB", flush=True)
+            print(f"{fmt:8s} {v:17s} {r['seconds']:8.1f} s {r['mb'] / r['seconds']:8.1f} MB/s "
+                  f"{r['rows'] / r['seconds']:9.0f} pairs/s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB  "
+                  f"(load {load})", flush=True)
     by = {(r["format"], r["variant"]): r for r in results}
     print()
-    print(f"| input | variant | seconds | MB/s (data) | pairs/s | peak RSS (MiB) |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("| input | variant | seconds | MB/s (data) | pairs/s | peak RSS (MiB) |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['format']} ({r['file_mb']:.0f} MB file, {r['rows']} pairs) | {r['variant']} | "
               f"{r['seconds']:.1f} | "
               f"{r['mb'] / r['seconds']:.1f} | {r['rows'] / r['seconds']:.0f} | {r['peak_rss'] / 2**20:.0f} |")
     print()
     for fmt in a.formats.split(","):
-        c, f, lp = by.get((fmt, "clean")), by.get((fmt, "floor")), by.get((fmt, "loop"))
-        if c and f:
-            print(f"{fmt}: clean/floor = {c['seconds'] / f['seconds']:.2f}x", end="")
-        if c and lp:
-            print(f", loop/clean = {lp['seconds'] / c['seconds']:.2f}x", end="")
-        print()
+        sec = {v: by[(fmt, v)]["seconds"] for v in VARIANTS if (fmt, v) in by}
+        parts = []
+        if "normalise" in sec and "floor" in sec:
+            parts.append(f"normalise/floor = {sec['normalise'] / sec['floor']:.2f}x")
+        if "refilter" in sec and "floor_normalised" in sec:
+            parts.append(f"refilter/floor_normalised = {sec['refilter'] / sec['floor_normalised']:.2f}x")
+        if {"normalise", "refilter", "floor"} <= sec.keys():
+            scratch = sec["normalise"] + sec["refilter"]
+            parts.append(f"(normalise+refilter)/floor = {scratch / sec['floor']:.2f}x")
+            if "loop" in sec:
+                parts.append(f"loop/(normalise+refilter) = {sec['loop'] / scratch:.2f}x")
+        print(f"{fmt}: " + ", ".join(parts))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 

@@ -2,21 +2,23 @@
 
 Each stage is a module of this package with the same small protocol (worldpm/engine.py): ``stage_config(cfg)``
 (the part of the config its output depends on) and ``run(stage_cfg, inputs, out, log, work)`` (writes its
-artifact), optionally INPUT_FILES, NOT_IN_KEY and ``after_commit``. A stage reads its inputs as artifacts by the
-names listed here; stages never import each other, and the library they stand on is worldpm/.
+artifact), optionally INPUT_FILES, NOT_IN_KEY, CONFIG_SECTION and ``after_commit``. A stage reads its inputs as
+artifacts by the names listed here; stages never import each other, and the library they stand on is worldpm/.
 
-    download -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot
+    download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot
 
 To add a stage: write tasks/<name>.py with stage_config and run, and list it below after the stages it reads.
 """
 from __future__ import annotations
 
-from tasks import clean, download, evaluate, plot, ref_logps, shard, tokenize, train
+from tasks import clean, download, evaluate, normalise, plot, ref_logps, shard, tokenize, train
 from worldpm.engine import Pipeline, Stage
 
 PIPELINE = Pipeline([
     Stage("download", download),
-    Stage("clean", clean, upstream=("download",)),
+    # normalise: the texts once (expensive, rarely changed); clean: the filters over them (cheap, often tweaked)
+    Stage("normalise", normalise, upstream=("download",)),
+    Stage("clean", clean, upstream=("normalise",)),
     Stage("shard", shard, upstream=("clean",)),
     Stage("tokenize", tokenize, upstream=("shard",)),
     # ref_logps: DPO's cached reference log-probs; for bt a constant marker, so a BT key never moves with it

@@ -1,6 +1,8 @@
-"""The clean stage on the real StackExchange pairs (../shared/data): every rule drops what it should and counts
-it, normalisation keeps code, CJK and punctuation, rows are never lost, the output is deterministic (early
-cutoff), and a process killed in the middle of clean leaves nothing that a later run takes for finished."""
+"""The normalise and clean stages on the real StackExchange pairs (../shared/data): every rule drops what it should
+and counts it, normalisation keeps code, CJK and punctuation (and an image's alt text), the gated normalisation
+equals the plain definition byte for byte, a threshold change reruns clean alone with the same bytes as a run from
+scratch, rows are never lost, the output is deterministic (early cutoff), and a process killed in the middle of
+normalise leaves nothing that a later run takes for finished."""
 from __future__ import annotations
 
 import json
@@ -55,8 +57,13 @@ def commit_download(store: ArtifactStore, frame: pl.DataFrame, key: str = "test-
 
 
 def run_clean(root: Path, dl, **clean_cfg):
+    """normalise then clean (as a run does); the clean StageResult, with .normalised the normalise one."""
     cfg = PipelineConfig(artifacts_dir=str(root), clean=CleanConfig(**clean_cfg))
-    return pipeline.execute("clean", cfg, {"download": dl}, ArtifactStore(root))
+    store = ArtifactStore(root)
+    norm = pipeline.execute("normalise", cfg, {"download": dl}, store)
+    res = pipeline.execute("clean", cfg, {"normalise": norm.ref}, store)
+    res.normalised = norm
+    return res
 
 
 def norm(values: list[str | None]) -> list[str | None]:
@@ -92,6 +99,74 @@ def test_prompt_messages_are_normalised_per_message_roles_kept():
                       {"role": "user", "content": "hi & ```\ncode  here```"},   # a fence ends with its message
                       {"role": "assistant", "content": "ok then"}]
     assert out[1] == [] and out[2] is None
+
+
+def test_image_alt_text_is_kept():
+    """Rule change (2026-11): an <img>'s alt text replaces the tag (it was dropped), as a Markdown image's alt does;
+    an answer that is only an image is no longer empty."""
+    only_img, inline, no_alt, md, quoted = norm([
+        '<p><img src="https://i.stack.imgur.com/x.png" alt="A grinder &amp; its burrs"></p>',
+        "Tamp like this: <IMG width=10 ALT='firm, level' src=x.png/> then pull.",
+        'before <img src="x.png"> after',
+        "![a diagram](https://x.org/d.png)",
+        '<img alt="first" alt="second" src=x>',
+    ])
+    assert only_img == "A grinder & its burrs"
+    assert inline == "Tamp like this: firm, level then pull."
+    assert no_alt == "before after"
+    assert md == "a diagram" and quoted == "first"
+
+
+def _shared_texts(shared: Path) -> list[str | None]:
+    """Real texts of every shared format (Markdown, raw HTML bodies, chat transcripts, CJK), plus splices of
+    markup fragments into them (fences, entities, CR/control bytes, tags, Markdown) so every gate is exercised."""
+    import gzip
+    import random
+    import xml.etree.ElementTree as ET
+
+    texts: list[str | None] = []
+    se = pl.read_parquet(sorted((shared / "stack-exchange-paired").glob("**/*.parquet")))
+    texts += se["question"].to_list() + se["response_j"].to_list() + se["response_k"].to_list()
+    for f in sorted((shared / "stack-exchange-preferences").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            texts += [r["question"], *(a["text"] for a in r["answers"])]
+    for f in sorted((shared / "stackexchange-dumps").glob("*/Posts.xml")):
+        texts += [el.get("Body") for _, el in ET.iterparse(f) if el.tag == "row" and el.get("Body")]
+    with gzip.open(shared / "hh_rlhf" / "harmless-base_test.jsonl.gz", "rt") as fh:
+        for line in list(fh)[:500]:
+            r = json.loads(line)
+            texts += [r["chosen"], r["rejected"]]
+    for line in (shared / "medicalgpt_zh" / "medical_reward_test.jsonl").read_text().splitlines():
+        texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    frags = ["<p>", "</p>", "<br>", "\r\n", "\r", "\x00", "\x07", "\x7f", "```", "```py\n", "<pre><code>",
+             "</code></pre>", "&amp;", "&lt;", "&#39;", "&#x4F60;", "&nbsp;", "\xa0", "  ", "\t", " \n", "\n\n\n",
+             "**b**", "![alt](u.png)", "[t](http://x.y)", "---\n", "\n===\n", "<!-- c -->", "<code>x</code>",
+             "<li>", '<a href="x">', '<img alt="pic" src=x>', "x<y", "&", "*", "[", "]", "(", ")", "-", "你好"]
+    rnd = random.Random(0)
+    for _ in range(2000):
+        t = rnd.choice(texts)
+        parts = [t[:rnd.randint(0, min(len(t), 200))]]
+        for _ in range(rnd.randint(1, 10)):
+            parts += [rnd.choice(frags), rnd.choice(["", "word", "a  b", t[:rnd.randint(0, 30)]])]
+        texts.append("".join(parts))
+    return texts + [None, "", " ", "```", "\r\n"]
+
+
+def test_gated_normalisation_equals_the_plain_definition(shared_data):
+    """Every rule runs only on the rows its gate selects: on real texts of every shared format, and on splices
+    of markup into them, the output is byte for byte that of running every rule on every row."""
+    texts = _shared_texts(shared_data)
+    # prompts: a message list per row (every 8th text as the user turn, the next as a system turn)
+    prompts = [[{"role": "user", "content": texts[i]}, {"role": "system", "content": texts[-i - 1]}]
+               if i % 8 == 0 else None for i in range(len(texts))]
+    frame = pl.LazyFrame({"t": texts, "p": prompts}, schema={"t": pl.String, "p": pl.List(MESSAGE)})
+    fast = text.normalize_columns(frame, ["t"], prompt="p").collect()
+    plain = text.normalize_columns(frame, ["t"], prompt="p", gated=False).collect()
+    assert len(texts) > 12_000
+    assert fast["t"].eq_missing(plain["t"]).all()
+    assert fast["p"].eq_missing(plain["p"]).all()
+    assert fast["t"].ne_missing(frame.collect()["t"]).sum() > 5_000  # the corpus does exercise the rules
 
 
 # ---- the rules --------------------------------------------------------------------------------------------------
@@ -202,6 +277,69 @@ def test_threshold_that_drops_nothing_gives_byte_identical_pairs(tmp_path, se_pa
     assert a.manifest["rows_out"] + 1 == c.manifest["rows_out"]
 
 
+def test_a_threshold_change_reruns_clean_alone_with_the_bytes_of_a_fresh_run(tmp_path, se_paired):
+    df, _ = planted(se_paired)
+    first = tmp_path / "first"
+    dl = commit_download(ArtifactStore(first), df)
+    a = run_clean(first, dl)
+    b = run_clean(first, dl, min_margin=0.0, chosen=FieldLimits(max_chars=3000))
+    assert a.normalised.status == "ran" and b.normalised.status == "cached"     # the texts are not redone
+    assert b.normalised.key == a.normalised.key and b.status == "ran" and b.key != a.key
+    assert b.manifest["rows_rejected"] > a.manifest["rows_rejected"]
+    fresh = tmp_path / "fresh"
+    c = run_clean(fresh, commit_download(ArtifactStore(fresh), df), min_margin=0.0,
+                  chosen=FieldLimits(max_chars=3000))
+    assert c.normalised.status == c.status == "ran" and c.key == b.key
+    for f in ("pairs.parquet", "rejects.parquet", "report.json"):
+        assert (Path(b.path) / f).read_bytes() == (Path(c.path) / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_near_identical_at_any_threshold_matches_a_direct_computation(tmp_path, se_paired, threshold):
+    """The normalise stage measures similarity only for length ratios >= SIM_FLOOR; a threshold below that makes
+    clean compute the rest: either way the rejected pairs are those of the rule computed on every pair."""
+    df, _ = planted(se_paired)
+    # pairs whose rejected answer is the first 65% of the chosen one: length ratio ~0.65, below SIM_FLOOR
+    r, chosen = pl.int_range(pl.len()), pl.col("chosen")
+    df = df.with_columns(rejected=pl.when((r >= 20) & (r < 40))
+                         .then(chosen.str.slice(0, (chosen.str.len_chars() * 0.65).cast(pl.Int64)))
+                         .otherwise(pl.col("rejected")))
+    dl = commit_download(ArtifactStore(tmp_path), df)
+    res = run_clean(tmp_path, dl, near_identical=threshold, dedupe=False)
+    pairs = pl.scan_parquet(sorted((Path(res.normalised.path) / "pairs").glob("*.parquet")))
+    n_c, n_r = pl.col("chosen").str.len_chars(), pl.col("rejected").str.len_chars()
+    ratio = pl.min_horizontal(n_c, n_r) / pl.max_horizontal(n_c, n_r).clip(1)
+    same = text.canonical_text(pl.col("chosen")) == text.canonical_text(pl.col("rejected"))
+    earlier = (n_c == 0) | (n_r == 0) | (pl.col("prompt").list.eval(pl.element().struct.field("content")).list
+                                          .join("").str.len_chars() == 0) | ((ratio >= 0.8) & same)
+    expect = pairs.filter(~earlier & (ratio >= threshold)
+                          & (text.jaccard(pl.col("chosen"), pl.col("rejected")) >= threshold)).collect()["pair_id"]
+    rejects = pl.read_parquet(Path(res.path) / "rejects.parquet")
+    got = rejects.filter(pl.col("reason") == "near_identical")["pair_id"]
+    assert sorted(got) == sorted(expect) and len(expect) >= (1 if threshold > 0.8 else 15)
+
+
+def test_status_says_which_part_would_rerun_and_why(tmp_path, se_paired):
+    from worldpm.status import pipeline_status
+
+    def rows(*overrides: str) -> dict[str, dict]:
+        cfg = load_config(None, [f"artifacts_dir={tmp_path}", *overrides], [str(se_paired)])
+        return {r["stage"]: r for r in pipeline_status(pipeline, cfg)}
+
+    cfg = load_config(None, [f"artifacts_dir={tmp_path}"], [str(se_paired)])
+    store = ArtifactStore(tmp_path)
+    dl = pipeline.execute("download", cfg, {}, store)
+    norm = pipeline.execute("normalise", cfg, {"download": dl.ref}, store)
+    pipeline.execute("clean", cfg, {"normalise": norm.ref}, store)
+    st = rows("clean.min_margin=1")
+    assert st["download"]["status"] == st["normalise"]["status"] == "cached"
+    assert st["clean"]["status"] == "would run" and "clean.min_margin: None -> 1" in st["clean"]["why"]
+    st = rows("clean.normalize_markup=false")
+    assert st["normalise"]["status"] == "would run"
+    assert "clean.normalize_markup: True -> False" in st["normalise"]["why"]
+    assert st["clean"]["status"] == "would run" and "after normalise" in st["clean"]["why"]
+
+
 def test_normalize_markup_off_keeps_the_markup(tmp_path, se_paired):
     df = se_canonical(se_paired).head(50).with_columns(chosen=pl.lit("<p>a &amp; b</p>\r\n") + pl.col("chosen"))
     store = ArtifactStore(tmp_path)
@@ -216,11 +354,13 @@ def test_through_the_download_stage(tmp_path, se_paired):
     cfg = load_config(None, [f"artifacts_dir={tmp_path}", "clean.chosen.max_chars=1500"], [str(se_paired)])
     store = ArtifactStore(tmp_path)
     dl = pipeline.execute("download", cfg, {}, store)
-    res = pipeline.execute("clean", cfg, {"download": dl.ref}, store)
+    norm = pipeline.execute("normalise", cfg, {"download": dl.ref}, store)
+    res = pipeline.execute("clean", cfg, {"normalise": norm.ref}, store)
     report = json.loads((Path(res.path) / "report.json").read_text())
-    assert report["rows_in"] == dl.manifest["rows_out"] == report["rows_out"] + report["rows_rejected"]
+    assert report["rows_in"] == dl.manifest["rows_out"] == norm.manifest["rows_out"] \
+        == report["rows_out"] + report["rows_rejected"]
     assert report["rejected_by_rule"].get("chosen.max_chars", 0) > 0
-    again = pipeline.execute("clean", cfg, {"download": dl.ref}, store)
+    again = pipeline.execute("clean", cfg, {"normalise": norm.ref}, store)
     assert again.status == "cached"
 
 
@@ -233,27 +373,27 @@ from worldpm.config import PipelineConfig
 from worldpm.store import ArtifactStore
 store = ArtifactStore(sys.argv[1])
 dl = store.get("download", "test-download")
-pipeline.execute("clean", PipelineConfig(artifacts_dir=sys.argv[1]), {"download": dl}, store)
-print("clean done", flush=True)
+pipeline.execute("normalise", PipelineConfig(artifacts_dir=sys.argv[1]), {"download": dl}, store)
+print("normalise done", flush=True)
 """
 
 
 @pytest.mark.slow
-def test_killed_in_the_middle_of_clean_leaves_no_artifact(tmp_path, se_paired):
+def test_killed_in_the_middle_of_normalise_leaves_no_artifact(tmp_path, se_paired):
     root = tmp_path / "store"
     store = ArtifactStore(root)
     dl = commit_download(store, se_canonical(se_paired, copies=30))  # ~90 MB of text: seconds of work
     cfg = PipelineConfig(artifacts_dir=str(root))
-    key, _ = pipeline.resolve("clean", cfg, {"download": dl})
+    key, _ = pipeline.resolve("normalise", cfg, {"download": dl})
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(root)], stdout=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     try:
         deadline = time.monotonic() + 120
-        while not list((root / "clean").glob(f".tmp-{key}-*")):  # clean is writing into its temporary folder
-            assert proc.poll() is None and time.monotonic() < deadline, "clean ended before it could be killed"
+        while not list((root / "normalise").glob(f".tmp-{key}-*")):  # writing into its temporary folder
+            assert proc.poll() is None and time.monotonic() < deadline, "normalise ended before it could be killed"
             time.sleep(0.01)
-        time.sleep(0.5)  # well inside the first pass
-        assert proc.poll() is None, "clean finished before it could be killed"
+        time.sleep(0.5)  # well inside the normalisation
+        assert proc.poll() is None, "normalise finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -261,9 +401,9 @@ def test_killed_in_the_middle_of_clean_leaves_no_artifact(tmp_path, se_paired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert store.get("clean", key) is None and not (root / "clean" / key).exists()
-    assert list((root / "clean").glob(f".tmp-{key}-*"))  # the unfinished output is there, and never trusted
-    res = pipeline.execute("clean", cfg, {"download": dl}, store)
-    assert res.status == "ran" and store.get("clean", key) is not None
-    assert res.manifest["rows_in"] == 30 * 1396 == res.manifest["rows_out"] + res.manifest["rows_rejected"]
-    assert not list((root / "clean").glob(".tmp-*"))  # the unfinished folder was removed
+    assert store.get("normalise", key) is None and not (root / "normalise" / key).exists()
+    assert list((root / "normalise").glob(f".tmp-{key}-*"))  # the unfinished output is there, and never trusted
+    res = pipeline.execute("normalise", cfg, {"download": dl}, store)
+    assert res.status == "ran" and store.get("normalise", key) is not None
+    assert res.manifest["rows_in"] == 30 * 1396 == res.manifest["rows_out"]
+    assert not list((root / "normalise").glob(".tmp-*"))  # the unfinished folder was removed

@@ -250,10 +250,11 @@ def test_served_deployments_run_cache_and_rerun_clean(prefect_api_url, se_paired
         assert _artifact_dirs(artifacts) == after_first
         assert any("nothing changed" in m for m in _logs(second, "nothing changed"))
 
-        # 3. worldpm/clean with a filter change as a run parameter: download cached, clean rerun, nothing after
+        # 3. worldpm/clean with a filter change as a run parameter: download and the normalised texts cached,
+        # clean rerun, nothing after
         third = _deployment_run("worldpm/clean", 'overrides=["clean.min_margin=2"]', cwd=tmp_path)
         states = _task_states(third)
-        assert states == {"download": "Cached", "clean": "Completed"}, states
+        assert states == {"download": "Cached", "normalise": "Cached", "clean": "Completed"}, states
         new = _artifact_dirs(artifacts) - after_first
         assert [a.split("/")[0] for a in new] == ["clean"], new
         report = json.loads((artifacts / next(iter(new)) / "report.json").read_text())

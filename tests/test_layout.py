@@ -69,7 +69,7 @@ def test_worldpm_imports_neither_tasks_nor_flows_and_tasks_not_flows():
 def test_stages_never_import_each_other():
     g = _graph()
     stages = [m for m in g if m.startswith("tasks.")]
-    assert len(stages) == 8
+    assert len(stages) == 9
     bad = [(a, b) for a in stages for b in g[a] if b.startswith("tasks")]
     assert not bad, f"a stage imports another stage (or the registry): {bad}"
 
@@ -103,11 +103,14 @@ def test_no_import_circles():
 def test_the_registry_is_the_dag():
     from tasks import PIPELINE
 
-    assert PIPELINE.names == ("download", "clean", "shard", "tokenize", "ref_logps", "train", "evaluate", "plot")
+    assert PIPELINE.names == ("download", "normalise", "clean", "shard", "tokenize", "ref_logps", "train", "evaluate",
+                              "plot")
+    assert PIPELINE["clean"].upstream == ("normalise",) and PIPELINE["normalise"].upstream == ("download",)
     assert PIPELINE["plot"].upstream == ("clean", "train", "evaluate")
-    assert PIPELINE.ancestors("train") == ["download", "clean", "shard", "tokenize", "ref_logps"]
-    assert PIPELINE.select(until="shard") == ([], ["download", "clean", "shard"])
-    assert PIPELINE.select(only="train") == (["download", "clean", "shard", "tokenize", "ref_logps"], ["train"])
+    assert PIPELINE.ancestors("train") == ["download", "normalise", "clean", "shard", "tokenize", "ref_logps"]
+    assert PIPELINE.select(until="clean") == ([], ["download", "normalise", "clean"])
+    assert PIPELINE.select(only="train") == (["download", "normalise", "clean", "shard", "tokenize", "ref_logps"],
+                                             ["train"])
 
 
 def test_builtin_defaults_are_pipeline_yaml():
@@ -138,10 +141,10 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
         return json.loads(out.strip().splitlines()[-1])
 
     base = versions()
-    with open(tmp_path / "worldpm" / "data" / "schema.py", "a") as f:  # clean reads it through the adapters
+    with open(tmp_path / "worldpm" / "data" / "schema.py", "a") as f:  # the column list of the data stages
         f.write("\n# edited\n")
     after_schema = versions()
-    assert {s for s in base if base[s] != after_schema[s]} == {"download", "clean", "evaluate"}
+    assert {s for s in base if base[s] != after_schema[s]} == {"download", "normalise", "clean", "evaluate"}
     with open(tmp_path / "worldpm" / "data" / "render.py", "a") as f:  # tokenize's layout, evaluate's too
         f.write("\n# edited\n")
     after_render = versions()

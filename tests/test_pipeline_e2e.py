@@ -28,8 +28,8 @@ def se_config(tmp_path, se_paired) -> Path:
 def test_until_shard_then_cache_then_clean_tweak(worldpm_cli, se_config, tmp_path):
     first = worldpm_cli("run", "--config", str(se_config), "--until", "shard", "--json")
     st = statuses(first)
-    assert st["download"] == st["clean"] == st["shard"] == "ran"
-    assert all(v == "skipped" for k, v in st.items() if k not in ("download", "clean", "shard"))
+    assert st["download"] == st["normalise"] == st["clean"] == st["shard"] == "ran"
+    assert all(v == "skipped" for k, v in st.items() if k not in ("download", "normalise", "clean", "shard"))
     shard = next(r for r in json.loads(first.stdout) if r["stage"] == "shard")
     splits = json.loads((Path(shard["path"]) / "splits.json").read_text())
     assert sum(s["rows"] for s in splits.values()) > 1000
@@ -38,20 +38,20 @@ def test_until_shard_then_cache_then_clean_tweak(worldpm_cli, se_config, tmp_pat
     # second run: no stage work, and it says so (in the CLI and as Prefect Cached states)
     again = worldpm_cli("run", "--config", str(se_config), "--until", "shard")
     assert "nothing changed" in again.stdout
-    assert again.stdout.count(" cached ") == 3
+    assert again.stdout.count(" cached ") == 4
     assert "Cached" in again.stderr  # Prefect's task-run state names
 
-    # a clean threshold that drops nothing here (these pairs carry no margin): clean reruns, its output is
-    # byte-identical, so shard is a cache hit (early cutoff); download is never redone
+    # a clean threshold that drops nothing here (these pairs carry no margin): clean reruns (the normalised
+    # texts are a cache hit), its output is byte-identical, so shard is a cache hit (early cutoff)
     tweak = worldpm_cli("run", "--config", str(se_config), "--until", "shard", "--set", "clean.min_margin=1", "--json")
     st = statuses(tweak)
-    assert (st["download"], st["clean"], st["shard"]) == ("cached", "ran", "cached")
+    assert (st["download"], st["normalise"], st["clean"], st["shard"]) == ("cached", "cached", "ran", "cached")
 
     # a threshold that drops pairs: clean and shard rerun, download still cached
     drop = worldpm_cli("run", "--config", str(se_config), "--until", "shard",
                        "--set", "clean.chosen.max_chars=1500", "--json")
     st = statuses(drop)
-    assert (st["download"], st["clean"], st["shard"]) == ("cached", "ran", "ran")
+    assert (st["download"], st["normalise"], st["clean"], st["shard"]) == ("cached", "cached", "ran", "ran")
     clean = next(r for r in json.loads(drop.stdout) if r["stage"] == "clean")
     report = json.loads((Path(clean["path"]) / "report.json").read_text())
     rejects = pl.read_parquet(Path(clean["path"]) / "rejects.parquet")
@@ -61,7 +61,7 @@ def test_until_shard_then_cache_then_clean_tweak(worldpm_cli, se_config, tmp_pat
     # status: with the tweak, the stages are cached; with a new setting, clean would run and says why
     status = worldpm_cli("status", "--config", str(se_config), "--set", "clean.chosen.max_chars=1500", "--json")
     st = {r["stage"]: r for r in json.loads(status.stdout)}
-    assert st["clean"]["status"] == "cached" and st["shard"]["status"] == "cached"
+    assert st["normalise"]["status"] == st["clean"]["status"] == st["shard"]["status"] == "cached"
     status = worldpm_cli("status", "--config", str(se_config), "--set", "clean.chosen.max_chars=900")
     line = next(ln for ln in status.stdout.splitlines() if ln.startswith("clean"))
     assert "would run" in line and "chosen.max_chars: 1500 -> 900" in line
@@ -73,7 +73,7 @@ def test_until_shard_then_cache_then_clean_tweak(worldpm_cli, se_config, tmp_pat
     assert shown["rows_in"] == report["rows_in"] and shown["upstream"]["download"]["digest"]
     worldpm_cli("artifacts", "gc", "--config", str(se_config), "--set", "clean.chosen.max_chars=1500")
     listing = json.loads(worldpm_cli("artifacts", "list", "--config", str(se_config), "--json").stdout)
-    assert sorted(r["stage"] for r in listing) == ["clean", "download", "shard"]
+    assert sorted(r["stage"] for r in listing) == ["clean", "download", "normalise", "shard"]
     assert next(r for r in listing if r["stage"] == "clean")["key"] == clean["key"]
 
 

@@ -14,6 +14,8 @@ and their edges: the DAG, written once):
     INPUT_FILES: {upstream: (glob, ...)}        read only these files of an upstream artifact (their digest is
                                                 what the key sees): early cutoff on what the stage really reads
     NOT_IN_KEY: (top-level stage_config keys)   change how a stage runs (a timeout), never what it writes
+    CONFIG_SECTION: str                         the pipeline.yaml section its stage_config keys live in, when
+                                                not the stage's name (normalise: "clean"), for `worldpm status`
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
 

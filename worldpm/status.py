@@ -47,8 +47,9 @@ def explain(stage: Stage, cfg: PipelineConfig, scfg: dict, inputs: dict[str, Art
         reasons.append("stage code changed")
     old, new = _flatten(last.get("config", {})), _flatten(scfg)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    section = getattr(stage.module, "CONFIG_SECTION", stage.name)  # the key as pipeline.yaml spells it
     for k in changed[:5]:
-        reasons.append(f"{stage.name}.{k}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
+        reasons.append(f"{section}.{k}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
     if len(changed) > 5:
         reasons.append(f"and {len(changed) - 5} more setting(s)")
     for u, ref in inputs.items():

@@ -1,15 +1,21 @@
 """Text normalisation as polars expressions: HTML/Markdown residue -> plain text, code blocks kept.
 
-`normalize_columns(lf, columns, prompt=...)` adds the steps to a lazy frame (successive with_columns, so each
-step reads its input once); it runs in the streaming engine, with no Python per row. In this order:
+Public (the one text path: the normalise stage writes what these return, and evaluation texts go through them too):
+    normalize_pairs(lf, markup=True)   the canonical pair table: prompt message contents, chosen, rejected
+    normalize_columns(lf, columns, prompt=None)   the given String columns and the message-list column `prompt`
+    normalize_series(s)                 one String Series
+    light_text(expr)                    what `clean.normalize_markup: false` does instead: line endings, control
+                                        characters, strip
+
+The rules, in this order:
 
 1. line endings -> "\\n"; C0 control characters (other than tab and newline) and DEL removed.
 2. `<pre>[<code>]...[</code>]</pre>` -> a fenced code block (```), its content and line breaks untouched.
 3. fenced code blocks (``` ... ```, an unclosed fence runs to the end) are *code*; the rest is *prose*.
 4. prose only: HTML comments removed; inline `<code>x</code>` -> `x`; block tags (br, p, div, li, h1-h6,
-   blockquote, table rows and cells, hr ...) -> a line break; other known HTML tags (a, b, i, em, strong, span,
-   img, ...) removed, their text kept. Only known tag names are touched, so `vector<int>`, `x <= y`, `a<b>c`
-   in a sentence survive.
+   blockquote, table rows and cells, hr ...) -> a line break; `<img ... alt="text" ...>` -> its alt text; other
+   known HTML tags (a, b, i, em, strong, span, img without alt, ...) removed, their text kept. Only known tag names
+   are touched, so `vector<int>`, `x <= y`, `a<b>c` in a sentence survive.
 5. everywhere (code too, as HTML code blocks are escaped): HTML entities decoded once: the HTML5 named entities
    (&amp; &lt; &gt; &quot; &apos; &nbsp; &eacute; ...) and numeric ones (&#39; &#x27; &#233; &#x4F60; ...);
    invalid ones (control characters, surrogates, beyond U+10FFFF) are left as written. NBSP -> space.
@@ -20,10 +26,16 @@ step reads its input once); it runs in the streaming engine, with no Python per 
 7. leading and trailing whitespace stripped.
 
 Nothing else is removed: punctuation, symbols (C++, x <= y, ¿Qué?), CJK text (你好，世界。), emoji and accents
-survive. Code segments are found by splitting on ``` after marking each opening fence with NUL (removed from
-the input in step 1, so it cannot collide), then only the prose segments are rewritten. Each multi-segment
-step runs only on the rows that need it (rows with a fence, rows with an '&'); the others take a plain
-regex path, so a corpus without markup pays only for the regex scans.
+survive. Rule changes are listed in docs/normalisation.md (an <img>'s alt text was dropped before 2026-11).
+
+How it runs: successive `with_columns` steps (each reads the previous one's column once), in the streaming
+engine, no Python per row. Code segments are found by splitting on ``` after marking each opening fence with NUL
+(removed from the input in step 1, so it cannot collide); only the rows with a fence are split, and only their
+prose segments are rewritten. Every other rule runs only on the rows that can match it: before each regex, a
+literal test per row (memchr-fast: `"](http"` for links, `"**"` for bold, `"  "` or a tab for inner runs, a
+byte class of at most three bytes for control characters ...) that is a necessary condition for the regex to
+match the text *as it is at that step*, so skipping a row changes nothing. `gated=False` runs every rule on every
+row: the plain definition, which a test compares the gated path against on real data, byte for byte.
 """
 from __future__ import annotations
 
@@ -50,10 +62,16 @@ _RE_COMMENT = r"(?s)<!--.*?-->"
 _RE_INLINE_CODE = r"(?is)<code\b[^<>]*>(.*?)</code\s*>"
 _RE_SETEXT = r"(?m)^[ \t]{0,3}(?:={3,}|-{3,})[ \t]*$\n?"
 # a tag is a known name with name=value attributes only, so "a<b and c>d" in a sentence is no tag
-_ATTRS = r"""(?:\s+[A-Za-z_:][\w:.-]*\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'<>=`]+))*\s*/?>"""
+_ATTR = r"""[A-Za-z_:][\w:.-]*\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'<>=`]+)"""
+_ATTRS = r"(?:\s+" + _ATTR + r")*\s*/?>"
 _RE_LI = r"(?i)<li" + _ATTRS
 _RE_BLOCK = r"(?i)<br\s*/?>|<(?:" + "|".join(BLOCK_TAGS) + r")" + _ATTRS + r"|</(?:" + "|".join(BLOCK_TAGS) + r")\s*>"
-_RE_INLINE = r"(?i)<(?:" + "|".join(INLINE_TAGS) + r")" + _ATTRS + r"|</(?:li|" + "|".join(INLINE_TAGS) + r")\s*>"
+# an <img> with an alt attribute (its first one, as HTML reads it) -> the alt text; the value is taken as written
+# (quoted or not) and its entities are decoded with the rest of the text in step 5
+_RE_IMG_ALT = (r"<img(?:\s+" + _ATTR + r""")*?\s+alt\s*=\s*(?:"([^"<>]*)"|'([^'<>]*)'|([^\s"'<>=`]+))"""
+               + _ATTRS)
+_RE_INLINE = (r"(?i)" + _RE_IMG_ALT + r"|<(?:" + "|".join(INLINE_TAGS) + r")" + _ATTRS
+              + r"|</(?:li|" + "|".join(INLINE_TAGS) + r")\s*>")
 _RE_ENTITY = r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
 _RE_IMAGE = r"!\[([^\]\n]*)\]\([^)\s]*(?:\s+\"[^\"\n]*\")?\)"
 _RE_LINK = r"\[([^\[\]\n]+)\]\((https?://[^)\s]+)(?:\s+\"[^\"\n]*\")?\)"
@@ -63,7 +81,7 @@ _RE_BLANKS = r"\n{3,}"
 _RE_INNER = r"(\S)(?:[ \t]{2,}|\t)"
 
 NAMED_ENTITIES: dict[str, str] = {f"&{k}": v for k, v in html.entities.html5.items() if k.endswith(";")}
-_HEX = {i: f"{i:02x}" for i in range(256)}
+_HEX_DIGITS = "0123456789abcdef"
 
 
 def _split_map(text: pl.Expr, sep: str, prose) -> pl.Expr:
@@ -87,26 +105,19 @@ def _strip_tags(e: pl.Expr) -> pl.Expr:
         .str.replace_all(_RE_INLINE_CODE, "`$1`")
         .str.replace_all(_RE_LI, "\n- ")
         .str.replace_all(_RE_BLOCK, "\n")
-        .str.replace_all(_RE_INLINE, "")
+        .str.replace_all(_RE_INLINE, "$1$2$3")  # the alt text of an <img>, nothing for any other tag
     )
 
 
 def _prose_text(e: pl.Expr) -> pl.Expr:
-    return (
-        e.str.replace_all(_RE_SETEXT, "")
-        .str.replace_all(_RE_IMAGE, "$1")
-        .str.replace_all(_RE_LINK, "$1 ($2)")
-        .str.replace_all(_RE_BOLD, "$1$2")
-        .str.replace_all(_RE_TRAILING, "\n")
-        .str.replace_all(_RE_BLANKS, "\n\n")
-        .str.replace_all(_RE_INNER, "$1 ")
-    )
+    """Step 6, every rule in order (setext, images, links, bold, trailing spaces, blank lines, inner spaces)."""
+    return _PROSE_SPACES[1](_PROSE_MARKDOWN[1](e))
 
 
 def _utf8_hex(cp: pl.Expr) -> pl.Expr:
     """A code point (UInt32) -> its UTF-8 bytes as a hex string (for str.decode('hex'))."""
-    def byte(x: pl.Expr) -> pl.Expr:
-        return x.replace_strict(_HEX, default=None, return_dtype=pl.String)
+    def byte(x: pl.Expr) -> pl.Expr:  # two hex digits, sliced out of a literal (a dict lookup costs ms a call)
+        return pl.concat_str([pl.lit(_HEX_DIGITS).str.slice(x // 16, 1), pl.lit(_HEX_DIGITS).str.slice(x % 16, 1)])
 
     cont = lambda shift: byte(((cp // (1 << shift)) % 64) + 0x80)  # noqa: E731 (10xxxxxx continuation byte)
     one = byte(cp)
@@ -134,55 +145,177 @@ def _decode_entity(el: pl.Expr) -> pl.Expr:
     return pl.when(is_num).then(pl.coalesce(numeric, el)).otherwise(named)
 
 
+def _decode_split(text: pl.Expr) -> pl.Expr:
+    """Every entity bracketed, the text split at the brackets, each piece decoded (_decode_entity), joined."""
+    bracketed = text.str.replace_all(_RE_ENTITY, f"{_ENT}&$1;{_ENT}")
+    return bracketed.str.split(_ENT).list.eval(_decode_entity(pl.element())).list.join("")
+
+
 def decode_entities(text: pl.Expr) -> pl.Expr:
     """Every HTML entity decoded exactly once (`&amp;lt;` -> `&lt;`, not `<`); rows without '&' untouched."""
     has = text.str.contains("&", literal=True)
-    work = pl.when(has).then(text).otherwise(pl.lit(""))
-    bracketed = work.str.replace_all(_RE_ENTITY, f"{_ENT}&$1;{_ENT}")
-    decoded = bracketed.str.split(_ENT).list.eval(_decode_entity(pl.element())).list.join("")
-    return pl.when(has).then(decoded).otherwise(text)
+    return pl.when(has).then(_decode_split(pl.when(has).then(text).otherwise(pl.lit("")))).otherwise(text)
+
+
+def _decode_entities_gated(col: pl.Expr, has_amp: pl.Expr) -> pl.Expr:
+    """decode_entities, faster: a row whose entities are all named (no `&#`) gets one Aho-Corasick pass over the
+    HTML5 names (every name ends with ';' and is alphanumeric, so a match is exactly a token of _RE_ENTITY, and a
+    single left-to-right pass decodes once); only the rows with a numeric entity take the split path."""
+    numeric = has_amp & col.str.contains("&#", literal=True)
+    named = has_amp & ~numeric
+    return (pl.when(numeric).then(_decode_split(_mask(col, numeric)))
+            .when(named).then(_mask(col, named).str.replace_many(NAMED_ENTITIES, leftmost=True))
+            .otherwise(col))
 
 
 _MSG = "\x03"        # separates the messages of a prompt while it is normalised as one string
 _ROLE = "\x02"       # separates a message's role from its content
 _FLAGS = ("__fence", "__tag", "__amp")
 
+# step 1's bytes (CR, C0 controls but tab and newline, DEL), in classes of three: the regex engine finds a class of
+# up to three bytes with memchr3 (~10 GB/s), a larger class with its DFA (~0.3 GB/s, the cost of a whole pass)
+_STEP1_BYTES = [*range(0x00, 0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0x7F]
+_STEP1_GATES = ["[" + "".join(f"\\x{b:02x}" for b in _STEP1_BYTES[i:i + 3]) + "]"
+                for i in range(0, len(_STEP1_BYTES), 3)]
 
-def _steps(c: str, *, prompt: bool) -> list[list[pl.Expr]]:
+
+def _has_step1_bytes(e: pl.Expr) -> pl.Expr:
+    """Whether step 1 (line endings, control characters) can change the text."""
+    out = e.str.contains(_STEP1_GATES[0])
+    for g in _STEP1_GATES[1:]:
+        out = out | e.str.contains(g)
+    return out
+
+
+def _line_endings_controls(e: pl.Expr) -> pl.Expr:
+    return e.str.replace_all(_RE_CRLF, "\n").str.replace_all(_RE_CONTROL, "")
+
+
+def _only_where(e: pl.Expr, gate: pl.Expr, rule) -> pl.Expr:
+    """rule(e) on the rows where `gate` holds, e elsewhere. polars evaluates both branches of a when/then on
+    every row, so the rule reads "" on the other rows (a null mask would not do: string kernels still walk the
+    values under a null; list kernels do skip them: the fence splits take a null mask). `gate` must be a necessary
+    condition for the rule to change the text (so the result
+    equals rule(e) on every row)."""
+    return pl.when(gate).then(rule(_mask(e, gate))).otherwise(e)
+
+
+def _mask(e: pl.Expr, gate: pl.Expr) -> pl.Expr:
+    return pl.when(gate).then(e).otherwise(pl.lit(""))
+
+
+def _rule(pattern: str, replacement: str):
+    return lambda e: e.str.replace_all(pattern, replacement)
+
+
+def _any_literal(*needles: str):
+    """A gate: whether the text contains any of these literals (one memchr-fast scan each)."""
+    def gate(e: pl.Expr) -> pl.Expr:
+        out = e.str.contains(needles[0], literal=True)
+        for n in needles[1:]:
+            out = out | e.str.contains(n, literal=True)
+        return out
+    return gate
+
+
+def _chain(*rules):
+    def apply(e: pl.Expr) -> pl.Expr:
+        for r in rules:
+            e = r(e)
+        return e
+    return apply
+
+
+# step 6 in two groups, each run as one chain on the rows that contain one of its literals (every match of every
+# rule of the group contains one of them, so where none occurs the whole chain leaves the text as it is): the
+# common Markdown (setext underlines, images, links, bold), then the whitespace rules
+_PROSE_MARKDOWN = (_any_literal("---", "===", "![", "](http", "**"),
+                   _chain(_rule(_RE_SETEXT, ""), _rule(_RE_IMAGE, "$1"), _rule(_RE_LINK, "$1 ($2)"),
+                          _rule(_RE_BOLD, "$1$2")))
+_PROSE_SPACES = (_any_literal(" \n", "\t\n", "\n\n\n", "  ", "\t"),
+                 _chain(_rule(_RE_TRAILING, "\n"), _rule(_RE_BLANKS, "\n\n"), _rule(_RE_INNER, "$1 ")))
+
+
+def _nbsp(e: pl.Expr) -> pl.Expr:
+    return e.str.replace_all("\u00a0", " ", literal=True)
+
+
+def _steps(c: str, *, prompt: bool, gated: bool = True) -> list[list[pl.Expr]]:
     """The normalisation of column `c` as successive with_columns steps (each reads the previous one's column
-    once: a nested single expression would repeat its input in every when/then and grow exponentially)."""
+    once: a nested single expression would repeat its input in every when/then and grow exponentially).
+
+    gated=False: every rule on every row (the definition); gated=True: the same result, each group of rules only
+    on the rows its gate selects (see the module doc), in few steps (a step costs a pass over the column, and the
+    streaming engine pays per step per morsel: NDJSON scans hand it morsels of a few hundred rows)."""
     col = pl.col(c)
     f_fence, f_tag, f_amp = (pl.col(f"{f}_{c}") for f in _FLAGS)
-    first = col if prompt else col.str.replace_all(_RE_CRLF, "\n").str.replace_all(_RE_CONTROL, "")
-    first = first.str.replace_all(_RE_PRE, "\n```\n$1\n```\n").str.replace_all(_RE_FENCE, f"```{_MARK}$1```$2")
+    flags = [col.str.contains(_MARK, literal=True).alias(f"__fence_{c}"),
+             col.str.contains("<", literal=True).alias(f"__tag_{c}"),
+             col.str.contains("&", literal=True).alias(f"__amp_{c}")]
+    # steps 1 and 2 (a prompt's messages had step 1 when they were joined: normalize_columns)
+    first = [_rule(_RE_PRE, "\n```\n$1\n```\n"), _rule(_RE_FENCE, f"```{_MARK}$1```$2")]
+    if not prompt:
+        first.insert(0, _line_endings_controls)
+    if not gated:
+        return [
+            [_chain(*first)(col).alias(c)],
+            flags,
+            [pl.when(f_tag).then(_prose_only(pl.when(f_tag).then(col).otherwise(pl.lit("")), f_fence, _strip_tags))
+             .otherwise(col).alias(c)],
+            [_nbsp(pl.when(f_amp).then(decode_entities(pl.when(f_amp).then(col).otherwise(pl.lit(""))))
+                   .otherwise(col)).alias(c)],
+            [_prose_only(col, f_fence, _prose_text).str.replace_all(_MARK, "", literal=True)
+             .str.strip_chars().alias(c)],
+        ]
+    # a row whose text has none of CR, a control character, "<" (a <pre>) or ``` is left as it is by steps 1-2
+    gate1 = col.str.contains("<", literal=True) | col.str.contains(_FENCE, literal=True)
+    if not prompt:
+        gate1 = gate1 | _has_step1_bytes(col)
+    tag_fenced, tag_plain = f_tag & f_fence, f_tag & ~f_fence
+    ent = f_amp | col.str.contains("\u00a0", literal=True)
+    md_gate, md_rules = _PROSE_MARKDOWN
+    sp_gate, sp_rules = _PROSE_SPACES
+    markdown, spaces = ~f_fence & md_gate(col), ~f_fence & sp_gate(col)
     return [
-        [first.alias(c)],
-        [col.str.contains(_MARK, literal=True).alias(f"__fence_{c}"),
-         col.str.contains("<", literal=True).alias(f"__tag_{c}"),
-         col.str.contains("&", literal=True).alias(f"__amp_{c}")],
-        [pl.when(f_tag).then(_prose_only(pl.when(f_tag).then(col).otherwise(pl.lit("")), f_fence, _strip_tags))
+        [_only_where(col, gate1, _chain(*first)).alias(c)],
+        flags,
+        # step 4 (tags): the rows with a fence split into code and prose, the other tagged rows in one go
+        [pl.when(tag_fenced).then(_split_map(pl.when(tag_fenced).then(col), _FENCE, _strip_tags))
+         .when(tag_plain).then(_strip_tags(_mask(col, tag_plain)))
          .otherwise(col).alias(c)],
-        [pl.when(f_amp).then(decode_entities(pl.when(f_amp).then(col).otherwise(pl.lit(""))))
-         .otherwise(col).str.replace_all("\u00a0", " ", literal=True).alias(c)],
-        [_prose_only(col, f_fence, _prose_text).str.replace_all(_MARK, "", literal=True).str.strip_chars().alias(c)],
+        # step 5 (entities, NBSP): the rows with a '&' or an NBSP
+        [pl.when(ent).then(_nbsp(_decode_entities_gated(_mask(col, ent), f_amp))).otherwise(col).alias(c)],
+        # step 6: the rows with a code fence split, every rule on their prose segments (then the fence marks go);
+        # the others in the two groups
+        [pl.when(f_fence).then(_split_map(pl.when(f_fence).then(col), _FENCE, _prose_text)
+                               .str.replace_all(_MARK, "", literal=True))
+         .when(markdown).then(md_rules(_mask(col, markdown)))
+         .otherwise(col).alias(c)],
+        [pl.when(spaces).then(sp_rules(_mask(col, spaces))).otherwise(col).str.strip_chars().alias(c)],
     ]
 
 
-def normalize_columns(lf: pl.LazyFrame, columns: list[str], prompt: str | None = None) -> pl.LazyFrame:
+def normalize_columns(lf: pl.LazyFrame, columns: list[str], prompt: str | None = None, *,
+                      gated: bool = True) -> pl.LazyFrame:
     """HTML/Markdown residue -> plain text in the String `columns` and in the contents of the message-list
-    column `prompt` (roles untouched); code blocks, punctuation and CJK kept (see the module doc)."""
+    column `prompt` (roles untouched); code blocks, punctuation and CJK kept (see the module doc).
+
+    `gated=False` applies every rule to every row: the same output, slower (the reference for tests)."""
     cols = list(columns)
     if prompt is not None:
         el = pl.element()
-        enc = pl.col(prompt).list.eval(pl.concat_str([
-            el.struct.field("role").fill_null(""), pl.lit(_ROLE),
-            el.struct.field("content").fill_null("").str.replace_all(_RE_CRLF, "\n").str.replace_all(_RE_CONTROL, ""),
-        ])).list.join(_MSG)
+        content = el.struct.field("content").fill_null("")
+        content = (_only_where(content, _has_step1_bytes(content), _line_endings_controls) if gated
+                   else _line_endings_controls(content))
+        enc = pl.col(prompt).list.eval(pl.concat_str([el.struct.field("role").fill_null(""), pl.lit(_ROLE),
+                                                      content])).list.join(_MSG)
         lf = lf.with_columns(enc.alias("__prompt"))
     todo = [(c, False) for c in cols] + ([("__prompt", True)] if prompt is not None else [])
-    per_col = [_steps(c, prompt=p) for c, p in todo]
-    for k in range(len(per_col[0])):
-        lf = lf.with_columns([e for steps in per_col for e in steps[k]])
+    if not todo:
+        return lf
+    per_col = [_steps(c, prompt=p, gated=gated) for c, p in todo]
+    for k in range(max(len(s) for s in per_col)):
+        lf = lf.with_columns([e for steps in per_col if k < len(steps) for e in steps[k]])
     drop = [f"{f}_{c}" for c, _ in todo for f in _FLAGS]
     if prompt is not None:
         el = pl.element()
@@ -197,13 +330,28 @@ def normalize_columns(lf: pl.LazyFrame, columns: list[str], prompt: str | None =
 
 
 def normalize_series(s: pl.Series) -> pl.Series:
-    """normalize_columns on one String Series (tests, the benchmark's spot checks)."""
+    """normalize_columns on one String Series (evaluation texts, tests, the benchmark's spot checks)."""
     return normalize_columns(pl.LazyFrame({"t": s}, schema={"t": pl.String}), ["t"]).collect()["t"].rename(s.name)
 
 
 def light_text(text: pl.Expr) -> pl.Expr:
     """normalize_markup off: line endings and control characters only, then strip."""
-    return text.str.replace_all(_RE_CRLF, "\n").str.replace_all(_RE_CONTROL, "").str.strip_chars()
+    return _line_endings_controls(text).str.strip_chars()
+
+
+def normalize_pairs(lf: pl.LazyFrame, markup: bool = True) -> pl.LazyFrame:
+    """The canonical pair table with its texts normalised: the prompt's message contents (roles kept), chosen and
+    rejected; `markup=False` (clean.normalize_markup: false) only fixes line endings and control characters and
+    strips. What the normalise stage writes; other columns untouched."""
+    if markup:
+        return normalize_columns(lf, ["chosen", "rejected"], prompt="prompt")
+    content = pl.element().struct.field("content")
+    return lf.with_columns(
+        prompt=pl.col("prompt").list.eval(pl.struct(role=pl.element().struct.field("role"),
+                                                    content=light_text(content))),
+        chosen=light_text(pl.col("chosen")),
+        rejected=light_text(pl.col("rejected")),
+    )
 
 
 def canonical_text(text: pl.Expr) -> pl.Expr:
@@ -220,10 +368,19 @@ def word_set(text: pl.Expr) -> pl.Expr:
 
 
 def jaccard(a: pl.Expr, b: pl.Expr) -> pl.Expr:
-    """Word-set Jaccard |A ∩ B| / |A ∪ B| of two texts (1.0 when both have no words)."""
+    """Word-set Jaccard |A ∩ B| / |A ∪ B| of two texts (1.0 when both have no words). As one expression the word
+    sets are built more than once: on a frame, `with_jaccard` builds each once."""
     wa, wb = word_set(a), word_set(b)
+    return _jaccard_of_sets(wa, wb)
+
+
+def _jaccard_of_sets(wa: pl.Expr, wb: pl.Expr) -> pl.Expr:
     inter = wa.list.set_intersection(wb).list.len()
-    union = wa.list.set_union(wb).list.len()
+    union = wa.list.len() + wb.list.len() - inter
     return pl.when(union == 0).then(pl.lit(1.0)).otherwise(inter / union)
 
 
+def with_jaccard(lf: pl.LazyFrame, a: pl.Expr, b: pl.Expr, name: str) -> pl.LazyFrame:
+    """lf with column `name` = jaccard(a, b), each word set built once (two steps)."""
+    lf = lf.with_columns(word_set(a).alias("__wa"), word_set(b).alias("__wb"))
+    return lf.with_columns(_jaccard_of_sets(pl.col("__wa"), pl.col("__wb")).alias(name)).drop("__wa", "__wb")

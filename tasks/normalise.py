@@ -1,0 +1,115 @@
+"""normalise: the texts of every pair normalised once (HTML/Markdown residue -> plain text, worldpm/data/text.py),
+with the measures the clean filters read (worldpm/data/measures.py), so that a filter tweak reruns clean alone.
+
+Its config is `clean.normalize_markup` (the only cleaning setting that changes a text); every threshold belongs to
+the clean stage. Nothing is dropped here: rows_out == rows_in, in input order. Also here: a NaN or infinite margin
+becomes null (a missing margin).
+
+Output:
+    pairs/<nnnnn>.parquet   the canonical table, normalised, PART_ROWS pairs a file (zstd, ROW_GROUP rows a row
+                            group, so equal input gives byte-identical files), written one part at a time with a
+                            progress line (pairs/s, ETA) after each
+    measures.parquet        one row per pair in the same order: lengths, margin, `same`, `sim`, `first`
+                            (worldpm/data/measures.py)
+    report.json             rows, the normalisation setting, how many pairs are exact copies of an earlier one
+                            (no timings: the artifact's content is a function of its input)
+
+The work streams (polars lazy scans, the streaming engine); what is held in memory is the measures table
+(about 50 bytes a pair) while the first copy of each (prompt, chosen, rejected) is found.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+
+from worldpm.config import PipelineConfig
+from worldpm.data import measures, text
+from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
+from worldpm.data.splits import pair_files
+from worldpm.errors import StageError
+from worldpm.store import ArtifactRef
+
+CONFIG_SECTION = "clean"  # its setting lives in pipeline.yaml's clean: section (status names it clean.<key>)
+ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
+PART_ROWS = 200_000       # pairs a file of pairs/: one progress line each
+
+
+def stage_config(cfg: PipelineConfig) -> dict:
+    return {"normalize_markup": cfg.clean.normalize_markup}
+
+
+def normalised(src: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
+    """The canonical frame with normalised prompt contents, chosen and rejected; NaN/inf margins -> null."""
+    lf = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
+    margin = pl.col("margin")
+    lf = lf.with_columns(margin=pl.when(margin.is_finite()).then(margin).otherwise(pl.lit(None, pl.Float64)))
+    return text.normalize_pairs(lf, markup=scfg["normalize_markup"]).select(COLUMNS)
+
+
+def _eta(done: int, total: int, seconds: float) -> str:
+    if not done or done >= total:
+        return "0s"
+    left = seconds * (total - done) / done
+    return f"{left / 60:.1f}min" if left >= 90 else f"{left:.0f}s"
+
+
+def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | None = None) -> dict:
+    """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
+
+    `rows`: the number of input rows when known cheaply (Parquet metadata): the input is then written PART_ROWS
+    pairs a file with a progress line each; None: one file, one pass. Writes out/pairs/, out/measures.parquet,
+    out/report.json; returns the report."""
+    t0 = time.perf_counter()
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    lf = normalised(src, scfg)
+    opts = dict(compression="zstd", row_group_size=ROW_GROUP, statistics=True, engine="streaming")
+    if rows is None:
+        lf.sink_parquet(out / "pairs" / "00000.parquet", **opts)
+    else:
+        starts = range(0, max(rows, 1), PART_ROWS)
+        for i, start in enumerate(starts):
+            lf.slice(start, PART_ROWS).sink_parquet(out / "pairs" / f"{i:05d}.parquet", **opts)
+            done, dt = min(start + PART_ROWS, rows), time.perf_counter() - t0
+            log.info("normalise: part %d/%d: %d of %d pairs (%.0f%%) in %.1fs, %.0f pairs/s, ETA %s", i + 1,
+                     len(starts), done, rows, 100.0 * done / max(rows, 1), dt, done / max(dt, 1e-9),
+                     _eta(done, rows, dt))
+    t1 = time.perf_counter()
+
+    # the measures, from the files just written (reading them back costs a fraction of writing them); only the
+    # measures are collected (about 50 bytes a pair): the first copy of each pair needs all of them at once
+    files = sorted((out / "pairs").glob("*.parquet"))
+    hashed = measures.with_measures(pl.scan_parquet(files)).collect(engine="streaming")
+    table = measures.first_occurrence(hashed)
+    del hashed
+    table.write_parquet(out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4,
+                        statistics=False)
+    rows_out = pl.scan_parquet(files).select(pl.len()).collect().item()
+    if rows is not None and rows_out != rows or rows_out != table.height:
+        raise StageError(f"normalise: {rows if rows is not None else '?'} pairs in, {rows_out} written, "
+                         f"{table.height} measured: rows were lost")
+    report = {"rows_in": rows_out, "rows_out": rows_out, "rows_rejected": 0, "files": len(files),
+              "normalize_markup": scfg["normalize_markup"],
+              "exact_copies": int(table.height - table["first"].n_unique()) if table.height else 0}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log.info("normalise: %d pairs normalised in %.1fs and measured in %.1fs (%d exact copies among them)",
+             rows_out, t1 - t0, time.perf_counter() - t1, report["exact_copies"])
+    return report
+
+
+def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+    files = pair_files(inputs["download"])
+    if not files:
+        raise StageError(f"normalise: the download artifact {inputs['download'].path} has no pairs/*.parquet")
+    schema = pl.read_parquet_schema(files[0])
+    missing = [c for c in COLUMNS if c not in schema]
+    if missing:
+        raise StageError(f"normalise: {files[0]} lacks the canonical columns {', '.join(missing)}")
+    src = pl.scan_parquet(files)
+    rows = src.select(pl.len()).collect().item()  # from the Parquet footers: no data read
+    log.info("normalise: %d pairs in %d file(s); markup normalisation %s", rows, len(files),
+             "on" if scfg["normalize_markup"] else "off (line endings and control characters only)")
+    report = normalise_frame(src, scfg, out, log, rows=rows)
+    return {k: report[k] for k in ("rows_in", "rows_out", "rows_rejected")}
