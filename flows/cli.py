@@ -1,5 +1,6 @@
 """The `worldpm` console script: worldpm/cli.py's commands over this project's stages (tasks.PIPELINE), the Prefect
-flow (flows/worldpm.py) and the deployment commands `serve` and `server` (flows/deploy.py)."""
+flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), and the deployment commands `serve`
+and `server` (flows/deploy.py)."""
 from __future__ import annotations
 
 import sys
@@ -10,10 +11,19 @@ from worldpm import cli
 
 
 def run_flow(**params) -> list[dict]:
-    """The flow `worldpm`, imported when a run starts (Prefect takes seconds to import; `status` does not need it)."""
+    """The flow `worldpm`, imported when a run starts (Prefect takes seconds to import; `status` does not need it),
+    against the user's PREFECT_API_URL or the project's background server (flows/server.py), started once."""
+    from flows import server
+
+    url = server.api_for_run()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.worldpm import worldpm
 
-    return worldpm(**params)
+    if url is None:  # the user's own server, or Prefect's temporary one
+        return worldpm(**params)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return worldpm(**params)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -253,6 +253,10 @@ def _serve_cmd(args: argparse.Namespace) -> int:
 def _server_cmd(args: argparse.Namespace) -> int:
     from worldpm.errors import ConfigError
 
+    if args.action:  # the background server `worldpm run` starts (flows/server.py)
+        from flows import server
+
+        return server.status() if args.action == "status" else server.stop()
     try:
         return run_server(args.host, args.port, resolve_config_path(args.config), args.overrides,
                           schedule=args.schedule, on_overlap=args.on_overlap, limit=args.limit,
@@ -274,9 +278,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=_serve_cmd)
 
     p = subparsers.add_parser(
-        "server", help="start a local Prefect server (127.0.0.1) and serve the deployments against it",
+        "server", help="start a local Prefect server (127.0.0.1) and serve the deployments against it; "
+                       "`server status|stop`: the background server of `worldpm run`",
         description="Start `prefect server start` (SQLite under PREFECT_HOME, default ~/.prefect) on 127.0.0.1 "
-                    "and, once it is healthy, `worldpm serve` against it. Ctrl-C or SIGTERM stops both.")
+                    "and, once it is healthy, `worldpm serve` against it, in the foreground. Ctrl-C or SIGTERM "
+                    "stops both. `worldpm server status` / `worldpm server stop`: the Prefect server that "
+                    "`worldpm run` started in the background for this project (./.worldpm/prefect) when no "
+                    "PREFECT_API_URL was set.")
+    p.add_argument("action", nargs="?", choices=("status", "stop"),
+                   help="status: what the project's background server is doing; stop: stop it (by its recorded "
+                        "process id; the next `worldpm run` starts it again)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--prefect-home", default=None, help="PREFECT_HOME for the server (its SQLite database)")

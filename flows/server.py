@@ -1,0 +1,272 @@
+"""The Prefect server that `worldpm run` uses when the user names none: started once in the background, reused.
+
+Without a server, every Prefect flow run starts a temporary one (15-30 s on a small machine) and stops it at the
+end. `worldpm run` avoids that: `api_for_run()` picks, in this order,
+
+1. the server the user set: PREFECT_API_URL (environment, or the active Prefect profile) is used exactly as set;
+   nothing is probed or started;
+2. this project's background server, when it answers: its record is ``.worldpm/prefect/server.json`` under the
+   project (the folder `worldpm` runs in);
+3. a Prefect server that answers on 127.0.0.1:PORT (PORT = $WORLDPM_PREFECT_PORT, default 4200, the port of
+   `prefect server start` and `worldpm server`);
+4. a new background server: ``prefect server start --host 127.0.0.1 --port PORT`` (another free port when PORT
+   is taken), in its own session (it outlives this process), with its own PREFECT_HOME (``.worldpm/prefect``: the
+   SQLite database, ``server.log``), recorded with its process id. Its URL (the UI) and how to stop it are
+   printed. `worldpm server stop` stops it (SIGTERM to its process group, by the recorded id); `worldpm server
+   status` says what runs;
+5. if it cannot start (it exits, or does not answer in $WORLDPM_SERVER_STARTUP_TIMEOUT s, default 180): one line
+   saying so, and the run uses the temporary server as before.
+
+WORLDPM_BACKGROUND_SERVER=0 skips 2-4 (the temporary server, as plain Prefect does). Only loopback is ever bound;
+the server has no authentication (docs/deploy.md says how to expose one safely).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 4200
+STATE_DIR = Path(".worldpm") / "prefect"
+RECORD = "server.json"
+
+
+def _say(msg: str) -> None:
+    print(f"worldpm: {msg}", file=sys.stderr, flush=True)
+
+
+def project_home(project: Path | None = None) -> Path:
+    """PREFECT_HOME of the project's background server (and where its record and log live)."""
+    return (project or Path.cwd()).resolve() / STATE_DIR
+
+
+def preferred_port() -> int:
+    raw = os.environ.get("WORLDPM_PREFECT_PORT", str(DEFAULT_PORT))
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"worldpm: WORLDPM_PREFECT_PORT={raw!r} is not a port number") from None
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """Whether a Prefect API answers at `url` (…/api): GET /health returns 200."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Record:
+    """What is written to server.json when a background server starts."""
+
+    pid: int
+    url: str
+    home: str
+    log: str
+    started_at: float
+
+    @property
+    def ui(self) -> str:
+        return self.url.removesuffix("/api")
+
+
+def read_record(home: Path) -> Record | None:
+    try:
+        return Record(**json.loads((home / RECORD).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _is_our_server(pid: int) -> bool:
+    """The recorded process is alive and still a `prefect server` (a recycled pid is not ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): the pid is alive, trust the record
+    return b"prefect" in b" ".join(cmd) and b"server" in cmd
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """One process at a time checks and starts the project's server (two runs at once start one server)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "server.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def user_api_url() -> str | None:
+    """PREFECT_API_URL as Prefect sees it: the environment, else the active profile (imports prefect.settings)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
+
+
+def start_background(home: Path, port: int, *, command: Callable[[int], list[str]] = server_command,
+                     timeout: float | None = None) -> Record | None:
+    """Start a detached Prefect server on loopback with PREFECT_HOME=home; its Record once /api/health answers,
+    None (and one line why) when it exits first or does not answer in time."""
+    if timeout is None:
+        timeout = float(os.environ.get("WORLDPM_SERVER_STARTUP_TIMEOUT", "180"))
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "server.log"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(port))
+    env.pop("PREFECT_API_URL", None)
+    url = f"http://{HOST}:{port}/api"
+    _say(f"starting a background Prefect server on {url} (once: later runs reuse it; 15-30 s on a small "
+         f"machine) ...")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command(port), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    why = None
+    while not healthy(url, timeout=1.0):
+        if proc.poll() is not None:
+            why = f"it exited with code {proc.returncode}"
+            break
+        if time.monotonic() > deadline:
+            why = f"it did not answer {url}/health in {timeout:.0f}s"
+            _stop_group(proc.pid)
+            break
+        time.sleep(0.25)
+    if why is not None:
+        _say(f"could not start a background Prefect server ({why}; log: {log_path}): this run uses a temporary "
+             "one")
+        return None
+    rec = Record(pid=proc.pid, url=url, home=str(home), log=str(log_path), started_at=time.time())
+    tmp = home / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec.__dict__, indent=2))
+    os.replace(tmp, home / RECORD)
+    _say(f"Prefect server (UI): {rec.ui}  [background, pid {rec.pid}, PREFECT_HOME {home}]; stop it with "
+         "`worldpm server stop`")
+    return rec
+
+
+def api_for_run(project: Path | None = None) -> str | None:
+    """The Prefect API URL this run should use (see the module doc); None: the user's own setting or Prefect's
+    temporary server."""
+    if user_api_url():
+        return None  # exactly what the user set
+    if os.environ.get("WORLDPM_BACKGROUND_SERVER", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    home = project_home(project)
+    with _locked(home):
+        rec = read_record(home)
+        if rec is not None:
+            if healthy(rec.url):
+                _say(f"Prefect server (UI): {rec.ui}  [background, pid {rec.pid}; `worldpm server stop` stops it]")
+                return rec.url
+            if _is_our_server(rec.pid):  # alive but not answering (starting up, or stuck): ours to replace
+                _stop_group(rec.pid)
+            (home / RECORD).unlink(missing_ok=True)
+        port = preferred_port()
+        url = f"http://{HOST}:{port}/api"
+        if healthy(url):
+            _say(f"Prefect server (UI): {url.removesuffix('/api')}  [already running on this machine]")
+            return url
+        rec = start_background(home, port if _port_free(port) else _free_port(), command=server_command)
+        return rec.url if rec else None
+
+
+def _stop_group(pid: int, grace: float = 30.0) -> bool:
+    """SIGTERM the process group `pid` leads, wait up to `grace` s, then SIGKILL. True if it is gone."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # our own child (a failed start): reap it
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return False
+
+
+# ---- `worldpm server status | stop` ---------------------------------------------------------------------------
+def status(project: Path | None = None) -> int:
+    home = project_home(project)
+    env_url = os.environ.get("PREFECT_API_URL")
+    if env_url:
+        print(f"PREFECT_API_URL={env_url}: `worldpm run` uses that server "
+              f"({'answering' if healthy(env_url) else 'NOT answering'})")
+    rec = read_record(home)
+    if rec is None:
+        print(f"no background Prefect server recorded for this project ({home / RECORD}); `worldpm run` starts "
+              "one when it needs one")
+        return 0
+    up = healthy(rec.url)
+    alive = _is_our_server(rec.pid)
+    state = "running" if up else ("not answering" if alive else "not running (stale record)")
+    print(f"background Prefect server: {state}\n  UI/API  {rec.ui}  ({rec.url})\n  pid     {rec.pid}\n"
+          f"  home    {rec.home}\n  log     {rec.log}\n  started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec.started_at))}"
+          + ("\n  stop it with `worldpm server stop`" if alive else ""))
+    return 0
+
+
+def stop(project: Path | None = None) -> int:
+    home = project_home(project)
+    with _locked(home):
+        rec = read_record(home)
+        if rec is None:
+            print(f"no background Prefect server recorded for this project ({home / RECORD})")
+            return 0
+        if not _is_our_server(rec.pid):
+            (home / RECORD).unlink(missing_ok=True)
+            print(f"the background Prefect server (pid {rec.pid}) was not running; removed its record")
+            return 0
+        gone = _stop_group(rec.pid)
+        (home / RECORD).unlink(missing_ok=True)
+    print(f"stopped the background Prefect server {rec.ui} (pid {rec.pid})"
+          + ("" if gone else " (it had to be killed)"))
+    return 0
