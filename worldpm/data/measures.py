@@ -66,7 +66,15 @@ def with_measures(pairs: pl.LazyFrame) -> pl.LazyFrame:
         n_rejected=pl.col("rejected").str.len_chars().fill_null(0).cast(pl.Int64),
     )
     lf = lf.with_columns(__ratio=length_ratio(pl.col("n_chosen"), pl.col("n_rejected")))
-    cand_same = pl.col("__ratio") >= IDENTICAL_LENGTH_RATIO
+    # canonical texts (a Unicode-class regex over both texts) only where they can be equal: lengths within
+    # IDENTICAL_LENGTH_RATIO and, a literal count away, as many e/E and t/T in each (canonical_text keeps every
+    # letter and lower-cases; only E lower-cases to e, only T to t)
+    near = pl.col("__ratio") >= IDENTICAL_LENGTH_RATIO
+    a, b = masked("chosen", near), masked("rejected", near)
+    counts = [(a.str.count_matches(x, literal=True) + a.str.count_matches(x.upper(), literal=True))
+              == (b.str.count_matches(x, literal=True) + b.str.count_matches(x.upper(), literal=True)) for x in "et"]
+    lf = lf.with_columns(__cand_same=near & counts[0] & counts[1])
+    cand_same = pl.col("__cand_same")
     lf = lf.with_columns(
         same=(text.canonical_text(masked("chosen", cand_same)) == text.canonical_text(masked("rejected", cand_same)))
         & cand_same)
