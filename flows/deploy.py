@@ -4,7 +4,8 @@
   ``schedule.timezone``; nightly at 02:00 UTC by default). A nightly run re-resolves an hf source without a
   pinned revision to its current commit (the download stage's key includes it), so an unchanged upstream and
   config make every stage a cache hit and the run ends in seconds, logging "nothing changed".
-* ``worldpm/clean`` download + clean only (``until="clean"``): rerun the filters after a config change.
+* ``worldpm/clean`` download, normalise and clean (``until="clean"``): rerun the filters after a config change (the
+  normalised texts are a cache hit unless ``clean.normalize_markup`` changed).
 
 Both take the config path and ``--set`` style overrides as parameters (a run may pass its own), and allow one
 run at a time per deployment (a deployment concurrency limit of 1; an overlapping run waits for its slot, or is
@@ -91,7 +92,7 @@ def build_deployments(config_path: str | None = None, overrides: list[str] | Non
     clean = worldpm.to_deployment(
         name="clean",
         parameters={**params, "until": "clean"},
-        description="download + clean only (until=clean): rerun the filters after a config change.",
+        description="download, normalise, clean (until=clean): rerun the filters after a config change.",
         **common,
     )
     return [full, clean]

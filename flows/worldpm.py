@@ -60,7 +60,8 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, only: str | None
 def worldpm(config_path: str | None = None, overrides: list[str] | None = None, sources: list[str] | None = None,
             until: str | None = None, only: str | None = None, start: str | None = None,
             force: list[str] | None = None) -> list[dict]:
-    """download -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage cached by content."""
+    """download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage cached by
+    content."""
     cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     results = run_pipeline(cfg, until=until, only=only, start=start, force=force)

@@ -162,15 +162,17 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
     stages = pipeline.names
     parser = argparse.ArgumentParser(
         prog="worldpm",
-        description="WorldPM-style reward-model pipeline: download -> clean -> shard -> tokenize -> ref_logps -> "
-                    "train -> evaluate -> plot, each stage a cached artifact, run as a Prefect flow.",
+        description="WorldPM-style reward-model pipeline: download -> normalise -> clean -> shard -> tokenize -> "
+                    "ref_logps -> train -> evaluate -> plot, each stage a cached artifact, run as a Prefect flow.",
     )
     parser.set_defaults(pipeline=pipeline, run_flow=run_flow)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are skipped)",
                        description="Run the pipeline as the Prefect flow `worldpm`. A stage whose key (code version, "
-                                   "its config, its inputs' content digests) is in the artifact store is a cache hit.")
+                                   "its config, its inputs' content digests) is in the artifact store is a cache hit. "
+                                   "Prefect server: PREFECT_API_URL when set, else one started in the background "
+                                   "once and reused (`worldpm server status|stop`).")
     _config_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--until", metavar="STAGE", choices=stages, help="stop after this stage")

@@ -28,14 +28,15 @@ The rules, in this order:
 Nothing else is removed: punctuation, symbols (C++, x <= y, ¿Qué?), CJK text (你好，世界。), emoji and accents
 survive. Rule changes are listed in docs/normalisation.md (an <img>'s alt text was dropped before 2026-11).
 
-How it runs: successive `with_columns` steps (each reads the previous one's column once), in the streaming
-engine, no Python per row. Code segments are found by splitting on ``` after marking each opening fence with NUL
-(removed from the input in step 1, so it cannot collide); only the rows with a fence are split, and only their
-prose segments are rewritten. Every other rule runs only on the rows that can match it: before each regex, a
-literal test per row (memchr-fast: `"](http"` for links, `"**"` for bold, `"  "` or a tab for inner runs, a
-byte class of at most three bytes for control characters ...) that is a necessary condition for the regex to
-match the text *as it is at that step*, so skipping a row changes nothing. `gated=False` runs every rule on every
-row: the plain definition, which a test compares the gated path against on real data, byte for byte.
+How it runs: six successive `with_columns` steps a column (each reads the previous one's column once), in the
+streaming engine, no Python per row. Code segments are found by splitting on ``` after marking each opening fence
+with NUL (removed from the input in step 1, so it cannot collide); only the rows with a fence are split, and only
+their prose segments are rewritten. Every other rule, or group of rules, runs only on the rows that can match it:
+a literal test per row (memchr-fast: `"](http"` for links, `"**"` for bold, `"  "` or a tab for inner runs, a
+byte class of at most eight bytes for control characters ...) that every match contains, on the text *as the
+rules before it left it*, so skipping a row changes nothing. `gated=False` runs every rule on every row: the
+plain definition, which a test compares the gated path against on real data, byte for byte. docs/normalisation.md
+says more (and why few distinct regexes: polars' per-thread regex cache).
 """
 from __future__ import annotations
 
