@@ -1,4 +1,4 @@
-"""Clean throughput benchmark: our streaming clean vs a per-row Python loop vs the floor (scan + zstd write).
+"""Clean throughput benchmark: the normalise and clean stages vs their floors (scan + zstd write) and a per-row loop.
 
     .venv/bin/python bench/bench_clean.py                  # 1 GB of JSONL (and the same pairs as Parquet)
     .venv/bin/python bench/bench_clean.py --size-mb 100    # a quick run
@@ -7,15 +7,21 @@ The input is made by repeating the shared StackExchange pairs (../shared/data/st
 perturbations, so that dedupe does not collapse it (nor Parquet's dictionaries): copy i appends "(copy i)" to
 the question, the chosen and the rejected answer; every 10th copy turns the chosen answer into HTML residue
 (<p>, &amp;, <br>); every 10th copy repeats the previous one exactly (real duplicates, 10%); margins cycle
-through null, 0, 1, 2, 3. It is cached under --cache (default tmp/bench) as
-canonical JSONL and canonical Parquet (zstd).
+through null, 0, 1, 2, 3. It is cached under --cache (default tmp/bench) as canonical JSONL and canonical Parquet
+(zstd).
 
-Each variant runs in its own subprocess, which reports its own peak RSS (ru_maxrss) and wall time:
-  clean  tasks.clean.clean_frame on a lazy scan of the file (the stage's code path)
-  loop   the same rules as a per-row Python loop, as the original scripts do: json.loads per line (pyarrow
-         to_pylist per batch for Parquet), re.sub, html.unescape, a set of seen keys; JSONL out
-  floor  a bare polars scan of the same file + a zstd Parquet write (no rules)
+Each variant runs in its own subprocess, which reports its own peak RSS (VmHWM) and wall time, side by side:
+  floor             a bare polars scan of the input + a zstd Parquet write (no rules): normalise's floor
+  normalise         tasks.normalise.normalise_frame on a scan of the input (the stage's code path; Parquet input
+                    in parts, as the stage reads the download artifact): texts normalised, measures computed
+  floor_normalised  a bare scan of what normalise wrote (its pairs/) + a zstd write: the re-filter's floor
+  refilter          tasks.clean.filter_pairs on what normalise wrote, with a changed threshold (min_margin: 1):
+                    what a threshold tweak costs
+  loop              the same rules as a per-row Python loop, as the original scripts do: json.loads per line
+                    (pyarrow to_pylist per batch for Parquet), re.sub, html.unescape, a set of seen keys; JSONL out
+normalise + refilter is a clean from scratch (the old single clean stage did both).
 MB/s is data MB (the JSONL size of the rows, for both formats) per second; pairs/s counts input pairs.
+--ndjson-read-size sets polars' POLARS_FORCE_NDJSON_READ_SIZE for every variant that scans JSONL (see README).
 Never a timed test: run it by hand.
 """
 from __future__ import annotations
@@ -170,6 +176,7 @@ def variant_loop(path: Path, out: Path, scfg: dict) -> int:
     li = re.compile(r"(?i)<li\b[^<>]*>")
     block = re.compile(r"(?i)<br\s*/?>|</?(?:p|div|ul|ol|h[1-6]|blockquote|table|tr|td|th|hr)\b[^<>]*>")
     inline = re.compile(r"(?i)</?(?:a|b|i|u|s|em|strong|span|img|sup|sub|strike|del|kbd|code|pre|li)\b[^<>]*>")
+    img_alt = re.compile(r"""(?i)<img\b[^<>]*?\salt\s*=\s*(?:"([^"<>]*)"|'([^'<>]*)'|([^\s"'<>=`]+))[^<>]*>""")
     setext = re.compile(r"(?m)^[ \t]{0,3}(?:={3,}|-{3,})[ \t]*$\n?")
     image = re.compile(r"!\[([^\]\n]*)\]\([^)\s]*\)")
     link = re.compile(r"\[([^\[\]\n]+)\]\((https?://[^)\s]+)\)")
@@ -183,6 +190,7 @@ def variant_loop(path: Path, out: Path, scfg: dict) -> int:
         s = inline_code.sub(r"`\1`", s)
         s = li.sub("\n- ", s)
         s = block.sub("\n", s)
+        s = img_alt.sub(lambda m: m.group(1) or m.group(2) or m.group(3) or "", s)
         s = inline.sub("", s)
         s = htmlmod.unescape(s).replace("\u00a0", " ")
         s = setext.sub("", s)
@@ -277,8 +285,19 @@ VARIANTS = {"floor": variant_floor, "normalise": variant_normalise, "floor_norma
             "refilter": variant_refilter, "loop": variant_loop}
 
 
+# what each variant imports before its clock starts: the seconds are the work, not loading the modules (a run
+# has them loaded already; the loop needs none)
+IMPORTS = {"floor": ["polars"], "normalise": ["polars", "tasks.normalise"], "floor_normalised": ["polars"],
+           "refilter": ["polars", "tasks.clean"], "loop": []}
+
+
 def _child(name: str, path: Path, out: Path, scfg: dict) -> None:
+    import importlib
+
+    sys.path.insert(0, str(ROOT))  # this checkout's code, whatever the venv has installed
     out.mkdir(parents=True, exist_ok=True)
+    for m in IMPORTS[name]:
+        importlib.import_module(m)
     t0 = time.perf_counter()
     rows = VARIANTS[name](path, out, scfg)
     dt = time.perf_counter() - t0
@@ -288,12 +307,16 @@ def _child(name: str, path: Path, out: Path, scfg: dict) -> None:
     print(json.dumps({"variant": name, "rows": rows, "seconds": dt, "peak_rss": rss}))
 
 
-def run_variant(name: str, path: Path, out: Path, scfg: dict, data_mb: float, keep: bool = False) -> dict:
+def run_variant(name: str, path: Path, out: Path, scfg: dict, data_mb: float, keep: bool = False,
+                ndjson_read_size: int | None = None) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ)
+    if ndjson_read_size and path.suffix == ".jsonl":
+        env["POLARS_FORCE_NDJSON_READ_SIZE"] = str(ndjson_read_size)
     p = subprocess.run([sys.executable, __file__, "--_child", name, str(path), str(out), json.dumps(scfg)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode:
         raise SystemExit(f"variant {name} on {path.name} failed:\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -323,6 +346,9 @@ def main() -> None:
                          "what normalise wrote)")
     ap.add_argument("--formats", default="jsonl,parquet")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--ndjson-read-size", type=int, default=None, metavar="BYTES",
+                    help="POLARS_FORCE_NDJSON_READ_SIZE for the variants that scan JSONL (default: polars' own, which "
+                         "hands the pipeline morsels of ~200 rows of this long text)")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
@@ -347,8 +373,10 @@ def main() -> None:
                 raise SystemExit(f"variant {v} reads the normalise variant's output: list normalise before it")
             load = _load()
             r = run_variant(v, norm if reads_norm else path, norm if v == "normalise" else a.cache / f"out-{v}",
-                            tweak if v == "refilter" else scfg, data_mb, keep=v == "normalise")
-            r.update(format=fmt, file_mb=path.stat().st_size / 1e6, load_before=load)
+                            tweak if v == "refilter" else scfg, data_mb, keep=v == "normalise",
+                            ndjson_read_size=a.ndjson_read_size)
+            r.update(format=fmt, file_mb=path.stat().st_size / 1e6, load_before=load,
+                     ndjson_read_size=a.ndjson_read_size if fmt == "jsonl" else None)
             results.append(r)
             print(f"{fmt:8s} {v:17s} {r['seconds']:8.1f} s {r['mb'] / r['seconds']:8.1f} MB/s "
                   f"{r['rows'] / r['seconds']:9.0f} pairs/s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB  "
