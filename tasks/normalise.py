@@ -34,7 +34,7 @@ from worldpm.store import ArtifactRef
 
 CONFIG_SECTION = "clean"  # its setting lives in pipeline.yaml's clean: section (status names it clean.<key>)
 ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
-PART_ROWS = 200_000       # pairs a file of pairs/: one progress line each
+PART_ROWS = ROW_GROUP     # pairs a file of pairs/ (one row group), normalised in memory at once
 
 
 def stage_config(cfg: PipelineConfig) -> dict:
@@ -49,43 +49,68 @@ def normalised(src: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
     return text.normalize_pairs(lf, markup=scfg["normalize_markup"]).select(COLUMNS)
 
 
-def _eta(done: int, total: int, seconds: float) -> str:
-    if not done or done >= total:
-        return "0s"
-    left = seconds * (total - done) / done
-    return f"{left / 60:.1f}min" if left >= 90 else f"{left:.0f}s"
+def _eta(done: int, total: int | None, seconds: float) -> str:
+    if total is None:
+        return ""
+    left = seconds * (total - done) / done if done and done < total else 0.0
+    return f" of {total} ({100.0 * done / max(total, 1):.0f}%), ETA " + (f"{left / 60:.1f}min" if left >= 90
+                                                                         else f"{left:.0f}s")
+
+
+def parts(src: pl.LazyFrame, n: int):
+    """The rows of a lazy frame as in-memory frames of exactly n rows (the last one shorter), read by the streaming
+    engine: part boundaries never depend on the reader's batch sizes (equal input, equal files)."""
+    pending: list[pl.DataFrame] = []
+    have = 0
+    for batch in src.collect_batches():
+        pending.append(batch)
+        have += batch.height
+        while have >= n:
+            frame = pl.concat(pending, rechunk=True)
+            yield frame.slice(0, n)
+            rest = frame.slice(n)
+            pending, have = ([rest] if rest.height else []), rest.height
+    if pending:
+        yield pl.concat(pending, rechunk=True)
 
 
 def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | None = None) -> dict:
     """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
 
-    `rows`: the number of input rows when known cheaply (Parquet metadata): the input is then written PART_ROWS
-    pairs a file with a progress line each; None: one file, one pass. Writes out/pairs/, out/measures.parquet,
-    out/report.json; returns the report."""
-    t0 = time.perf_counter()
+    The input streams through in parts of PART_ROWS pairs: each is normalised and measured in memory (one
+    evaluation of each rule over the part: a streaming pass would pay each rule's fixed costs again for every
+    morsel, and NDJSON or small files give morsels of a few hundred rows), written as pairs/<nnnnn>.parquet, and
+    logged (pairs/s; ETA when `rows`, the input's row count, is known). Then the first copy of each pair is found
+    over all the measures. Writes out/pairs/, out/measures.parquet, out/report.json; returns the report."""
+    t0 = last_log = time.perf_counter()
     (out / "pairs").mkdir(parents=True, exist_ok=True)
-    lf = normalised(src, scfg)
-    opts = dict(compression="zstd", row_group_size=ROW_GROUP, statistics=True, engine="streaming")
-    if rows is None:
-        lf.sink_parquet(out / "pairs" / "00000.parquet", **opts)
-    else:
-        starts = range(0, max(rows, 1), PART_ROWS)
-        for i, start in enumerate(starts):
-            lf.slice(start, PART_ROWS).sink_parquet(out / "pairs" / f"{i:05d}.parquet", **opts)
-            done, dt = min(start + PART_ROWS, rows), time.perf_counter() - t0
-            log.info("normalise: part %d/%d: %d of %d pairs (%.0f%%) in %.1fs, %.0f pairs/s, ETA %s", i + 1,
-                     len(starts), done, rows, 100.0 * done / max(rows, 1), dt, done / max(dt, 1e-9),
-                     _eta(done, rows, dt))
+    canonical = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
+    measured: list[pl.DataFrame] = []
+    done = 0
+    for i, part in enumerate(parts(canonical, PART_ROWS)):
+        norm = normalised(part.lazy(), scfg).collect()
+        norm.write_parquet(out / "pairs" / f"{i:05d}.parquet", compression="zstd", row_group_size=ROW_GROUP,
+                           statistics=True)
+        measured.append(measures.with_measures(norm.lazy()).collect())
+        done += norm.height
+        del norm
+        now = time.perf_counter()
+        if now - last_log >= 10 or (rows is not None and done >= rows):
+            log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0), now - t0,
+                     done / max(now - t0, 1e-9))
+            last_log = now
+    if not measured:  # no rows: one empty file, so that the artifact has the table's schema
+        normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
+                                                                       compression="zstd")
+        measured.append(measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect())
     t1 = time.perf_counter()
 
-    # the measures, from the files just written (reading them back costs a fraction of writing them); only the
-    # measures are collected (about 50 bytes a pair): the first copy of each pair needs all of them at once
-    files = sorted((out / "pairs").glob("*.parquet"))
-    hashed = measures.with_measures(pl.scan_parquet(files)).collect(engine="streaming")
-    table = measures.first_occurrence(hashed)
-    del hashed
+    # the first copy of each (prompt, chosen, rejected) needs every pair's hashes at once (16 bytes a pair)
+    table = measures.first_occurrence(pl.concat(measured, rechunk=True))
+    del measured
     table.write_parquet(out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4,
                         statistics=False)
+    files = sorted((out / "pairs").glob("*.parquet"))
     rows_out = pl.scan_parquet(files).select(pl.len()).collect().item()
     if rows is not None and rows_out != rows or rows_out != table.height:
         raise StageError(f"normalise: {rows if rows is not None else '?'} pairs in, {rows_out} written, "
@@ -94,8 +119,8 @@ def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | N
               "normalize_markup": scfg["normalize_markup"],
               "exact_copies": int(table.height - table["first"].n_unique()) if table.height else 0}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    log.info("normalise: %d pairs normalised in %.1fs and measured in %.1fs (%d exact copies among them)",
-             rows_out, t1 - t0, time.perf_counter() - t1, report["exact_copies"])
+    log.info("normalise: %d pairs normalised and measured in %.1fs (%d exact copies among them)",
+             rows_out, time.perf_counter() - t0, report["exact_copies"])
     return report
 
 

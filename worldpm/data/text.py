@@ -167,23 +167,13 @@ def decode_entities(text: pl.Expr) -> pl.Expr:
     return pl.when(has).then(_decode_split(pl.when(has).then(text).otherwise(pl.lit("")))).otherwise(text)
 
 
-# the named entities nearly every HTML text uses: a 6-pattern Aho-Corasick automaton is built in microseconds, the
-# one over all 2,125 HTML5 names in ~2 ms, at every call (a streaming morsel of a few hundred rows from NDJSON)
-COMMON_ENTITIES = {k: NAMED_ENTITIES[k] for k in ("&amp;", "&lt;", "&gt;", "&quot;", "&apos;", "&nbsp;")}
-
-
 def _decode_entities_gated(col: pl.Expr, has_amp: pl.Expr) -> pl.Expr:
     """decode_entities, faster: a row whose entities are all named (no `&#`) gets one Aho-Corasick pass over the
     HTML5 names (every name ends with ';' and is alphanumeric, so a match is exactly a named token of _RE_ENTITY,
-    and a single left-to-right pass decodes once) — over the six common names when every '&' of the row starts one
-    of them (counted, literally), else over all of them; only the rows with a numeric entity take the split path."""
+    and a single left-to-right pass decodes once); only the rows with a numeric entity take the split path."""
     numeric = has_amp & col.str.contains("&#", literal=True)
     named = has_amp & ~numeric
-    in_named = _mask(col, named)
-    n_common = pl.sum_horizontal([in_named.str.count_matches(k, literal=True) for k in COMMON_ENTITIES])
-    common = named & (in_named.str.count_matches("&", literal=True) == n_common)
     return (pl.when(numeric).then(_decode_split(_mask(col, numeric)))
-            .when(common).then(_mask(col, common).str.replace_many(COMMON_ENTITIES, leftmost=True))
             .when(named).then(_mask(col, named).str.replace_many(NAMED_ENTITIES, leftmost=True))
             .otherwise(col))
 
@@ -194,8 +184,8 @@ _FLAGS = ("__fence", "__tag", "__amp")
 
 # step 1's bytes (CR, C0 controls but tab and newline, DEL), in classes of eight: the regex engine finds a class of
 # up to eight bytes with a SIMD prefilter (~10 GB/s), a larger class with its DFA (~0.3 GB/s, the cost of a whole
-# pass). Few classes, too: polars keeps a small cache of compiled regexes per thread, and a plan with more distinct
-# patterns than it holds recompiles them for every morsel (seconds on an NDJSON scan, whose morsels are ~200 rows)
+# pass). Few classes, too: polars keeps compiled regexes in a per-thread cache of 32, and a streaming plan with more
+# distinct patterns than that recompiles them for every morsel
 _STEP1_BYTES = [*range(0x00, 0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0x7F]
 _STEP1_GATES = ["[" + "".join(f"\\x{b:02x}" for b in _STEP1_BYTES[i:i + 8]) + "]"
                 for i in range(0, len(_STEP1_BYTES), 8)]
