@@ -164,18 +164,15 @@ def _package_of(path: Path, roots: dict[str, Path]) -> str:
     return ""
 
 
-def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
-    """`path` and every project source file it imports, directly or not, at module level or inside a function
-    (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
-    roots = roots or _project_roots()
-    seen: set[Path] = set()
-    todo = [path.resolve()]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        pkg = _package_of(f, roots)
+_names_cache: dict[tuple, list[str]] = {}
+
+
+def _imported_names(f: Path, pkg: str) -> list[str]:
+    """The module names file `f` imports anywhere in its body, memoised per (file, size, mtime) within a process:
+    the stages share most of their files, and parsing each once keeps a fully cached run fast."""
+    st = f.stat()
+    memo = (f, pkg, st.st_size, st.st_mtime_ns)
+    if memo not in _names_cache:
         names: list[str] = []
         for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
             if isinstance(node, ast.Import):
@@ -187,7 +184,22 @@ def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Pat
                     base = ".".join([*up, base] if base else up)
                 names.append(base)
                 names += [f"{base}.{a.name}" for a in node.names]  # `from pkg import module`
-        for name in names:
+        _names_cache[memo] = names
+    return _names_cache[memo]
+
+
+def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
+    """`path` and every project source file it imports, directly or not, at module level or inside a function
+    (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
+    roots = roots or _project_roots()
+    seen: set[Path] = set()
+    todo = [path.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for name in _imported_names(f, _package_of(f, roots)):
             parts = name.split(".")
             for i in range(1, len(parts) + 1):  # the packages on the way are executed too
                 m = _module_file(".".join(parts[:i]), roots)
