@@ -12,8 +12,8 @@ through null, 0, 1, 2, 3. It is cached under --cache (default tmp/bench) as cano
 
 Each variant runs in its own subprocess, which reports its own peak RSS (VmHWM) and wall time, side by side:
   floor             a bare polars scan of the input + a zstd Parquet write (no rules): normalise's floor
-  normalise         tasks.normalise.normalise_frame on a scan of the input (the stage's code path; Parquet input
-                    in parts, as the stage reads the download artifact): texts normalised, measures computed
+  normalise         tasks.normalise.normalise_frame on a scan of the input (the stage's code path: parts of 50,000
+                    pairs normalised and measured in memory, written as pairs/*.parquet, then measures.parquet)
   floor_normalised  a bare scan of what normalise wrote (its pairs/) + a zstd write: the re-filter's floor
   refilter          tasks.clean.filter_pairs on what normalise wrote, with a changed threshold (min_margin: 1):
                     what a threshold tweak costs
@@ -21,7 +21,6 @@ Each variant runs in its own subprocess, which reports its own peak RSS (VmHWM) 
                     (pyarrow to_pylist per batch for Parquet), re.sub, html.unescape, a set of seen keys; JSONL out
 normalise + refilter is a clean from scratch (the old single clean stage did both).
 MB/s is data MB (the JSONL size of the rows, for both formats) per second; pairs/s counts input pairs.
---ndjson-read-size sets polars' POLARS_FORCE_NDJSON_READ_SIZE for every variant that scans JSONL (see README).
 Never a timed test: run it by hand.
 """
 from __future__ import annotations
@@ -307,16 +306,12 @@ def _child(name: str, path: Path, out: Path, scfg: dict) -> None:
     print(json.dumps({"variant": name, "rows": rows, "seconds": dt, "peak_rss": rss}))
 
 
-def run_variant(name: str, path: Path, out: Path, scfg: dict, data_mb: float, keep: bool = False,
-                ndjson_read_size: int | None = None) -> dict:
+def run_variant(name: str, path: Path, out: Path, scfg: dict, data_mb: float, keep: bool = False) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ)
-    if ndjson_read_size and path.suffix == ".jsonl":
-        env["POLARS_FORCE_NDJSON_READ_SIZE"] = str(ndjson_read_size)
     p = subprocess.run([sys.executable, __file__, "--_child", name, str(path), str(out), json.dumps(scfg)],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
+                       capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         raise SystemExit(f"variant {name} on {path.name} failed:\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -346,9 +341,6 @@ def main() -> None:
                          "what normalise wrote)")
     ap.add_argument("--formats", default="jsonl,parquet")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--ndjson-read-size", type=int, default=None, metavar="BYTES",
-                    help="POLARS_FORCE_NDJSON_READ_SIZE for the variants that scan JSONL (default: polars' own, which "
-                         "hands the pipeline morsels of ~200 rows of this long text)")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
@@ -373,10 +365,8 @@ def main() -> None:
                 raise SystemExit(f"variant {v} reads the normalise variant's output: list normalise before it")
             load = _load()
             r = run_variant(v, norm if reads_norm else path, norm if v == "normalise" else a.cache / f"out-{v}",
-                            tweak if v == "refilter" else scfg, data_mb, keep=v == "normalise",
-                            ndjson_read_size=a.ndjson_read_size)
-            r.update(format=fmt, file_mb=path.stat().st_size / 1e6, load_before=load,
-                     ndjson_read_size=a.ndjson_read_size if fmt == "jsonl" else None)
+                            tweak if v == "refilter" else scfg, data_mb, keep=v == "normalise")
+            r.update(format=fmt, file_mb=path.stat().st_size / 1e6, load_before=load)
             results.append(r)
             print(f"{fmt:8s} {v:17s} {r['seconds']:8.1f} s {r['mb'] / r['seconds']:8.1f} MB/s "
                   f"{r['rows'] / r['seconds']:9.0f} pairs/s  peak RSS {r['peak_rss'] / 2**20:7.0f} MiB  "
