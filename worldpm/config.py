@@ -320,10 +320,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory; --config takes a YAML file (e.g. {p / 'pipeline.yaml'})")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
+                              "config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read: {e.strerror or type(e).__name__}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
     if overrides:
@@ -348,6 +357,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".gz", ".xml", ".txt", ".yaml", ".yml")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A missing `--source` that is a path, not a hub id: it ends with a data-file suffix, or its first component
+    is a folder here (`data/train` with ./data present)."""
+    head = text.split("@", 1)[0]
+    if head.lower().endswith(_DATA_SUFFIXES):
+        return True
+    first = head.split("/", 1)[0]
+    return "/" in head and bool(first) and Path(first).is_dir()
+
+
 def source_from_cli(text: str) -> dict:
     """`--source PATH_OR_HUB_ID`: an existing path (or glob) is local, `owner/name` that is no path is an hf repo."""
     if text == "demo":
@@ -357,6 +379,9 @@ def source_from_cli(text: str) -> dict:
         return {"kind": "local", "path": str(p.resolve()) if p.exists() else text}
     if text.startswith("hf://"):
         text = text[len("hf://"):]
+    elif _looks_like_a_path(text):
+        raise ConfigError(f"--source {text!r}: no such file or directory (relative to {Path.cwd()}); a hub dataset "
+                          f"id has no file suffix and no local folder of that name: write hf://{text} if it is one")
     if text.count("/") == 1 and not text.startswith((".", "/")):
         repo, _, rev = text.partition("@")
         d: dict = {"kind": "hf", "repo_id": repo}

@@ -83,6 +83,14 @@ def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
     return rows
 
 
-def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig) -> set[tuple[str, str]]:
-    """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`)."""
-    return {(r["stage"], r["key"]) for r in pipeline_status(pipeline, cfg) if r["key"]}
+def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the config") -> set[tuple[str, str]]:
+    """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`).
+
+    A stage whose key cannot be worked out (a hub source offline, a missing local source or eval-set file) is a
+    StageError: gc must not take "unknown" for "unused" and delete what the config would use."""
+    rows = pipeline_status(pipeline, cfg)
+    unknown = [r for r in rows if r["status"] == "unknown"]
+    if unknown:
+        r = unknown[0]
+        raise StageError(f"cannot tell which artifacts {origin} uses: stage {r['stage']}: {r['why']}")
+    return {(r["stage"], r["key"]) for r in rows if r["key"]}
