@@ -64,6 +64,11 @@ def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
     for stage in pipeline:
         blocked = [u for u in stage.upstream if u not in refs]
         if blocked:
+            try:  # its key waits for its inputs, but what it reads from outside the store must be there now
+                stage.config(cfg)
+            except StageError as e:
+                rows.append({"stage": stage.name, "status": "unknown", "key": None, "why": str(e)})
+                continue
             rows.append({"stage": stage.name, "status": "would run", "key": None,
                          "why": f"after {', '.join(blocked)} (its inputs are not computed yet)"})
             continue
