@@ -241,3 +241,17 @@ def test_one_huge_answer_is_cut_before_tokenizing(se_paired):
     tail = df.with_columns(chosen=pl.lit(huge[-200_000:]))
     ref = render.tokenize_frame(tail, r, render.ParallelEncoder(tok, 1), 256)
     assert out["chosen_ids"].to_list() == ref["chosen_ids"].to_list() and out["truncated"].item()
+
+
+def test_evaluate_refuses_a_test_split_of_zero_pairs(tmp_path):
+    """issue 12 case 9: shard.test: 0 used to give an exit 0 and an evaluation of 0 test pairs."""
+    from tasks import evaluate
+    from tasks.tokenize import OUT_SCHEMA
+
+    store = ArtifactStore(tmp_path)
+    tmp = store.new_tmp("tokenize", "t" * 20)
+    pl.DataFrame(schema=OUT_SCHEMA).write_parquet(tmp / "test.parquet")
+    tok = store.commit("tokenize", "t" * 20, tmp, {})
+    with pytest.raises(StageError, match=r"evaluate: the test split has no pairs .*give shard.test a fraction above 0"):
+        evaluate.run(evaluate.stage_config(load_config(None)), {"tokenize": tok, "train": tok, "ref_logps": tok},
+                     tmp_path / "out", LOG, tmp_path / "work")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from worldpm.modeling.objectives import build_objective
-from worldpm.modeling.trainer import save, setup
+from worldpm.modeling.trainer import guard, save, setup
 from worldpm.modeling.trainer.evaluate import evaluate_split
 from worldpm.modeling.trainer.step import NonFiniteLoss, hms, train_loop
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="worldpm trainer (run through `accelerate launch`)")
     ap.add_argument("--args-json", required=True)
     A = setup.TrainerArgs.read(ap.parse_args(argv).args_json)
+    guard.guard_trainer(A.work)  # dies with its launcher; the only trainer in its work folder
     t = A.train
 
     from accelerate.utils import set_seed
