@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows import policy
 from flows.artifacts import publish_prefect_artifacts
 from tasks import PIPELINE
 from worldpm import engine
@@ -58,6 +59,9 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
             until: str | None = None, only: str | None = None, start: str | None = None,
             force: list[str] | None = None) -> list[dict]:
     """download -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage cached by content."""
+    served = policy.served_run()
+    if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
+        policy.check_run(served, config_path, overrides, sources)
     cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     results = run_pipeline(cfg, until=until, only=only, start=start, force=force)

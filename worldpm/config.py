@@ -246,6 +246,25 @@ class ScheduleConfig(Strict):
     timezone: str = "UTC"
 
 
+# What a deployment run (`prefect deployment run worldpm/full --param overrides=[...]`) may change by default:
+# data filters, splits and training knobs. Never paths, models, code or the store (see flows/policy.py).
+DEPLOYMENT_OVERRIDES = [
+    "sources", "clean.*", "shard.*", "tokenize.max_length", "tokenize.overlength",
+    "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
+    "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
+    "train.timeout_s", "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
+]
+
+
+class ServeConfig(Strict):
+    allowed_overrides: list[str] = Field(
+        default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
+        description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
+        "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args or serve.*, and never a path outside the "
+        "config's folder, whatever this says")
+
+
 class PipelineConfig(Strict):
     name: str = "worldpm"
     artifacts_dir: str = "artifacts"
@@ -258,6 +277,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     plot: PlotConfig = PlotConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -281,7 +301,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML: {getattr(e, 'problem', None) or e} "
+                          "(quote it)") from None
     return path, value
 
 

@@ -30,6 +30,7 @@ import hashlib
 import importlib.util
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,26 @@ def _package_of(path: Path, roots: dict[str, Path]) -> str:
     return ""
 
 
+_parse_lock = threading.Lock()
+
+
+def _parse(f: Path) -> ast.AST:
+    """ast.parse, retried: CPython 3.11's AST constructor keeps its recursion depth in per-interpreter state, so a
+    parse that overlaps one in another thread of a flow run can fail with "SystemError: AST constructor recursion
+    depth mismatch" (seen here in a served flow run; python/cpython#106905 and the reports around it). Our own
+    parses take a lock; one that collides with another thread's is retried."""
+    text = f.read_text()
+    for attempt in range(10):
+        try:
+            with _parse_lock:
+                return ast.parse(text, filename=str(f))
+        except SystemError:
+            if attempt == 9:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
     """`path` and every project source file it imports, directly or not, at module level or inside a function
     (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
@@ -247,7 +268,7 @@ def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Pat
         seen.add(f)
         pkg = _package_of(f, roots)
         names: list[str] = []
-        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+        for node in ast.walk(_parse(f)):
             if isinstance(node, ast.Import):
                 names += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
