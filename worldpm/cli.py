@@ -1,14 +1,15 @@
 """`worldpm`: run the pipeline, see what is cached and why, manage artifacts, evaluate and score, serve deployments.
 
     worldpm run [--config FILE] [--source PATH_OR_HUB_ID]... [--until STAGE | --only STAGE] [--from STAGE]
-                [--force STAGE]... [--set section.key=value]... [--json]
+                [--force STAGE]... [--set section.key=value]... [--json] [--verbose]
     worldpm status [--config FILE] [--json]
-    worldpm artifacts list|show|gc
+    worldpm artifacts list|show|gc|verify
     worldpm evaluate --model DIR --data FILE       worldpm score --model DIR [FILE]
     worldpm serve | server
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
-Errors in the config or the input are printed as one line and the exit status is 2 (config) or 1 (a stage).
+Errors in the config, the command line or the input are printed as one line and the exit status is 2 (config or
+usage) or 1 (a stage); a failed stage's Prefect tracebacks only with `run --verbose`.
 
 The commands know the stages only through the Pipeline they are given and run the flow through the function they
 are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Prefect flow.

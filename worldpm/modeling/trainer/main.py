@@ -6,6 +6,8 @@
 ARGS.json is written by the train stage (tasks/train.py): see setup.TrainerArgs.
 
 What it does, one module a part:
+* guard.py: first, it dies with its launcher (parent-death signal + watchdog) and locks its work folder, so no
+  trainer outlives its run and no two share a checkpoint folder;
 * setup.py: the objective's model (bt: AutoModelForSequenceClassification, num_labels=1), optionally LoRA/QLoRA and
   gradient checkpointing, AdamW over the trainable parameters, warmup + cosine/linear/constant schedule;
 * save.py: resumes from the newest complete checkpoint in <work>/checkpoints (accelerator.load_state), skipping the
