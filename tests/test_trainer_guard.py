@@ -17,7 +17,6 @@ import yaml
 
 from tasks import PIPELINE
 from worldpm.config import load_config
-from worldpm.modeling.trainer import guard
 from worldpm.status import pipeline_status
 from worldpm.store import ArtifactStore
 
@@ -65,6 +64,8 @@ def kill(pids) -> None:
 
 def test_the_launcher_runs_with_a_parent_death_signal():
     """The shim execs the command with PR_SET_PDEATHSIG set (/proc shows no such flag, so the child reports it)."""
+    from worldpm.modeling.trainer import guard
+
     probe = ("import ctypes, signal; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0); "
              "print(v.value)")
     out = subprocess.run(guard.parent_death_command([sys.executable, "-c", probe]), capture_output=True, text=True,
@@ -79,12 +80,15 @@ def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_
     cfg_path.write_text(yaml.safe_dump({
         "sources": [{"kind": "local", "path": str(coffee)}],
         "tokenize": {"max_length": 64, "num_proc": 1},
-        # far more steps than the test lets it run: it trains until killed
-        "train": {"max_steps": 100000, "batch_size": 4, "log_every": 1, "checkpoint_every": 100000},
+        # far more steps than the test lets it run: it trains until killed. And silently: a trainer that prints
+        # into the dead run's pipe dies of SIGPIPE at its next progress line, which hides an orphan for a while
+        "train": {"max_steps": 100000, "batch_size": 4, "log_every": 100000, "checkpoint_every": 100000},
     }))
     cfg = load_config(cfg_path)
     store = ArtifactStore(cfg.artifacts_dir)
-    PIPELINE.run(cfg, store, until="ref_logps", log=LOG)  # the data stages, in this process
+    refs: dict = {}
+    for name in ("download", "clean", "shard", "tokenize", "ref_logps"):  # the data stages, in this process
+        refs[name] = PIPELINE.execute(name, cfg, {u: refs[u] for u in PIPELINE[name].upstream}, store, log=LOG).ref
     train_key = next(r["key"] for r in pipeline_status(PIPELINE, cfg) if r["stage"] == "train")
     work = store.root / "train" / f".work-{train_key}"
     args_json = str(work / "launch" / "args.json")
@@ -96,9 +100,8 @@ def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_
         run = subprocess.Popen([exe, "run", "--config", str(cfg_path), "--only", "train"], env=env, cwd=tmp_path,
                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # the trainer is training: it holds its work folder and has logged a step
-        wait_for("the trainer's first step", lambda: (work / "metrics.jsonl").is_file()
-                 and (work / "metrics.jsonl").read_text().strip(), run, log)
+        # the trainer is training (its "training: N pairs, ..." line reached the run's log)
+        wait_for("the trainer to start training", lambda: "training: " in log.read_text(), run, log)
         launched = procs_with(args_json)  # `accelerate launch` and the trainer (both name the args file)
         assert len(launched) >= 2, launched
         assert all(os.getsid(p) != os.getsid(run.pid) for p in launched)  # out of the run's session and group
@@ -114,14 +117,14 @@ def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_
             pass
 
     # one trainer a work folder: a second one on the folder a first one trains in refuses at once
+    lock = work / "trainer.lock"
     cmd = [sys.executable, "-m", "worldpm.modeling.trainer.main", "--args-json", args_json]
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as fh:
         first = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for("the first trainer to hold its work folder",
-                 lambda: (work / guard.LOCK_NAME).is_file()
-                 and (work / guard.LOCK_NAME).read_text().startswith(f"pid {first.pid} "), first, first_log)
+                 lambda: lock.is_file() and lock.read_text().startswith(f"pid {first.pid} "), first, first_log)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD)
         assert second.returncode != 0
         last = second.stderr.strip().splitlines()[-1]

@@ -344,12 +344,19 @@ def damaged_inputs(stage: Stage, inputs: dict[str, ArtifactRef], store: Artifact
     """The upstream stages whose artifact, as far as `stage` reads it, no longer matches its manifest's content
     digests; each is set aside (named in the log) so that it is rebuilt. Called before a stage runs."""
     bad = []
+    log = log or logging.getLogger("worldpm")
     for u in stage.upstream:
         ref = inputs[u]
-        problem = store.verify(ref, deep=True, patterns=stage.reads(u))
+        patterns = stage.reads(u)
+        size = sum(f.get("bytes", 0) for f in ref.manifest().get("files", [])
+                   if not patterns or any(fnmatch.fnmatch(f["path"], p) for p in patterns))
+        if size > 1 << 30:  # model weights: seconds to minutes of hashing, said before it starts
+            log.info("%s: checking the content digests of %s/%s (%.1f GB) before reading it", stage.name, u, ref.key,
+                     size / (1 << 30))
+        problem = store.verify(ref, deep=True, patterns=patterns)
         if problem is not None:
             aside = store.set_aside(ref, problem)
-            (log or logging.getLogger("worldpm")).warning(
+            log.warning(
                 "%s: its input %s/%s is damaged (%s): set aside as %s; it is rebuilt first", stage.name, u, ref.key,
                 problem, aside.name)
             bad.append(u)
