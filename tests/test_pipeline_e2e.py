@@ -144,14 +144,15 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
 
     # the run reaches clean and waits there (this test holds clean's key lock, as a concurrent run would): the
     # run is in progress, between two of its stages, with its download artifact still to be read
-    with store.key_lock("clean", clean_key):
+    out_log, err_log = tmp_path / "run.out", tmp_path / "run.err"
+    with store.key_lock("clean", clean_key), open(out_log, "w") as out, open(err_log, "w") as err:
         run = subprocess.Popen([shutil.which("worldpm") or str(Path(sys.executable).parent / "worldpm"), "run",
-                                "--config", str(s2), "--until", "shard"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api_url))
+                                "--config", str(s2), "--until", "shard"], cwd=tmp_path, stdout=out, stderr=err,
+                               text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api_url))
         try:
             deadline = time.monotonic() + 300  # a hang guard for the run to start
-            while not store.runs_in_progress():
-                assert run.poll() is None, run.communicate()
+            while "download: cached" not in err_log.read_text():  # past download, waiting at clean
+                assert run.poll() is None, err_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the run did not start"
                 time.sleep(0.2)
             gc = worldpm_cli("artifacts", "gc", "--config", str(s1), check=False, timeout=120)
@@ -164,9 +165,9 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
         except BaseException:
             run.kill()
             raise
-    out, err = run.communicate(timeout=600)
-    assert run.returncode == 0, err[-3000:]
-    assert [ln.split()[1] for ln in out.splitlines()[:3]] == ["cached", "ran", "ran"]  # download, clean, shard
+    assert run.wait(timeout=600) == 0, err_log.read_text()[-3000:]
+    lines = out_log.read_text().splitlines()
+    assert [ln.split()[1] for ln in lines[:3]] == ["cached", "ran", "ran"]  # download, clean, shard
     # the run has ended: now gc removes what s1 does not use (all of s2's artifacts)
     gc = worldpm_cli("artifacts", "gc", "--config", str(s1))
     assert "removed 3 folder(s)" in gc.stdout and not Path(download.path).exists()
