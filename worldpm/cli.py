@@ -17,7 +17,6 @@ are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Pre
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -173,7 +172,8 @@ def cmd_artifacts(args) -> int:
 
 def _verify(store, args) -> int:
     """Every artifact (or one) against its manifest's content digests; damaged ones are set aside (the next run
-    rebuilds them) unless --dry-run."""
+    rebuilds them) unless --dry-run. Reading takes no lock (runs go on meanwhile); setting aside takes the store
+    exclusive for a moment, and is refused while a run is in progress."""
     from worldpm.store import ArtifactRef
 
     if args.ref:
@@ -182,20 +182,17 @@ def _verify(store, args) -> int:
         mans = [m for s in args.pipeline.names for m in store.manifests(s) if not args.stage or s == args.stage]
     refs = [ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")) for m in mans]
     bad: list[tuple[ArtifactRef, str]] = []
-    with contextlib.ExitStack() as stack:
-        if not args.dry_run:  # setting aside what a run in progress reads would break it
-            stack.enter_context(store.exclusive("artifacts verify"))
-        for i, ref in enumerate(refs, 1):
-            problem = store.verify(ref, deep=True)
-            status = "ok" if problem is None else f"DAMAGED: {problem}"
-            print(f"[{i}/{len(refs)}] {ref.stage}/{ref.key}  {status}", flush=True)
-            if problem is not None:
-                bad.append((ref, problem))
-        for ref, problem in bad:
-            if args.dry_run:
-                print(f"would set aside {ref.path}")
-            else:
-                print(f"set aside {ref.path} as {store.set_aside(ref, problem).name}: the next run rebuilds it")
+    for i, ref in enumerate(refs, 1):
+        problem = store.verify(ref, deep=True)
+        print(f"[{i}/{len(refs)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
+              flush=True)
+        if problem is not None:
+            bad.append((ref, problem))
+    if bad and not args.dry_run:
+        with store.exclusive(f"artifacts verify (found {len(bad)} damaged artifact(s), not set aside)"):
+            for ref, problem in bad:
+                if Path(ref.path).is_dir() and store.verify(ref, deep=True) is not None:
+                    print(f"set aside {ref.path} as {store.set_aside(ref, problem).name}: the next run rebuilds it")
     print(f"verified {len(refs)} artifact(s): {len(refs) - len(bad)} ok, {len(bad)} damaged")
     if bad:
         raise StageError(f"artifacts verify: {len(bad)} damaged artifact(s), first {bad[0][0].stage}/{bad[0][0].key}: "
