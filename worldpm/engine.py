@@ -201,8 +201,9 @@ class Pipeline:
 _code_cache: dict[str, str] = {}
 # Imported by every stage, yet unable to change what a stage writes except through values that are in its key
 # already: the settings (a default or a validator changes the stage_config a key is made of), the store (digests
-# are keyed), the one-line errors. Left out, so that editing them does not recompute every artifact.
-KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py")
+# are keyed), the one-line errors; and the trainer's process guard (who may run, never what it computes). Left
+# out, so that editing them does not recompute every artifact.
+KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py", "worldpm/modeling/trainer/guard.py")
 
 
 def _project_roots() -> dict[str, Path]:
