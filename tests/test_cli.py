@@ -150,3 +150,22 @@ def test_a_pickle_checkpoint_is_one_line(tmp_path, capsys):
     assert code == 1 and one_line(err) == (
         f"worldpm: cannot load the reward model in {model}: its weights are a pickle that torch refuses to load "
         "weights-only (loading it could run code); give safetensors weights")
+
+
+def test_an_unreachable_prefect_api_is_one_line(tmp_path):
+    """PREFECT_API_URL pointing at no server used to end in Prefect's httpx traceback (~60 lines)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("worldpm") or str(Path(sys.executable).parent / "worldpm")
+    env = dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    p = subprocess.run([exe, "run", "--until", "download"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        f"worldpm: cannot reach the Prefect API at http://127.0.0.1:{port}/api (PREFECT_API_URL): start the server "
+        "(`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to run with a temporary one")
