@@ -97,5 +97,6 @@ def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the 
     unknown = [r for r in rows if r["status"] == "unknown"]
     if unknown:
         r = unknown[0]
-        raise StageError(f"cannot tell which artifacts {origin} uses: stage {r['stage']}: {r['why']}")
+        why = r["why"] if r["why"].startswith(f"{r['stage']}") else f"{r['stage']}: {r['why']}"
+        raise StageError(f"cannot tell which artifacts {origin} uses: {why}")
     return {(r["stage"], r["key"]) for r in rows if r["key"]}

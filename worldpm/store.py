@@ -8,9 +8,9 @@
   leaves only a ``.tmp-*`` folder, which the next run removes.
 * Locks (fcntl.flock): a run holds the store lock shared from its first stage to its last (``run_lock``, with a
   note in ``.runs/`` saying who holds it), a stage holds it shared while it resolves and computes, and its key's
-  lock exclusive, so two runs of one key wait for each other instead of both writing. ``gc`` and ``verify`` take
-  the store lock exclusive without waiting: while a run is in progress they refuse (``StoreBusy``, naming the
-  run), so they never delete what a run is about to read.
+  lock exclusive, so two runs of one key wait for each other instead of both writing. ``gc`` (and ``artifacts
+  verify`` to set a damaged artifact aside) take the store lock exclusive without waiting: while a run is in
+  progress they refuse (``StoreBusy``, naming the run), so they never delete what a run is about to read.
 * Verified reuse: a cache hit is checked against its manifest (every file there, none added, each of its size:
   ``find``); what a stage is about to read is checked against the content digests (``verify(deep=True)``). A bad
   artifact is set aside as ``.bad-<key>-*`` (kept for inspection, removed by gc) and rebuilt.
@@ -42,7 +42,6 @@ from typing import Any, Iterator
 from worldpm.errors import StageError
 
 MANIFEST = "manifest.json"
-KEY_RE = re.compile(r"^[0-9a-f]{20}$")  # stage_key's form
 # the folders of ours that are not artifacts: <stage>/.tmp-<key>-*, .work-<key>, .bad-<key>-*
 _OURS_RE = re.compile(r"^\.(?:tmp-(?P<tmp>[0-9a-f]{20})-.+|work-(?P<work>[0-9a-f]{20})|bad-(?P<bad>[0-9a-f]{20})-.+)$")
 _LIB_NAMES = ("polars", "pyarrow", "datasets", "torch", "transformers", "accelerate", "deepspeed", "peft", "prefect")
