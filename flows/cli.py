@@ -8,6 +8,7 @@ import sys
 from flows import deploy
 from tasks import PIPELINE
 from worldpm import cli
+from worldpm.errors import StageError
 
 
 def run_flow(**params) -> list[dict]:
@@ -20,10 +21,20 @@ def run_flow(**params) -> list[dict]:
 
     from flows.worldpm import worldpm
 
-    if url is None:  # the user's own server, or Prefect's temporary one
-        return worldpm(**params)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        return worldpm(**params)
+    try:
+        if url is None:  # the user's own server, or Prefect's temporary one
+            return worldpm(**params)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            return worldpm(**params)
+    except RuntimeError as e:  # Prefect's own, with a traceback: the API is down or the URL is wrong
+        if not str(e).startswith("Failed to reach API"):
+            raise
+        from prefect.settings import get_current_settings
+
+        where = url or get_current_settings().api.url
+        raise StageError(f"cannot reach the Prefect API at {where} (PREFECT_API_URL): start "
+                         "the server (`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to run "
+                         "with a temporary one") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@
 ARGS.json is written by the train stage (tasks/train.py): see setup.TrainerArgs.
 
 What it does, one module a part:
+* guard.py: first, it dies with its launcher (parent-death signal + watchdog) and locks its work folder, so no
+  trainer outlives its run and no two share a checkpoint folder;
 * setup.py: the objective's model (bt: AutoModelForSequenceClassification, num_labels=1), optionally LoRA/QLoRA and
   gradient checkpointing, AdamW over the trainable parameters, warmup + cosine/linear/constant schedule;
 * save.py: resumes from the newest complete checkpoint in <work>/checkpoints (accelerator.load_state), skipping the
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 from worldpm.modeling.objectives import build_objective
-from worldpm.modeling.trainer import save, setup
+from worldpm.modeling.trainer import guard, save, setup
 from worldpm.modeling.trainer.evaluate import evaluate_split
 from worldpm.modeling.trainer.step import NonFiniteLoss, hms, train_loop
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="worldpm trainer (run through `accelerate launch`)")
     ap.add_argument("--args-json", required=True)
     A = setup.TrainerArgs.read(ap.parse_args(argv).args_json)
+    guard.guard_trainer(A.work)  # dies with its launcher; the only trainer in its work folder
     t = A.train
 
     from accelerate.utils import set_seed
