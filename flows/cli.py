@@ -31,10 +31,12 @@ def run_flow(**params) -> list[dict]:
             raise
         from prefect.settings import get_current_settings
 
-        where = url or get_current_settings().api.url
-        raise StageError(f"cannot reach the Prefect API at {where} (PREFECT_API_URL): start "
-                         "the server (`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to run "
-                         "with a temporary one") from None
+        if url is not None:  # ours, gone during the run (stopped, killed)
+            raise StageError(f"cannot reach the background Prefect server at {url} any more (stopped during the "
+                             "run?): `worldpm server status` says what runs; the next run starts it again") from None
+        raise StageError(f"cannot reach the Prefect API at {get_current_settings().api.url} (PREFECT_API_URL): start "
+                         "the server (`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to let "
+                         "worldpm start one in the background") from None
 
 
 def main(argv: list[str] | None = None) -> int:

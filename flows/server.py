@@ -248,8 +248,9 @@ def status(project: Path | None = None) -> int:
     up = healthy(rec.url)
     alive = _is_our_server(rec.pid)
     state = "running" if up else ("not answering" if alive else "not running (stale record)")
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.started_at))
     print(f"background Prefect server: {state}\n  UI/API  {rec.ui}  ({rec.url})\n  pid     {rec.pid}\n"
-          f"  home    {rec.home}\n  log     {rec.log}\n  started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec.started_at))}"
+          f"  home    {rec.home}\n  log     {rec.log}\n  started {started}"
           + ("\n  stop it with `worldpm server stop`" if alive else ""))
     return 0
 

@@ -58,8 +58,8 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, only: str | None
 def worldpm(config_path: str | None = None, overrides: list[str] | None = None, sources: list[str] | None = None,
             until: str | None = None, only: str | None = None, start: str | None = None,
             force: list[str] | None = None) -> list[dict]:
-    """download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage cached by
-    content."""
+    """download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage
+    cached by content."""
     served = policy.served_run()
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
         policy.check_run(served, config_path, overrides, sources)

@@ -168,4 +168,5 @@ def test_an_unreachable_prefect_api_is_one_line(tmp_path):
                        timeout=300)
     assert p.returncode == 1 and p.stderr.strip() == (
         f"worldpm: cannot reach the Prefect API at http://127.0.0.1:{port}/api (PREFECT_API_URL): start the server "
-        "(`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to run with a temporary one")
+        "(`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to let worldpm start one in the "
+        "background")

@@ -151,7 +151,7 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
                                text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api_url))
         try:
             deadline = time.monotonic() + 300  # a hang guard for the run to start
-            while "download: cached" not in err_log.read_text():  # past download, waiting at clean
+            while "download: cached" not in err_log.read_text():  # past download (then normalise), waiting at clean
                 assert run.poll() is None, err_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the run did not start"
                 time.sleep(0.2)
@@ -167,7 +167,7 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
             raise
     assert run.wait(timeout=600) == 0, err_log.read_text()[-3000:]
     lines = out_log.read_text().splitlines()
-    assert [ln.split()[1] for ln in lines[:3]] == ["cached", "ran", "ran"]  # download, clean, shard
+    assert [ln.split()[1] for ln in lines[:4]] == ["cached", "ran", "ran", "ran"]  # download, normalise, clean, shard
     # the run has ended: now gc removes what s1 does not use (all of s2's artifacts)
     gc = worldpm_cli("artifacts", "gc", "--config", str(s1))
-    assert "removed 3 folder(s)" in gc.stdout and not Path(download.path).exists()
+    assert "removed 4 folder(s)" in gc.stdout and not Path(download.path).exists()

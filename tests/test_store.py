@@ -249,7 +249,8 @@ def test_a_damaged_artifact_is_named_and_rebuilt(tmp_path, se_paired, caplog, ca
     with caplog.at_level(logging.WARNING):
         again = PIPELINE.run(cfg, store, until="shard", force=["shard"], log=log)
     st = {r["stage"]: r["status"] for r in again}
-    assert st == {**{s: "skipped" for s in PIPELINE.names}, "download": "cached", "clean": "ran", "shard": "ran"}
+    assert st == {**{s: "skipped" for s in PIPELINE.names}, "download": "cached", "normalise": "cached",
+                  "clean": "ran", "shard": "ran"}
     assert any(clean["path"] in m and "damaged" in m and "pairs.parquet has" in m for m in caplog.messages)
     assert pl.read_parquet(pairs).height == n and shard_rows(again) == train_rows
     assert next(r for r in again if r["stage"] == "clean")["key"] == clean["key"]
