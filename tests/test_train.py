@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from worldpm.store import ArtifactStore
 from worldpm.modeling.trainer import save as trainer_save
 from worldpm.modeling.trainer import setup as trainer_setup
 from worldpm.modeling.trainer import step as trainer_step
-from worldpm.modeling.trainer.data import PairBatchSampler, collate_pairs, load_pairs, padding_fraction
+from worldpm.modeling.trainer.data import PairBatchSampler, StepPlan, collate_pairs, load_pairs, padding_fraction
 from worldpm.modeling.objectives import bt_loss
 
 from test_tokenize import se_shard
@@ -79,23 +80,54 @@ def test_nonfinite_loss_names_step_and_pairs():
     trainer_step.check_finite(torch.tensor(0.3), 7, ["a"])
 
 
-def test_sampler_is_deterministic_complete_sharded_and_resumable():
+def test_sampler_is_deterministic_complete_and_new_each_epoch():
     lengths = np.random.default_rng(0).integers(5, 500, size=1003)
     s = PairBatchSampler(lengths, 16, seed=3, window=8)
     a, b = list(s), list(s)
     assert a == b and len(a) == len(s) == 63
     flat = sorted(i for batch in a for i in batch)
     assert flat == list(range(1003))  # every pair once per epoch
+    assert max(lengths[a[0]]) == lengths.max()  # the longest batch first: out of memory shows at step 1
     s.set_epoch(1)
     assert list(s) != a  # a new order every epoch
-    # sharded: equal counts, disjoint, together the epoch (wrapped to a multiple of the process count)
-    shards = [list(PairBatchSampler(lengths, 16, seed=3, window=8, num_replicas=4, rank=r)) for r in range(4)]
-    assert {len(x) for x in shards} == {16}
-    assert sorted(i for x in shards for b in x for i in b)[:1003] != []
-    assert set(i for x in shards for b in x for i in b) == set(range(1003))
-    # resume mid-epoch: start skips exactly the batches already seen
-    s.set_epoch(0, start=10)
-    assert list(s) == a[10:]
+
+
+def test_token_budget_micro_batches_fit_and_cover_the_epoch():
+    rng = np.random.default_rng(1)
+    c, r = rng.integers(5, 300, size=500), rng.integers(5, 300, size=500)
+    s = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens=2048, packed_cost=c + r)
+    batches = s.global_batches(0)
+    assert all((c[b] + r[b]).sum() <= 2048 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    # budgets are filled: a micro-batch and its successor's first pair would not have fit together
+    assert np.mean([(c[b] + r[b]).sum() for b in batches]) > 2048 * 0.8
+    padded = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens=2048)
+    assert all(2 * len(b) * np.maximum(c, r)[b].max() <= 2048 for b in padded.global_batches(0))
+    with pytest.raises(ValueError, match=r"train.max_tokens_per_batch 300 is below the \d+ tokens of the longest"):
+        PairBatchSampler(np.maximum(c, r), 8, max_tokens=300, packed_cost=c + r)
+
+
+@pytest.mark.parametrize("procs,accum", [(1, 4), (2, 2), (4, 1)])
+def test_step_plan_gives_every_process_its_share_and_each_pair_once_an_epoch(procs, accum):
+    lengths = np.random.default_rng(0).integers(5, 500, size=1003)
+    sampler = PairBatchSampler(lengths, 8, seed=3, window=8)
+    plans = [StepPlan(sampler, procs, accum, epochs=1.0, rank=r) for r in range(procs)]
+    assert {p.total_steps for p in plans} == {math.ceil(126 / 4)}  # 126 micro-batches, 4 a step
+    steps = [list(p.steps()) for p in plans]
+    seen: list[int] = []
+    for s in range(plans[0].total_steps):
+        works = [steps[r][s] for r in range(procs)]
+        assert all(len(w.mine) == accum for w in works)
+        step_pairs = [i for w in works for b in w.mine for i in b]
+        assert {w.pairs for w in works} == {len(step_pairs)}  # every process knows the whole step's pair count
+        seen += step_pairs
+    epoch0 = seen[:1003]
+    assert sorted(epoch0) == list(range(1003))  # every pair exactly once in the epoch, over all processes
+    # the same global batches whatever the split: 4 micro-batches a step as 1x4, 2x2 or 4x1
+    ref = [sorted(i for b in sampler.global_batches(0)[4 * s:4 * s + 4] for i in b) for s in range(31)]
+    assert [sorted(i for r in range(procs) for b in steps[r][s].mine for i in b) for s in range(31)] == ref
+    # resume: the steps after step 10 are those of an uninterrupted run
+    assert [w.mine for w in plans[-1].steps(10)][0] == steps[-1][10].mine
 
 
 def test_length_grouping_cuts_padding_on_real_pairs(tokenized):
@@ -136,8 +168,15 @@ def test_launch_configs_cpu_gpu_and_deepspeed(tmp_path):
     t["deepspeed"]["enabled"] = False
     acfg, n = train.accelerate_config(t, 2, "bf16", tmp_path)
     assert acfg["distributed_type"] == "MULTI_GPU" and n == 2
-    with pytest.raises(StageError, match="one CPU process"):
-        train.accelerate_config({**t, "num_processes": 2}, 0, "fp32", tmp_path)
+    # several CPU processes: launched like GPUs (torchrun), made MULTI_CPU over gloo by the trainer (cpu=True)
+    acfg, n = train.accelerate_config({**t, "num_processes": 2}, 0, "fp32", tmp_path)
+    assert n == 2 and acfg["distributed_type"] == "MULTI_GPU" and acfg["use_cpu"] is True
+    # DeepSpeed without a GPU: its CPU accelerator, nothing to offload
+    with pytest.raises(StageError, match="nothing to offload"):
+        train.accelerate_config({**t, "deepspeed": {**t["deepspeed"], "enabled": True}}, 0, "fp32", tmp_path)
+    no_offload = {**t["deepspeed"], "enabled": True, "offload_optimizer": False}
+    acfg, n = train.accelerate_config({**t, "num_processes": 2, "deepspeed": no_offload}, 0, "fp32", tmp_path)
+    assert n == 2 and acfg["distributed_type"] == "DEEPSPEED" and not acfg["use_cpu"]
     cmd = train.launch_command(tmp_path / "a.yaml", tmp_path / "args.json", ["--num_machines", "2"])
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_machines" in cmd
     assert cmd[-4:] == ["-m", "worldpm.modeling.trainer.main", "--args-json", str(tmp_path / "args.json")]

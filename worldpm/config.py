@@ -179,7 +179,17 @@ class TrainConfig(Strict):
     group_by_length: bool = True
     length_group_window: int = Field(
         64, ge=1, description="PairBatchSampler: batches per length-sorted window (larger: less padding, less mixing)")
-    gradient_checkpointing: bool = False
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="padding-free micro-batches: sequences packed end to end, attention kept inside each "
+        "(worldpm/modeling/packing.py); auto: where the model can (decoders with a score head, BERT encoders), "
+        "true: refuse a model that cannot, false: padded batches")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=16, description="micro-batch = as many pairs as fit in this many tokens (packed: real tokens of "
+        "chosen + rejected; padded: 2 x pairs x longest side) instead of batch_size pairs; the memory knob: a "
+        "micro-batch that runs out of memory names it")
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing: recompute each layer's activations in the backward pass "
+        "(~30% more compute, activation memory of one layer instead of all): docs/training.md says what fits where")
     checkpoint_every: int = Field(50, ge=1, description="steps between accelerator.save_state checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the stage's work dir")
     timeout_s: float | None = Field(None, gt=0, description="kill the training process group after this long")
