@@ -157,7 +157,8 @@ def test_collate_puts_chosen_then_rejected_in_one_batch(tokenized):
 def test_launch_configs_cpu_gpu_and_deepspeed(tmp_path):
     t = load_config(None, ["train.deepspeed.enabled=true", "train.deepspeed.offload_optimizer=true",
                            "train.batch_size=4", "train.grad_accum=2"]).train.model_dump(mode="json")
-    acfg, n = train.accelerate_config(t, 0, "fp32", tmp_path)
+    plain = {**t, "deepspeed": {**t["deepspeed"], "enabled": False}}
+    acfg, n = train.accelerate_config(plain, 0, "fp32", tmp_path)
     assert n == 1 and acfg["use_cpu"] and acfg["distributed_type"] == "NO" and acfg["mixed_precision"] == "no"
     acfg, n = train.accelerate_config(t, 4, "bf16", tmp_path)
     assert n == 4 and acfg["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in acfg
