@@ -267,6 +267,76 @@ def test_nan_loss_stops_the_run_with_step_and_pair_ids(tokenized, monkeypatch):
         pipeline.execute("train", tiny_cfg("train.max_steps=3", "train.seed=5"), train_inputs(store, ref), store, log=LOG)
 
 
+def curve(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def traced(trace_dir: Path) -> dict[tuple[int, int, int], list[str]]:
+    """(step, rank, micro) -> pair ids, the last run of each (a resumed run redoes the steps after its checkpoint)."""
+    seen: dict = {}
+    for f in sorted(trace_dir.glob("rank*.jsonl")):
+        for ln in f.read_text().splitlines():
+            e = json.loads(ln)
+            seen[(e["step"], e["rank"], e["micro"])] = e["pair_ids"]
+    return seen
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, monkeypatch, tmp_path):
+    """The train stage with 2 CPU processes (torchrun, gloo) against 1 process with the same global batch (4 pairs x
+    2 accumulations = 4 pairs x 2 processes): the same loss curve; every pair once in the epoch across the two;
+    metrics reduced over both (each line counts 8 pairs); one model, scoring as the 1-process one. The 2-process
+    run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint."""
+    store, ref, _ = tokenized
+    common = [f"model.from_config={TINY_QWEN}", "train.batch_size=4", "train.epochs=1", "train.lr=1e-3",
+              "train.log_every=1", "train.checkpoint_every=10", "train.eval_max_pairs=24", "train.warmup_ratio=0.1"]
+    one_cfg = load_config(None, common + ["train.grad_accum=2", "train.num_processes=1"])
+    two_cfg = load_config(None, common + ["train.grad_accum=1", "train.num_processes=2"])
+    inputs = train_inputs(store, ref)
+    monkeypatch.setenv(trainer_setup.TRACE_ENV, str(tmp_path / "one"))
+    one = pipeline.execute("train", one_cfg, inputs, store, log=LOG)
+    monkeypatch.setenv(trainer_setup.TRACE_ENV, str(tmp_path / "two"))
+    monkeypatch.setenv(trainer_setup.CRASH_ENV, "12")
+    with pytest.raises(StageError, match="exited with 17"):
+        pipeline.execute("train", two_cfg, inputs, store, log=LOG)
+    monkeypatch.delenv(trainer_setup.CRASH_ENV)
+    log = ListLog()
+    two = pipeline.execute("train", two_cfg, inputs, store, log=log)
+    assert two.manifest["num_processes"] == 2 and two.manifest["resumed_from_step"] == 10
+    assert any("2 processes a step" in ln for ln in log.lines)
+
+    a, b = curve(Path(one.ref.path)), curve(Path(two.ref.path))
+    n_train = len(load_pairs(Path(ref.path) / "train.parquet"))
+    steps = math.ceil(math.ceil(n_train / 4) / 2)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
+    assert all(m["pairs"] == 8 for m in a[:-1]) and [m["pairs"] for m in a] == [m["pairs"] for m in b]
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
+    np.testing.assert_allclose([m["accuracy"] for m in b], [m["accuracy"] for m in a], atol=1e-6)
+    assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
+
+    # every pair once in the epoch, over both processes; each process ran its own half of every step
+    seen = traced(tmp_path / "two")
+    assert {k[1] for k in seen} == {0, 1} and {k[0] for k in seen} == set(range(1, steps + 1))
+    ids = [i for v in seen.values() for i in v]
+    data = load_pairs(Path(ref.path) / "train.parquet")
+    assert len(ids) == len(set(ids)) == len(data) and set(ids) == set(data.pair_ids)
+    one_seen = traced(tmp_path / "one")
+    for s in range(1, steps + 1):  # the same global batch each step
+        assert sorted(one_seen[(s, 0, 0)] + one_seen.get((s, 0, 1), [])) == \
+            sorted(seen[(s, 0, 0)] + seen.get((s, 1, 0), []))
+
+    # one model, written once, scoring as the 1-process model does; evaluation reduced over both
+    out1, out2 = Path(one.ref.path), Path(two.ref.path)
+    assert sorted(p.name for p in (out2 / "model").iterdir()) == sorted(p.name for p in (out1 / "model").iterdir())
+    s1, s2 = (json.loads((o / "train_summary.json").read_text()) for o in (out1, out2))
+    assert s1["eval"]["pairs"] == s2["eval"]["pairs"] == min(24, len(load_pairs(Path(ref.path) / "eval.parquet")))
+    assert s2["eval"]["loss"] == pytest.approx(s1["eval"]["loss"], abs=2e-4)
+    test = read_split(ref, "test").head(16)["chosen_ids"].to_list()
+    m1, m2 = models.load_reward_model(out1), models.load_reward_model(out2)
+    np.testing.assert_allclose(models.score_token_ids(m2, test, m2.config.pad_token_id),
+                               models.score_token_ids(m1, test, m1.config.pad_token_id), atol=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the DeepSpeed ZeRO-3 path needs CUDA")
 def test_gpu_deepspeed_zero3_tiny_qwen(tokenized):
     store, ref, _ = tokenized

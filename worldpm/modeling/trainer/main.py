@@ -6,20 +6,27 @@
 ARGS.json is written by the train stage (tasks/train.py): see setup.TrainerArgs.
 
 What it does, one module a part:
-* setup.py: the objective's model (bt: AutoModelForSequenceClassification, num_labels=1), optionally LoRA/QLoRA and
-  gradient checkpointing, AdamW over the trainable parameters, warmup + cosine/linear/constant schedule;
+* setup.py: the objective's model (bt: AutoModelForSequenceClassification, num_labels=1) built on its device in
+  its training dtype, optionally LoRA/QLoRA and gradient checkpointing, AdamW over the trainable parameters (fused
+  on CUDA), warmup + cosine/linear/constant schedule; the layout (packed where the model can) and the step plan
+  (data.StepPlan: P processes x grad_accum micro-batches a step, each pair once an epoch);
 * save.py: resumes from the newest complete checkpoint in <work>/checkpoints (accelerator.load_state), skipping the
   batches already seen (the sampler is a pure function of seed and epoch, so nothing is re-read);
-* step.py: each step, grad_accum micro-batches of B pairs, each ONE forward pass over 2B sequences, fp32 loss, a
-  loss that is nan/inf stops the run naming the step and the pair ids; gradient clipping; a progress line every
-  log_every steps and a line in metrics.jsonl; checkpoints every checkpoint_every steps (accelerator.save_state,
-  written under a temporary name and renamed);
+* step.py: each step, grad_accum micro-batches (B pairs, or a token budget), each ONE forward pass over the 2B
+  sequences (packed end to end, or padded), collated ahead on a thread; fp32 loss weighted by pairs; a loss that is
+  nan/inf stops the run (checked at log lines, no host sync per step) naming the step and the pair ids; gradient
+  clipping; a progress line every log_every steps and a line in metrics.jsonl; checkpoints every
+  checkpoint_every steps (accelerator.save_state, written under a temporary name and renamed);
 * evaluate.py: the eval split, sharded over the processes;
 * save.py: the final model in HF format (safetensors + config + tokenizer) into <out>/model; metrics.jsonl and
   train_summary.json into <out>.
 
 Test hooks (environment, setup.FaultInjection): WORLDPM_TRAIN_CRASH_AFTER_STEP=K exits hard (code 17) right after
-step K, as a killed run would; WORLDPM_TRAIN_NAN_AT_STEP=K makes step K's loss nan (to check that it stops the run).
+step K, as a killed run would; WORLDPM_TRAIN_NAN_AT_STEP=K makes step K's loss nan (to check that it stops the run);
+WORLDPM_TRAIN_OOM_AT_STEP=K raises out-of-memory in step K; WORLDPM_TRAIN_TRACE_DIR=D logs the pairs each process ran.
+
+A run that fails writes its root cause to <work>/failure.json (the stage's one-line error): a TrainingStop's
+message (non-finite loss, out of memory, no training pairs), or the exception's type and first line.
 """
 from __future__ import annotations
 

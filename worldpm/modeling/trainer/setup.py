@@ -16,6 +16,8 @@ from worldpm.modeling.trainer.data import PairBatchSampler, PairData, StepPlan, 
 
 CRASH_ENV = "WORLDPM_TRAIN_CRASH_AFTER_STEP"
 NAN_ENV = "WORLDPM_TRAIN_NAN_AT_STEP"
+OOM_ENV = "WORLDPM_TRAIN_OOM_AT_STEP"
+TRACE_ENV = "WORLDPM_TRAIN_TRACE_DIR"
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,19 @@ class TrainerArgs:
 @dataclass(frozen=True)
 class FaultInjection:
     """Test hooks, read once from the environment: crash_after K exits hard (code 17) right after step K, as a
-    killed run would; nan_at K makes step K's loss nan (the run must stop, naming the step and the pairs)."""
+    killed run would; nan_at K makes step K's loss nan (the run must stop, naming the step and the pairs); oom_at K
+    raises torch's OutOfMemoryError in step K's first micro-batch (the run must stop naming the memory knob);
+    trace_dir: each process appends the pair ids of every micro-batch it runs to <trace_dir>/rank<r>.jsonl."""
 
     crash_after: int = 0
     nan_at: int = 0
+    oom_at: int = 0
+    trace_dir: str | None = None
 
     @classmethod
     def from_env(cls) -> "FaultInjection":
-        return cls(int(os.environ.get(CRASH_ENV) or 0), int(os.environ.get(NAN_ENV) or 0))
+        return cls(int(os.environ.get(CRASH_ENV) or 0), int(os.environ.get(NAN_ENV) or 0),
+                   int(os.environ.get(OOM_ENV) or 0), os.environ.get(TRACE_ENV) or None)
 
 
 def accelerator_for(args: TrainerArgs):

@@ -235,14 +235,24 @@ def train_loop(accelerator, model, optimizer, scheduler, objective, data: PairDa
     grad_norm = None
     scale = plan.micro_per_step  # P x ga: undone by accelerate (/ga) and the gradient all-reduce (mean over P)
     cuda = accelerator.device.type == "cuda"
+    trace = None
+    if faults.trace_dir:
+        Path(faults.trace_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(faults.trace_dir) / f"rank{accelerator.process_index}.jsonl", "a")
     model.train()
     work_stream = Prefetcher(plan.steps(start_step), lambda idx: layout.collate(data, idx, pad_id), pin=cuda)
     for work, batches in work_stream:
         step = work.step
-        for batch in batches:
+        for j, batch in enumerate(batches):
             pair_ids = batch.pop("pair_ids")
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "rank": accelerator.process_index, "micro": j,
+                                        "pair_ids": pair_ids}) + "\n")
+                trace.flush()
             batch = to_device(batch, accelerator.device)
             try:
+                if faults.oom_at == step and j == 0:
+                    raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, stats = objective.compute(model, batch)
@@ -273,6 +283,8 @@ def train_loop(accelerator, model, optimizer, scheduler, objective, data: PairDa
             say(f"crash_after={faults.crash_after} (test hook): exiting hard after step {step}")
             sys.stdout.flush()
             os._exit(17)
+    if trace is not None:
+        trace.close()
     return slog, epoch_f
 
 
