@@ -215,6 +215,70 @@ def test_qlora_without_gpu_fails_before_launch(tokenized):
         pipeline.execute("train", cfg, train_inputs(store, ref), store, log=LOG)
 
 
+TORCHRUN_TAIL = """[rank0]: Traceback (most recent call last):
+[rank0]:   File "/w/worldpm/modeling/packing.py", line 144, in forward_scores_packed
+[rank0]:     model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+[rank0]: AttributeError: 'dict' object has no attribute 'model_type'
+W1201 02:06:39.128000 26890 torch/distributed/elastic/multiprocessing/api.py:1010] Sending process 26907 closing signal SIGTERM
+E1201 02:06:39.410000 26890 torch/distributed/elastic/multiprocessing/api.py:984] failed (exitcode: 1) local_rank: 0
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+worldpm.modeling.trainer.main FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 26906)
+============================================================""".splitlines()
+
+
+def test_failure_line_is_the_workers_exception_not_the_launchers():
+    """torchrun prefixes a worker's lines with [rankN]: and ends with its own ChildFailedError report; accelerate's
+    plain launcher ends with CalledProcessError: the line that says why is the worker's exception."""
+    assert train.program_failure(1, TORCHRUN_TAIL) == (1, "AttributeError: 'dict' object has no attribute 'model_type'")
+    plain = ["Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
+             "ValueError: tokenize artifact has no pad token",
+             "Traceback (most recent call last):", "    raise CalledProcessError(returncode=process.returncode, cmd=cmd)",
+             "subprocess.CalledProcessError: Command '['python', '-m', 'x']' returned non-zero exit status 2."]
+    assert train.program_failure(1, plain) == (2, "ValueError: tokenize artifact has no pad token")
+    assert train.describe_exit(-9).startswith("was killed by SIGKILL (the OOM killer?")
+
+
+def test_a_training_program_that_raises_shows_its_exception_line(tokenized):
+    store, ref, _ = tokenized
+    # 4 attention heads over 3 key/value heads: transformers builds it, the first forward pass raises
+    bad = "{model_type: qwen2, hidden_size: 64, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 3, " \
+          "intermediate_size: 64}"
+    with pytest.raises(StageError) as e:
+        pipeline.execute("train", tiny_cfg(f"model.from_config={bad}", "train.max_steps=2"), train_inputs(store, ref),
+                         store, log=LOG)
+    msg = str(e.value)
+    assert "\n" not in msg and "RuntimeError: The size of tensor a (4) must match the size of tensor b (3)" in msg
+    assert "full log: " in msg and msg.rstrip(")").endswith("stderr.log")
+
+
+def test_no_training_pairs_and_out_of_memory_are_one_line_errors(tokenized, tmp_path, monkeypatch):
+    from worldpm.store import ArtifactRef
+    import polars as pl
+    import shutil
+
+    store, ref, _ = tokenized
+    empty = tmp_path / "tokenize-empty"
+    shutil.copytree(ref.path, empty)
+    pl.read_parquet(empty / "train.parquet").head(0).write_parquet(empty / "train.parquet")
+    inputs = {**train_inputs(store, ref), "tokenize": ArtifactRef("tokenize", "empty", str(empty), "d-empty")}
+    with pytest.raises(StageError, match=r"exited with 3: .*train.parquet: no training pairs \(the train split is empty"):
+        pipeline.execute("train", tiny_cfg("train.max_steps=2"), inputs, store, log=LOG)
+    monkeypatch.setenv(trainer_setup.OOM_ENV, "2")
+    with pytest.raises(StageError, match=r"out of memory at step 2 in a micro-batch of 4 pairs, \d+ tokens \(\d+ packed\): "
+                                         r"lower train.batch_size \(now 4\) or set train.max_tokens_per_batch, or set "
+                                         r"train.gradient_checkpointing=true"):
+        pipeline.execute("train", tiny_cfg("train.max_steps=3"), train_inputs(store, ref), store, log=LOG)
+
+
 # ---- launched runs (tiny random-initialised BERT, CPU) ----------------------------------------------------------
 
 def tiny_cfg(*extra: str):
