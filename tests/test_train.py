@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tasks import PIPELINE as pipeline
 from worldpm.errors import StageError
@@ -345,17 +346,35 @@ def traced(trace_dir: Path) -> dict[tuple[int, int, int], list[str]]:
     return seen
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory, tokenized) -> Path:
+    """A random tiny Qwen2 reward model saved as a checkpoint: plain, DDP and ZeRO-3 runs then start from the very
+    same weights (zero.Init draws a from_config model's weights differently)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-qwen")
+    tok = AutoTokenizer.from_pretrained(Path(tokenized[1].path) / "tokenizer")
+    torch.manual_seed(0)
+    models.build_reward_model({"from_config": yaml.safe_load(TINY_QWEN)}, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def multi(model_dir: Path) -> list[str]:
+    """An epoch of the tiny Qwen2 (no dropout) in steps of 8 pairs: 1 process x 2 accumulations or 2 x 1."""
+    return [f"model.name_or_path={model_dir}", "train.batch_size=4", "train.epochs=1", "train.lr=1e-3",
+            "train.log_every=1", "train.checkpoint_every=10", "train.eval_max_pairs=24", "train.warmup_ratio=0.1"]
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, monkeypatch, tmp_path):
+def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_dir, monkeypatch, tmp_path):
     """The train stage with 2 CPU processes (torchrun, gloo) against 1 process with the same global batch (4 pairs x
     2 accumulations = 4 pairs x 2 processes): the same loss curve; every pair once in the epoch across the two;
     metrics reduced over both (each line counts 8 pairs); one model, scoring as the 1-process one. The 2-process
     run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint."""
     store, ref, _ = tokenized
-    common = [f"model.from_config={TINY_QWEN}", "train.batch_size=4", "train.epochs=1", "train.lr=1e-3",
-              "train.log_every=1", "train.checkpoint_every=10", "train.eval_max_pairs=24", "train.warmup_ratio=0.1"]
-    one_cfg = load_config(None, common + ["train.grad_accum=2", "train.num_processes=1"])
-    two_cfg = load_config(None, common + ["train.grad_accum=1", "train.num_processes=2"])
+    one_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2", "train.num_processes=1"])
+    two_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2"])
     inputs = train_inputs(store, ref)
     monkeypatch.setenv(trainer_setup.TRACE_ENV, str(tmp_path / "one"))
     one = pipeline.execute("train", one_cfg, inputs, store, log=LOG)
@@ -401,13 +420,71 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, monkeypatch
                                models.score_token_ids(m1, test, m1.config.pad_token_id), atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the DeepSpeed ZeRO-3 path needs CUDA")
-def test_gpu_deepspeed_zero3_tiny_qwen(tokenized):
+def assert_saved_model_is_the_trained_one(out: Path, tok_ref, atol: float) -> dict:
+    """The saved folder loads with plain transformers, has the parameter count the trainer reported, and scores
+    the eval split as the trainer did before saving (its eval loss and accuracy, computed in the training
+    processes, under ZeRO-3 from the partitioned weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    data = load_pairs(Path(tok_ref.path) / "eval.parquet")
+    n = summary["eval"]["pairs"]
+    pad = model.config.pad_token_id
+    rc = models.score_token_ids(model, [data.seq("chosen", i) for i in range(n)], pad).astype(np.float64)
+    rr = models.score_token_ids(model, [data.seq("rejected", i) for i in range(n)], pad).astype(np.float64)
+    assert float(np.mean(np.logaddexp(0.0, -(rc - rr)))) == pytest.approx(summary["eval"]["loss"], abs=atol)
+    assert float(np.mean(rc > rr)) == pytest.approx(summary["eval"]["accuracy"], abs=1.5 / n)
+    return summary
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_on_cpu_trains_as_plain_and_saves_a_model_that_scores_the_same(tokenized, tiny_qwen_dir):
+    """DeepSpeed ZeRO-3 through its CPU accelerator (DS_ACCELERATOR=cpu, gloo), 2 processes: parameters
+    partitioned (numel 0 on every process) and still counted in full, the loss curve of the plain 1-process run of
+    the same global batch, and a saved folder that plain transformers reloads and that scores as before saving."""
     store, ref, _ = tokenized
-    cfg = tiny_cfg(f"model.from_config={TINY_QWEN}", "train.deepspeed.enabled=true", "train.precision=bf16")
+    plain = pipeline.execute("train", load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2",
+                                                                               "train.num_processes=1"]),
+                             train_inputs(store, ref), store, log=LOG)  # a cache hit after the test above
+    cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2", "train.deepspeed.enabled=true",
+                                     "train.deepspeed.zero_stage=3", "train.deepspeed.offload_optimizer=false"])
+    log = ListLog()
+    res = pipeline.execute("train", cfg, train_inputs(store, ref), store, log=log)
+    assert any("DeepSpeed ZeRO-3" in ln for ln in log.lines) and res.manifest["num_processes"] == 2
+    a, b = curve(Path(plain.ref.path)), curve(Path(res.ref.path))
+    assert len(a) == len(b) > 20
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
+    summary = assert_saved_model_is_the_trained_one(Path(res.ref.path), ref, atol=1e-4)
+    assert summary["parameters"] == json.loads((Path(plain.ref.path) / "train_summary.json").read_text())["parameters"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the DeepSpeed ZeRO-3 GPU path needs CUDA")
+def test_gpu_deepspeed_zero3_tiny_qwen(tokenized):
+    """On a GPU: ZeRO-3 in bf16 trains (the loss moves, every step finite), the saved folder reloads with plain
+    transformers and scores the eval split as the trainer did before saving, the parameter count is whole."""
+    store, ref, _ = tokenized
+    cfg = tiny_cfg(f"model.from_config={TINY_QWEN}", "train.deepspeed.enabled=true", "train.precision=bf16",
+                   "train.max_steps=12", "train.checkpoint_every=100")
     res = pipeline.execute("train", cfg, train_inputs(store, ref), store, log=LOG)
     assert res.manifest["precision"] == "bf16" and res.manifest["device"].endswith("GPU")
-    assert (Path(res.ref.path) / "model" / "config.json").exists()
+    steps = curve(Path(res.ref.path))
+    assert len(steps) == 12 and all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in steps)
+    assert len({m["loss"] for m in steps}) > 1
+    summary = assert_saved_model_is_the_trained_one(Path(res.ref.path), ref, atol=2e-2)  # bf16 weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    spec = yaml.safe_load(TINY_QWEN)
+    fresh = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        spec.pop("model_type"), num_labels=1, vocab_size=summary_vocab(res), **spec))
+    assert summary["parameters"] == sum(p.numel() for p in fresh.parameters())
+
+
+def summary_vocab(res) -> int:
+    return json.loads((Path(res.ref.path) / "model" / "config.json").read_text())["vocab_size"]
 
 
 # ---- end to end (slow) ------------------------------------------------------------------------------------------
