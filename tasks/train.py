@@ -272,6 +272,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     args = {"model": m, "train": t, "data_dir": str(data_dir), "tokenizer_dir": str(data_dir / "tokenizer"),
             "ref_dir": str(ref_dir), "out": str(out), "work": str(work), "precision": precision, "cpu": not gpus}
     args_path = launch_dir / "args.json"
+    args["launched_at"] = time.time()  # the trainer reports its startup from here (launch -> first step)
     args_path.write_text(json.dumps(args, indent=2))
     (work / "failure.json").unlink(missing_ok=True)
     extra = list(t.get("accelerate_args") or [])
@@ -312,4 +313,5 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         "eval_accuracy": (s.get("eval") or {}).get("accuracy"), "tokens_per_s": s["tokens_per_s"],
         "pairs_per_s": s["pairs_per_s"], "num_processes": nproc, "precision": precision,
         "device": f"{gpus} GPU" if gpus else "cpu", "launch_seconds": round(time.perf_counter() - t0, 2),
+        "launch_to_first_step_s": (s.get("startup") or {}).get("launch_to_first_step_s"),
     }

@@ -48,16 +48,21 @@ def padded_scores(model, seqs, pad_id, side):
 
 
 @pytest.mark.parametrize("kind,attn", [("minilm", "sdpa"), ("bert", "eager"), ("qwen2", "sdpa"),
-                                       ("qwen2", "eager")])
+                                       ("qwen2", "eager"), ("qwen2", "worldpm_varlen")])
 def test_packed_scores_equal_padded_scores(kind, attn, tok, seqs):
     """fp32, eval mode (so a decoder's KV cache is on by default: packing must turn it off), left and right
-    padding against one row and against rows as wide as the longest sequence."""
+    padding against one row and against rows as wide as the longest sequence. worldpm_varlen (torch's varlen
+    flash attention on CUDA, its per-sequence reference here) against the same weights under sdpa."""
     model = build(kind, tok, attn).eval()
+    reference = build(kind, tok, "sdpa").eval() if attn == "worldpm_varlen" else model
     kind_found = packing.pack_kind(model)
     assert kind_found == ("decoder" if kind == "qwen2" else "encoder")
     with torch.no_grad():
         for side in ("right", "left"):
-            want = padded_scores(model, seqs, tok.pad_token_id, side)
+            want = padded_scores(reference, seqs, tok.pad_token_id, side)
+            if attn == "worldpm_varlen":  # its own padded path (right padding, a row one sequence) agrees too
+                np.testing.assert_allclose(padded_scores(model, seqs, tok.pad_token_id, side).numpy(), want.numpy(),
+                                           atol=1e-4, rtol=0)
             assert float(want.std()) > 0  # scores that say something about the sequence
             for row_tokens in ((0, 300) if kind == "minilm" else (None, 0, 300)):  # (one MiniLM row: slow on CPU)
                 b = packing.pack_sequences(seqs, tok.pad_token_id, row_tokens)
@@ -118,6 +123,8 @@ def test_pack_layout_rows_positions_and_pad_blocks():
         assert b["input_ids"][r, f:last + 1].tolist() == s.tolist()
         assert b["position_ids"][r, f:last + 1].tolist() == list(range(len(s)))
         assert set(b["seq_ids"][r, f:last + 1].tolist()) == {i}
+    # first-fit decreasing: [7 + 1 pad], [6, 2], [5, 3]; the boundaries over the flattened rows, pad tail included
+    assert b["cu_seq_lens"].tolist() == [0, 7, 8, 14, 16, 21, 24] and b["max_seqlen"] == 7
     # a row's unused tail is a block of its own (positions from 0), so no query has every key masked
     mask = packing.block_mask(b["seq_ids"], "sdpa", torch.float32)
     assert bool(mask.any(-1).all())
@@ -135,6 +142,7 @@ def test_models_that_cannot_pack_are_named(tok):
     assert packing.pack_kind(flex_bert) is None
     qwen = build("qwen2", tok)
     assert packing.pack_kind(qwen) == "decoder" and not packing.one_row(qwen)
+    assert packing.one_row(build("qwen2", tok, attn="worldpm_varlen"))
 
 
 class DeepSpeedEngine(torch.nn.Module):

@@ -151,7 +151,9 @@ class ModelConfig(Strict):
     )
     tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's")
     attn_implementation: str | None = Field(
-        None, description="eager | sdpa | flash_attention_2; None: transformers' default (sdpa where it can)")
+        None, description="eager | sdpa | flash_attention_2 | flex_attention | worldpm_varlen (decoders, packed: "
+        "one row through torch's varlen flash attention on CUDA, worldpm/modeling/varlen.py); None: transformers' "
+        "default (sdpa where it can)")
     lora: LoraConfig = LoraConfig()
 
 

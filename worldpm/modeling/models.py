@@ -120,6 +120,7 @@ def build_reward_model(mcfg: Any, tokenizer, dtype: torch.dtype | None = None,
     from_config = _get(mcfg, "from_config")
     trust = bool(_get(mcfg, "trust_remote_code", False))
     attn = _get(mcfg, "attn_implementation")
+    register_attention(attn)
     pad_id = tokenizer.pad_token_id
     if from_config:
         spec = dict(from_config)
@@ -142,6 +143,15 @@ def build_reward_model(mcfg: Any, tokenizer, dtype: torch.dtype | None = None,
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a model from {src}: {str(e).splitlines()[0]}") from None
     return fit_to_tokenizer(model, tokenizer, pad_id)
+
+
+def register_attention(attn: str | None) -> None:
+    """Make worldpm's own attention implementation (varlen.py: packed sequences through torch's varlen flash
+    attention) known to transformers before a model asks for it."""
+    from worldpm.modeling import varlen
+
+    if attn == varlen.NAME:
+        varlen.register()
 
 
 def pretrained_kwargs(mcfg: Any, trust: bool, dtype, quantization_config, device_map, attn,
@@ -281,7 +291,9 @@ def forward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     position is the real first token. Decoders read the last non-pad token (transformers' rule, which finds the
     rightmost non-pad token and so works with either side); position_ids from the mask keep a left-padded row's
     positions equal to the row alone."""
-    if is_encoder(config_of(model)):
+    cfg = config_of(model)
+    if is_encoder(cfg) or getattr(cfg, "_attn_implementation", None) == "worldpm_varlen":
+        # encoders read the first token; varlen attention reads a padded row as one causal sequence (varlen.py)
         input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
         position_ids = None  # right padding: the default positions 0..L-1 are the real ones
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}

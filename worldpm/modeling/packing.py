@@ -31,12 +31,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from worldpm.modeling import models
+from worldpm.modeling import models, varlen
 
 # encoders whose head reads hidden_states[:, 0] in a submodule we can hand the per-sequence first tokens
 _ENCODER_POOLERS = {"bert": "pooler"}
-# attention implementations that skip masked blocks: one row for the whole batch
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+# attention implementations that skip masked blocks or take sequence boundaries: one row for the whole batch
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention", varlen.NAME)
 
 
 def pack_kind(model) -> str | None:
@@ -113,7 +113,18 @@ def pack_sequences(seqs: Sequence[np.ndarray], pad_id: int, row_tokens: int | No
         if c < width:  # the tail: a block of pad tokens of its own (never a fully masked query)
             pos[r, c:] = np.arange(width - c)
             sid[r, c:] = n + r
+    # the sequence boundaries in the flattened rows (a row's pad tail a segment of its own), for varlen kernels:
+    # transformers' FlashAttentionKwargs, handed to every attention layer, computed here on the host
+    bounds = [0]
+    for r, members in enumerate(rows):
+        for i in members:
+            bounds.append(bounds[-1] + int(lens[i]))
+        if (r + 1) * width > bounds[-1]:
+            bounds.append((r + 1) * width)
+    seg = np.diff(bounds)
+    out = {"cu_seq_lens": torch.from_numpy(np.asarray(bounds, dtype=np.int32)), "max_seqlen": int(seg.max())}
     return {
+        **out,
         "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(pos), "seq_ids": torch.from_numpy(sid),
         "seq_row": torch.from_numpy(seq_row), "seq_first": torch.from_numpy(seq_first),
         "seq_last": torch.from_numpy(seq_first + lens - 1), "tokens": total, "padded_tokens": R * width,
@@ -140,8 +151,12 @@ def forward_scores_packed(model, batch: dict, kind: str | None = None) -> torch.
     if kind == "decoder":
         got: list[torch.Tensor] = []
         handle = inner.score.register_forward_hook(lambda _m, _i, out: got.append(out))
+        kw = {}
+        if "cu_seq_lens" in batch:  # one row: every attention layer gets the boundaries, nothing recomputes them
+            kw = {"cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
+                  "max_length_q": batch["max_seqlen"], "max_length_k": batch["max_seqlen"]}
         try:
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **kw)
         finally:
             handle.remove()
         return got[-1][rows, last, 0]

@@ -46,6 +46,9 @@ from worldpm.modeling.trainer.step import TrainingStop, hms, train_loop
 FAILURE = "failure.json"
 
 
+T_IMPORTED = time.time()  # this module's imports (torch, numpy, polars ...) are done
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="worldpm trainer (run through `accelerate launch`)")
     ap.add_argument("--args-json", required=True)
@@ -83,12 +86,13 @@ def record_failure(work: Path, message: str) -> None:
 
 def run(A) -> int:
     t = A.train
-    t_launch = time.perf_counter()
+    marks = {"launch": A.launched_at or T_IMPORTED, "imports": T_IMPORTED}
 
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
     accelerator = setup.accelerator_for(A)
+    marks["accelerator"] = time.time()
     main_proc = accelerator.is_main_process
 
     def say(msg: str) -> None:
@@ -104,7 +108,9 @@ def run(A) -> int:
         raise TrainingStop(f"{A.data_dir / 'train.parquet'}: no training pairs (the train split is empty: see the "
                            "shard stage's splits and the clean stage's report)")
 
+    marks["data"] = time.time()
     model = setup.setup_model(objective, A.model, tokenizer, accelerator, t.gradient_checkpointing, A.precision)
+    marks["model"] = time.time()
     n_params, n_trainable = setup.parameter_counts(model)
     layout = setup.layout(model, t, accelerator, objective.name)
     try:
@@ -116,6 +122,7 @@ def run(A) -> int:
 
     ckpt_dir, metrics_path = A.work / "checkpoints", A.work / "metrics.jsonl"
     start_step, ckpt = save.resume(accelerator, ckpt_dir, plan.micro_per_step)
+    marks["prepare"] = time.time()
     if ckpt is not None:
         say(f"resumed from checkpoint {ckpt.name}: step {start_step}/{plan.total_steps}")
     if main_proc:
@@ -125,13 +132,17 @@ def run(A) -> int:
     say(f"training: {len(train)} pairs, {plan.total_steps} steps of {plan.micro_per_epoch} {micro} an epoch, "
         f"x {t.grad_accum} accumulation x {accelerator.num_processes} processes a step, "
         f"{'packed' if layout.packed else 'padded'}, {n_trainable:,}/{n_params:,} parameters trainable, "
-        f"precision {A.precision}, device {accelerator.device}, ready in {time.perf_counter() - t_launch:.1f}s")
+        f"precision {A.precision}, device {accelerator.device}, ready {marks['prepare'] - marks['launch']:.1f}s after "
+        f"launch")
 
     t_start = time.perf_counter()
     slog, epoch = train_loop(accelerator, model, optimizer, scheduler, objective, train, tokenizer.pad_token_id,
                              t, plan, layout, start_step, ckpt_dir, metrics_path, setup.FaultInjection.from_env(),
                              say)
     train_seconds = time.perf_counter() - t_start
+    marks["first_step"] = slog.first_step_at or time.time()
+    startup = startup_seconds(marks)
+    say("startup: " + ", ".join(f"{k} {v:.1f}s" for k, v in startup.items()))
 
     eval_data = load_split("eval") if (A.data_dir / "eval.parquet").exists() else None
     eval_metrics = evaluate_split(model, objective, eval_data, accelerator, tokenizer.pad_token_id, t.batch_size,
@@ -151,7 +162,7 @@ def run(A) -> int:
             "batch_size": t.batch_size, "max_tokens_per_batch": t.max_tokens_per_batch, "grad_accum": t.grad_accum,
             "num_processes": accelerator.num_processes, "packed": layout.packed,
             "precision": A.precision, "parameters": n_params, "trainable_parameters": n_trainable,
-            "startup_seconds": round(t_start - t_launch, 2),
+            "startup": startup,
             "seconds": round(elapsed, 2), "train_seconds": round(train_seconds, 2),
             "tokens_per_s": round(slog.run_tokens / max(train_seconds, 1e-9), 1),
             "pairs_per_s": round(slog.run_pairs / max(train_seconds, 1e-9), 2),
@@ -163,6 +174,16 @@ def run(A) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def startup_seconds(marks: dict) -> dict:
+    """Where the time from `accelerate launch` to the end of the first step went (seconds per phase): python +
+    the launcher + imports, the Accelerator (process group, DeepSpeed), tokenizer + data + plan, the model,
+    prepare (wrapping, ZeRO partitioning, optimizer) + resume, the first step; and the total."""
+    order = ["launch", "imports", "accelerator", "data", "model", "prepare", "first_step"]
+    out = {f"{b}_s": round(marks[b] - marks[a], 2) for a, b in zip(order, order[1:])}
+    out["launch_to_first_step_s"] = round(marks["first_step"] - marks["launch"], 2)
+    return out
 
 
 def keep_metrics_until(metrics_path: Path, step: int) -> None:

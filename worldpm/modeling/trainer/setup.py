@@ -33,13 +33,15 @@ class TrainerArgs:
     work: Path            # the stage's per-key scratch folder (checkpoints, metrics so far; survives a crash)
     precision: str        # bf16 | fp32
     cpu: bool = False     # no GPU: processes on the CPU (gloo), DeepSpeed through its CPU accelerator
+    launched_at: float | None = None  # time.time() when the stage started `accelerate launch` (startup timing)
 
     @classmethod
     def read(cls, path: str | Path) -> "TrainerArgs":
         a = json.loads(Path(path).read_text())
         return cls(model=ModelConfig.model_validate(a["model"]), train=TrainConfig.model_validate(a["train"]),
                    data_dir=Path(a["data_dir"]), tokenizer_dir=Path(a["tokenizer_dir"]), ref_dir=Path(a["ref_dir"]),
-                   out=Path(a["out"]), work=Path(a["work"]), precision=a["precision"], cpu=bool(a.get("cpu")))
+                   out=Path(a["out"]), work=Path(a["work"]), precision=a["precision"], cpu=bool(a.get("cpu")),
+                   launched_at=a.get("launched_at"))
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ class StepLog:
     run_tokens: float = 0.0
     run_pairs: float = 0.0
     last: dict = field(default_factory=dict)
+    first_step_at: float | None = None  # time.time() when this run's first step was done (startup timing)
 
     def __post_init__(self) -> None:
         self.t_log = self.t_start
@@ -193,7 +194,7 @@ class StepLog:
         gn = float(grad_norm) if grad_norm is not None else float("nan")
         self.last = {
             "step": step, "epoch": round(epoch, 4), **{k: round(v, 6) for k, v in vals.items()},
-            "lr": lr, "grad_norm": round(gn, 6), "pairs": int(pairs),
+            "lr": lr, "grad_norm": round(gn, 6), "pairs": int(pairs), "tokens": int(tokens), "fed_tokens": int(padded),
             "tokens_per_s": round(tokens / dt, 1), "pairs_per_s": round(pairs / dt, 2),
             "padding": round(1 - tokens / padded, 4) if padded else 0.0,
             "elapsed_s": round(now - self.t_start, 2),
@@ -268,6 +269,10 @@ def train_loop(accelerator, model, optimizer, scheduler, objective, data: PairDa
                 raise OutOfMemory(oom_message(step, batch, t, layout.packed)) from None
             slog.add(loss, stats, batch)
         scheduler.step()
+        if slog.first_step_at is None:  # the one host sync outside log lines: when did the first step end
+            if cuda:
+                torch.cuda.synchronize(accelerator.device)
+            slog.first_step_at = time.time()
         epoch_f = work.epoch
         slog.n += 1
         if step % t.log_every == 0 or step == plan.total_steps:
