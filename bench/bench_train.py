@@ -6,9 +6,12 @@ same model, data, max_length, pairs a step and precision, in one run that writes
     python bench/bench_train.py --tiny     # the same matrix on the CPU with a tiny random Qwen2 (checks the script)
     python bench/bench_train.py            # CPU: MiniLM (the embedded default), fp32, max_length 256, 8 pairs a step
 
-Variants (``--variants``): ``ours`` (the train stage as the pipeline runs it: packed, padding-free), ``ours-padded``
-(train.packing=false: the padded batches of before), ``ours-zero3`` (DeepSpeed ZeRO-3; on the CPU through
-DeepSpeed's CPU accelerator), ``trl`` (trl.RewardTrainer, in its own process; needs `pip install -e '.[bench]'`).
+Variants (``--variants``): ``ours`` (the train stage as the pipeline runs it, packed: on a GPU in one row through
+``attn_implementation: worldpm_varlen``, torch's varlen flash attention), ``ours-sdpa`` (packed into rows as wide
+as the longest sequence, sdpa with a block mask), ``ours-padded`` (train.packing=false: the padded batches of
+before), ``ours-zero3`` (as ``ours``, under DeepSpeed ZeRO-3; on the CPU through DeepSpeed's CPU accelerator),
+``trl`` (trl.RewardTrainer, in its own process; needs `pip install -e '.[bench]'`). On the CPU ``ours`` keeps
+the configured attention (varlen's CPU stand-in is a loop, for tests).
 Every variant runs in its own process(es), so each peak memory is its own; a variant that fails (out of memory, TRL
 missing) is recorded with its error and the others still run. After each variant its row is appended to
 ``<out>/results-<mode>.jsonl`` and the table ``<out>/results-<mode>.md`` is rewritten.
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_SE = ROOT.parent / "shared" / "data" / "stack-exchange-paired" / "data"
 OUT = ROOT / "bench" / "out" / "train"  # git-ignored
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-VARIANTS = ("ours", "ours-padded", "ours-zero3", "trl")
+VARIANTS = ("ours", "ours-sdpa", "ours-padded", "ours-zero3", "trl")
 TINY_QWEN = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512}
 
@@ -120,6 +123,10 @@ def run_ours(cfg, store, ref, variant: str, pairs: int, want_accuracy: bool, dev
     cfg = cfg.model_copy(deep=True)
     cfg.train.batch_size = pairs
     cfg.train.packing = variant != "ours-padded"
+    if device == "cuda" and variant in ("ours", "ours-zero3") and varlen_kernel():
+        cfg.model.attn_implementation = "worldpm_varlen"
+    elif variant in ("ours-sdpa", "ours-padded"):
+        cfg.model.attn_implementation = "sdpa"
     cfg.train.deepspeed.enabled = variant == "ours-zero3"
     if variant == "ours-zero3" and device == "cpu":
         cfg.train.deepspeed.offload_optimizer = cfg.train.deepspeed.offload_params = False
@@ -130,12 +137,19 @@ def run_ours(cfg, store, ref, variant: str, pairs: int, want_accuracy: bool, dev
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     fed = sum(m["fed_tokens"] for m in lines)
     r = {**window_rates(lines), "peak_memory_gb": summary["peak_memory_gb"],
+         "attn_implementation": cfg.model.attn_implementation,
          "padding_fed": round(1 - sum(m["tokens"] for m in lines) / fed, 4) if fed else 0.0,
          "packed": summary["packed"], "steps": summary["steps"], "final_loss": summary["final"]["loss"],
          "launch_to_first_step_s": summary["startup"]["launch_to_first_step_s"], "startup": summary["startup"]}
     if want_accuracy:
         r["test_accuracy"] = accuracy(out, ref, device)
     return r
+
+
+def varlen_kernel() -> bool:
+    from worldpm.modeling import varlen
+
+    return varlen._kernel() is not None
 
 
 # ---- TRL (own process) --------------------------------------------------------------------------------------------
