@@ -278,3 +278,19 @@ def collate_packed(data: PairData, idx: list[int], pad_id: int, row_tokens: int 
     rejected side, wherever they landed."""
     seqs = [data.seq("chosen", i) for i in idx] + [data.seq("rejected", i) for i in idx]
     return {**packing.pack_sequences(seqs, pad_id, row_tokens), **pair_fields(data, idx)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How micro-batches are laid out: packed (padding-free; row_tokens None = one row, 0 = rows as wide as the
+    longest sequence) or padded (to a multiple of pad_multiple)."""
+
+    packed: bool
+    row_tokens: int | None = None
+    pad_multiple: int | None = None
+
+    def collate(self, data: PairData, idx, pad_id: int) -> dict:
+        idx = [int(i) for i in idx]
+        if self.packed:
+            return collate_packed(data, idx, pad_id, self.row_tokens)
+        return collate_pairs(data, idx, pad_id, pad_to_multiple_of=self.pad_multiple)

@@ -12,7 +12,7 @@ import torch
 
 from worldpm.config import ModelConfig, TrainConfig
 from worldpm.modeling import models, packing
-from worldpm.modeling.trainer.data import PairBatchSampler, PairData, StepPlan, load_pairs
+from worldpm.modeling.trainer.data import Layout, PairBatchSampler, PairData, StepPlan, load_pairs
 
 CRASH_ENV = "WORLDPM_TRAIN_CRASH_AFTER_STEP"
 NAN_ENV = "WORLDPM_TRAIN_NAN_AT_STEP"
@@ -109,9 +109,7 @@ def plan(train: PairData, t: TrainConfig, accelerator, packed: bool) -> StepPlan
 
 
 def layout(model, t: TrainConfig, accelerator, objective_name: str):
-    """Packed (padding-free) where the model can and train.packing allows, else padded (step.Layout)."""
-    from worldpm.modeling.trainer.step import Layout
-
+    """Packed (padding-free) where the model can and train.packing allows, else padded (data.Layout)."""
     kind = packing.pack_kind(model) if objective_name == "bt" else None
     if t.packing is True and kind is None:
         what = "objective dpo" if objective_name != "bt" else type(models.unwrap(model)).__name__

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from worldpm.config import TrainConfig
-from worldpm.modeling.trainer.data import PairData, StepPlan, collate_packed, collate_pairs
+from worldpm.modeling.trainer.data import Layout, PairData, StepPlan
 from worldpm.modeling.trainer.save import save_checkpoint
 from worldpm.modeling.trainer.setup import FaultInjection
 
@@ -37,21 +37,6 @@ class NonFiniteLoss(TrainingStop):
 
 class OutOfMemory(TrainingStop):
     pass
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How micro-batches are laid out: packed (padding-free; row_tokens None = one row) or padded."""
-
-    packed: bool
-    row_tokens: int | None = None
-    pad_multiple: int | None = None
-
-    def collate(self, data: PairData, idx, pad_id: int) -> dict:
-        idx = [int(i) for i in idx]
-        if self.packed:
-            return collate_packed(data, idx, pad_id, self.row_tokens)
-        return collate_pairs(data, idx, pad_id, pad_to_multiple_of=self.pad_multiple)
 
 
 def check_finite(loss: torch.Tensor, step: int, pair_ids: list[str]) -> None:
