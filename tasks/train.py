@@ -11,8 +11,10 @@
 
 The program's stdout lines (progress: step/total, loss, accuracy, tokens/s, ETA) go to the stage's log (Prefect's
 logs under the flow). The process runs in its own session: a timeout (train.timeout_s), Ctrl-C or a cancelled
-flow kills the whole process group, not just the launcher. A failed run raises StageError with the last lines of
-its stderr; its checkpoints stay in the work folder, so rerunning the same key resumes from the newest one.
+flow kills the whole process group, not just the launcher. A failed run raises StageError with one line: the
+program's root cause (its <work>/failure.json, else the last exception line of a worker in stderr, past torchrun's
+``[rankN]:`` prefixes and the launcher's own report) and the path of the full stderr log; the last stderr lines go
+to the stage's log. Its checkpoints stay in the work folder, so rerunning the same key resumes from the newest.
 """
 from __future__ import annotations
 
