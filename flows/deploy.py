@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from flows import policy
+
 FLOW_NAME = "worldpm"
 DEPLOYMENTS = ("full", "clean")
 DEFAULT_CONFIG = "pipeline.yaml"
@@ -110,6 +112,8 @@ def serve(config_path: str | None = None, overrides: list[str] | None = None, *,
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
     print(f"worldpm serve: config {config_path or '<defaults>'}"
           + (f" with --set {' '.join(overrides)}" if overrides else ""), flush=True)
+    # the flow runs started here check their parameters against this config's serve.allowed_overrides
+    policy.mark_served(config_path, list(overrides or []))
     # pause_on_shutdown=False: Ctrl-C on the server must not pause the nightly schedule
     prefect.serve(*deployments, pause_on_shutdown=False, limit=limit)
 

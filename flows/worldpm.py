@@ -11,8 +11,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows import policy
 from flows.artifacts import publish_prefect_artifacts
 from tasks import PIPELINE
 from worldpm import engine
@@ -35,25 +37,21 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], f
 
 def run_pipeline(cfg: PipelineConfig, until: str | None = None, only: str | None = None,
                  start: str | None = None, force: list[str] | None = None) -> list[dict]:
-    """Resolve or run the selected stages in DAG order; returns [{stage, key, status, path, seconds}]."""
-    force_set = set(force or [])
-    for f in force_set:
-        PIPELINE[f]  # an unknown stage is a one-line error before anything runs
-    from_cache, to_run = PIPELINE.select(until=until, only=only, start=start)
-    refs: dict[str, ArtifactRef] = {}
-    results: list[dict] = []
-    for stage in PIPELINE:
-        name = stage.name
-        if name not in from_cache and name not in to_run:
-            results.append({"stage": name, "key": None, "status": "skipped", "path": None, "seconds": 0.0})
-            continue
-        state = run_stage.with_options(name=name)(
-            name, cfg, {u: refs[u] for u in stage.upstream}, force=name in force_set,
-            cache_only=name in from_cache, return_state=True)
-        res = state.result()  # raises the stage's error if the task failed
-        refs[name] = res.ref
-        results.append(res.to_json())
-    return results
+    """Resolve or run the selected stages in DAG order; returns [{stage, key, status, path, seconds}].
+
+    The run holds the artifact store (shared) from its first stage to its last, so `worldpm artifacts gc` refuses
+    while it is in progress instead of deleting what a later stage of it reads."""
+    store = ArtifactStore(cfg.artifacts_dir)
+
+    def run_one(name: str, inputs: dict[str, ArtifactRef], force_it: bool, cache_only: bool) -> engine.StageResult:
+        state = run_stage.with_options(name=name)(name, cfg, inputs, force=force_it, cache_only=cache_only,
+                                                  return_state=True)
+        return state.result()  # raises the stage's error if the task failed
+
+    run_name = flow_run.get_name()
+    with store.run_lock(f"{'flow run ' + repr(run_name) if run_name else 'a run'} of pipeline {cfg.name!r}"):
+        return PIPELINE.run(cfg, store, until=until, only=only, start=start, force=force or [], run_one=run_one,
+                            log=get_run_logger())
 
 
 @flow(name="worldpm", persist_result=False, log_prints=True)
@@ -61,6 +59,9 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
             until: str | None = None, only: str | None = None, start: str | None = None,
             force: list[str] | None = None) -> list[dict]:
     """download -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage cached by content."""
+    served = policy.served_run()
+    if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
+        policy.check_run(served, config_path, overrides, sources)
     cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     results = run_pipeline(cfg, until=until, only=only, start=start, force=force)

@@ -79,6 +79,10 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     )
 
     tok_dir, train_dir = Path(inputs["tokenize"].path), Path(inputs["train"].path)
+    test = read_split(inputs["tokenize"], "test")
+    if test.height == 0:  # shard and tokenize stop on a test split they emptied; this is shard.test: 0
+        raise StageError(f"evaluate: the test split has no pairs ({tok_dir / 'test.parquet'}): an evaluation of 0 "
+                         "pairs measures nothing; give shard.test a fraction above 0")
     device = pick_device()
     bins = int(scfg["ece_bins"])
     if scfg.get("dpo"):
@@ -101,7 +105,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     metrics: dict[str, dict] = {}
     preds: list[pl.DataFrame] = []
     # test split: already tokenized by the tokenize stage, exactly as training saw its pairs
-    test = read_split(inputs["tokenize"], "test").with_columns(subset=pl.lit(None, pl.String))
+    test = test.with_columns(subset=pl.lit(None, pl.String))
     c, r = scorer.rewards(test, "test", cached_reference=True)
     tp = predictions("test", test, c, r, test["chosen_len"], test["rejected_len"])
     metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag}

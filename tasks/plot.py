@@ -13,6 +13,9 @@ from worldpm.config import PipelineConfig
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
+# the files of its inputs plot opens: what is checked against their digests before it runs (not the model weights)
+READS = {"clean": ("report.json",), "train": ("train_summary.json", "metrics.jsonl"), "evaluate": ("metrics.json",)}
+
 
 def stage_config(cfg: PipelineConfig) -> dict:
     return {"name": cfg.name, **cfg.plot.model_dump(mode="json")}

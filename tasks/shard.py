@@ -51,6 +51,26 @@ def assign_splits(group_ids: pl.Series, fractions: dict[str, float], salt: str) 
     return pl.DataFrame({"group_id": uniq, "u": u}).select("group_id", split.alias("split"))
 
 
+def check_no_empty_split(splits: dict[str, dict], fractions: dict[str, float], rows: int, groups: int,
+                         salt: str, log) -> None:
+    """train and test must hold pairs (test when its fraction is above 0): an empty one stops the stage here, naming
+    the rule that emptied it, instead of a trainer failing on 0 pairs or an evaluation of 0 test pairs. An empty
+    eval split (only the end-of-training eval metrics read it) is a warning."""
+    for split in SPLITS:
+        if splits[split]["rows"] or (fractions[split] == 0 and split != "train"):
+            continue
+        if fractions[split] == 0:
+            raise StageError("shard: shard.train is 0: no pair goes to the train split; give it a fraction")
+        msg = (f"shard: the {split} split is empty (shard.{split}={fractions[split]:g}): the {rows} pairs come from "
+               f"{groups} question group(s) (group_id), and the split by a hash of (shard.salt={salt!r}, group_id) "
+               f"put none of them in {split}; add data with more questions, change shard.salt, or set "
+               f"shard.{split}=0 if you want no {split} split")
+        if split == "eval":
+            log.warning("%s", msg)
+        else:
+            raise StageError(msg)
+
+
 def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     src = Path(inputs["clean"].path) / "pairs.parquet"
     if not src.exists():
@@ -104,5 +124,6 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     rows_in = lf.select(pl.len()).collect().item()
     if total != rows_in:
         raise StageError(f"shard: wrote {total} rows of {rows_in}: rows were lost")
+    check_no_empty_split(splits, fractions, rows_in, assignment.height, scfg["salt"], log)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
     return {"rows_in": rows_in, "rows_out": total, "rows_rejected": 0, "splits": splits}

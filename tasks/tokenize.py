@@ -71,6 +71,15 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
             splits[split] = tokenize_split(split, files.get(split, []), r, enc, scfg, out, rejects, log)
     finally:
         enc.close()
+    for split, c in splits.items():  # emptied here: fail here, not in the trainer or in an evaluation of 0 pairs
+        if c["rows_in"] and not c["rows_out"]:
+            msg = (f"tokenize: every pair of the {split} split ({c['rows_in']}) is longer than tokenize.max_length="
+                   f"{max_length} tokens and tokenize.overlength=drop removed it; raise max_length or set overlength: "
+                   "truncate")
+            if split == "eval":  # only the end-of-training eval metrics read it
+                log.warning("%s; train_summary.json will have no eval metrics", msg)
+            else:
+                raise StageError(msg)
     rej_df = pl.concat(rejects) if rejects else pl.DataFrame(schema=REJECT_SCHEMA)
     rej_df.write_parquet(out / "rejects.parquet", compression="zstd")
     total = {k: sum(s[k] for s in splits.values()) for k in ("rows_in", "rows_out", "truncated", "dropped")}

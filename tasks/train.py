@@ -11,10 +11,12 @@
 
 The program's stdout lines (progress: step/total, loss, accuracy, tokens/s, ETA) go to the stage's log (Prefect's
 logs under the flow). The process runs in its own session: a timeout (train.timeout_s), Ctrl-C or a cancelled
-flow kills the whole process group, not just the launcher. A failed run raises StageError with one line: the
-program's root cause (its <work>/failure.json, else the last exception line of a worker in stderr, past torchrun's
-``[rankN]:`` prefixes and the launcher's own report) and the path of the full stderr log; the last stderr lines go
-to the stage's log. Its checkpoints stay in the work folder, so rerunning the same key resumes from the newest.
+flow kills the whole process group, not just the launcher; and it dies with this process, even on a SIGKILL of
+`worldpm run` (worldpm/modeling/trainer/guard.py), while the trainer locks its work folder against a second one.
+A failed run raises StageError with one line: the program's root cause (its <work>/failure.json, else the last
+exception line of a worker in stderr, past torchrun's ``[rankN]:`` prefixes and the launcher's own report) and
+the path of the full stderr log; the last stderr lines go to the stage's log. Its checkpoints stay in the work
+folder, so rerunning the same key resumes from the newest.
 """
 from __future__ import annotations
 
@@ -175,10 +177,15 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def stream_process(cmd: list[str], log, env: dict, stderr_path: Path, timeout_s: float | None) -> tuple[int, list[str]]:
-    """Run cmd in its own session; stdout lines -> log.info, stderr kept (file + last lines). (rc, stderr tail)."""
+    """Run cmd in its own session; stdout lines -> log.info, stderr kept (file + last lines). (rc, stderr tail).
+
+    The command is killed when this process dies, even by SIGKILL (guard.parent_death_command: its own session
+    keeps it out of the run's process group, so nothing else would), and the trainer it launches dies with it."""
+    from worldpm.modeling.trainer import guard
+
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(guard.parent_death_command(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, bufsize=1, env=env, start_new_session=True)
     timed_out = threading.Event()
 
     def read_stderr() -> None:

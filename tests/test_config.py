@@ -90,3 +90,27 @@ def test_source_from_cli(tmp_path):
         "kind": "hf", "repo_id": "lvwerra/stack-exchange-paired", "revision": "main"}
     with pytest.raises(ConfigError, match="no such file"):
         source_from_cli("./nope.jsonl")
+
+
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """issue 12 case 12: `--source data/train.jsonl` (a typo, or the wrong folder) used to become the hub dataset
+    'data/train.jsonl' and cost ~20 s of retries before failing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for text in ("data/train.jsonl", "exports/pairs.parquet", "data/reward", "data/reward@main"):
+        with pytest.raises(ConfigError, match=rf"--source '{text}': no such file or directory") as e:
+            source_from_cli(text)
+        assert "\n" not in str(e.value) and f"hf://{text}" in str(e.value)
+    assert source_from_cli("hf://owner/pairs.jsonl") == {"kind": "hf", "repo_id": "owner/pairs.jsonl"}
+    assert source_from_cli("owner/name") == {"kind": "hf", "repo_id": "owner/name"}
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    assert source_from_cli("data/train.jsonl") == {"kind": "local", "path": str(tmp_path / "data" / "train.jsonl")}
+
+
+def test_a_config_that_is_a_directory_or_not_utf8(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; --config takes a YAML file"):
+        load_config(tmp_path)
+    bad = tmp_path / "p.yaml"
+    bad.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: not UTF-8 text \(byte 6"):
+        load_config(bad)

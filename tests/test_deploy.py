@@ -101,6 +101,60 @@ def test_server_refuses_a_port_in_use(capsys):
     assert f"127.0.0.1:{port} is in use" in capsys.readouterr().err
 
 
+# ---- what a deployment run may override (issue 12 case 6) --------------------------------------------------------
+def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path):
+    from flows.policy import Served, check_run
+    from worldpm.errors import ConfigError
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "more.jsonl").write_text("{}\n")
+    cfg = _write_config(project / "pipeline.yaml", {"name": "served"})
+    served = Served(str(cfg), ["train.max_steps=2000"])
+    ok = [
+        ([], None),
+        (["train.max_steps=2000"], None),                    # serve's own --set
+        (["clean.min_margin=1", "train.lr=1e-5"], None),      # in the default allowlist
+        ([], ["owner/dataset@v2"]),                           # a hub id
+        ([], [str(project / "data" / "more.jsonl")]),         # a file inside the project
+    ]
+    for overrides, sources in ok:
+        check_run(served, str(cfg), overrides, sources)
+    refused = [
+        (str(cfg), ["artifacts_dir=/elsewhere"], None, "may not override artifacts_dir ('artifacts_dir=/elsewhere'): never"),
+        (str(cfg), ["model.trust_remote_code=true"], None, "may not override model.trust_remote_code"),
+        (str(cfg), ["model={trust_remote_code: true}"], None, "may not override model ("),
+        (str(cfg), ["serve.allowed_overrides=['*']"], None, "may not override serve.allowed_overrides"),
+        (str(cfg), ["train.accelerate_args=[--config_file, /tmp/x]"], None, "may not override train.accelerate_args"),
+        (str(cfg), ['tokenize.plain_template="Q: {prompt} A: {response}"'], None, "not in serve.allowed_overrides of"),
+        (str(cfg), ["train.deepspeed.config_file=/etc/passwd"], None, "not in serve.allowed_overrides"),
+        (str(cfg), [], ["/etc"], "source '/etc' is outside the project folder"),
+        (str(tmp_path / "other.yaml"), [], None, "cannot change config_path"),
+    ]
+    _write_config(tmp_path / "other.yaml", {"model": {"trust_remote_code": True}})
+    for config_path, overrides, sources, needle in refused:
+        with pytest.raises(ConfigError) as e:
+            check_run(served, config_path, overrides, sources)
+        assert needle in str(e.value) and "\n" not in str(e.value), (overrides, sources, str(e.value))
+
+    # the list is the served config's; even "*" never opens a path outside the project or the store
+    _write_config(cfg, {"name": "served", "serve": {"allowed_overrides": ["*"]}})
+    check_run(served, str(cfg), ['tokenize.plain_template="Q: {prompt} A: {response}"'], None)
+    for overrides, needle in (
+            (["evaluate.eval_sets=[{name: x, path: /etc/passwd}]"], "evaluate.eval_sets.0.path '/etc/passwd' is "
+                                                                     "outside the project folder"),
+            (["model.name_or_path=/home/someone/model"], "model.name_or_path '/home/someone/model' is outside"),
+            (["artifacts_dir=elsewhere"], "may not override artifacts_dir"),
+            (["model.trust_remote_code=true"], "may not override model.trust_remote_code")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            check_run(served, str(cfg), overrides, None)
+    _write_config(cfg, {"name": "served", "serve": {"allowed_overrides": ["train.lr"]}})
+    with pytest.raises(ConfigError, match="may not override clean.min_margin"):
+        check_run(served, str(cfg), ["clean.min_margin=1"], None)
+    with pytest.raises(ConfigError, match="may not replace the sources"):
+        check_run(served, str(cfg), [], ["owner/dataset"])
+
+
 # ---- slow: served deployments against a real server ------------------------------------------------------------
 def _tiny_config(tmp_path: Path, se_paired: Path) -> Path:
     """The coffee StackExchange pairs (129) and settings that keep every available stage tiny."""
@@ -167,14 +221,14 @@ def _wait_for_deployments(proc: subprocess.Popen, log: Path, names=("worldpm/ful
                 time.sleep(1)
 
 
-def _deployment_run(name: str, *params: str, cwd: Path) -> UUID:
+def _deployment_run(name: str, *params: str, cwd: Path, ok: bool = True) -> UUID:
     cmd = [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch"]
     for p in params:
         cmd += ["--param", p]
     env = dict(os.environ, COLUMNS="200")
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     out = p.stdout + p.stderr
-    assert p.returncode == 0, f"prefect deployment run {name} failed ({p.returncode}):\n{out[-4000:]}"
+    assert (p.returncode == 0) == ok, f"prefect deployment run {name} exited {p.returncode}:\n{out[-4000:]}"
     m = re.search(r"UUID: ([0-9a-f-]{36})", out)
     assert m, out
     return UUID(m.group(1))
@@ -273,6 +327,14 @@ def test_served_deployments_run_cache_and_rerun_clean(prefect_api_url, se_paired
             assert a.end_time <= b.start_time, (a.start_time, a.end_time, b.start_time, b.end_time)
             waited = {s.name for s in c.read_flow_run_states(b.id)}
             assert "AwaitingConcurrencySlot" in waited, waited
+
+        # 5. a run may override only what the served config allows: never artifacts_dir (issue 12 case 6)
+        elsewhere = tmp_path / "elsewhere"
+        refused = _deployment_run("worldpm/clean", f'overrides=["artifacts_dir={elsewhere}"]', cwd=tmp_path, ok=False)
+        with _client() as c:
+            state = c.read_flow_run(refused).state
+        assert state.is_failed() and "a deployment run (worldpm serve) may not override artifacts_dir" in state.message
+        assert not elsewhere.exists() and _task_states(refused) == {}
     finally:
         _stop(serve)
     # stopping the server process left the nightly schedule active (pause_on_shutdown=False)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -101,3 +104,70 @@ def test_config_errors_are_one_line(worldpm_cli, tmp_path):
     assert p.returncode == 2 and "no such file" in p.stderr
     p = worldpm_cli("run", "--until", "nosuchstage", check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_a_failing_stage_is_one_line_and_verbose_keeps_the_tracebacks(worldpm_cli, tmp_path):
+    """issue 12 case 8: every failing stage printed two Prefect tracebacks (~90 lines) before its one line."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    quiet = worldpm_cli("run", "--source", str(empty), "--until", "download", check=False)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1] == f"worldpm: download: {empty}: empty file"
+    loud = worldpm_cli("run", "--source", str(empty), "--until", "download", "--verbose", check=False)
+    assert loud.returncode == 1 and loud.stderr.count("Traceback (most recent call last)") >= 2
+    assert loud.stderr.strip().splitlines()[-1] == f"worldpm: download: {empty}: empty file"
+
+
+def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_api_url, se_paired, tmp_path):
+    """issue 12 case 1: `worldpm run --config s2.yaml` in progress, `worldpm artifacts gc --config s1.yaml` used to
+    delete the run's download artifact between two of its stages. The run holds the store from its first stage to
+    its last: gc refuses, naming it, and deletes nothing; once the run has ended, gc works."""
+    import subprocess
+    import time
+
+    import yaml
+
+    from tasks import PIPELINE
+    from worldpm.config import load_config
+    from worldpm.status import pipeline_status
+    from worldpm.store import ArtifactStore
+
+    coffee = se_paired / "reward" / "coffee.stackexchange.com-00000-of-00001.parquet"
+    beer = se_paired / "reward" / "beer.stackexchange.com-00000-of-00001.parquet"
+    s1, s2 = tmp_path / "s1.yaml", tmp_path / "s2.yaml"
+    s1.write_text(yaml.safe_dump({"artifacts_dir": "store", "sources": [{"kind": "local", "path": str(beer)}]}))
+    s2.write_text(yaml.safe_dump({"artifacts_dir": "store", "sources": [{"kind": "local", "path": str(coffee)}]}))
+    cfg2 = load_config(s2)
+    store = ArtifactStore(cfg2.artifacts_dir)
+    download = PIPELINE.execute("download", cfg2, {}, store)  # s2's download: committed, nothing else yet
+    clean_key = next(r["key"] for r in pipeline_status(PIPELINE, cfg2) if r["stage"] == "clean")
+
+    # the run reaches clean and waits there (this test holds clean's key lock, as a concurrent run would): the
+    # run is in progress, between two of its stages, with its download artifact still to be read
+    out_log, err_log = tmp_path / "run.out", tmp_path / "run.err"
+    with store.key_lock("clean", clean_key), open(out_log, "w") as out, open(err_log, "w") as err:
+        run = subprocess.Popen([shutil.which("worldpm") or str(Path(sys.executable).parent / "worldpm"), "run",
+                                "--config", str(s2), "--until", "shard"], cwd=tmp_path, stdout=out, stderr=err,
+                               text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api_url))
+        try:
+            deadline = time.monotonic() + 300  # a hang guard for the run to start
+            while "download: cached" not in err_log.read_text():  # past download, waiting at clean
+                assert run.poll() is None, err_log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the run did not start"
+                time.sleep(0.2)
+            gc = worldpm_cli("artifacts", "gc", "--config", str(s1), check=False, timeout=120)
+            assert gc.returncode == 1 and "removed" not in gc.stdout
+            line = gc.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"worldpm: artifacts gc: the store {store.root} is in use by a run in progress (pid "
+                                   f"{run.pid} on "), gc.stderr
+            assert "nothing was changed" in line
+            assert Path(download.path).is_dir()
+        except BaseException:
+            run.kill()
+            raise
+    assert run.wait(timeout=600) == 0, err_log.read_text()[-3000:]
+    lines = out_log.read_text().splitlines()
+    assert [ln.split()[1] for ln in lines[:3]] == ["cached", "ran", "ran"]  # download, clean, shard
+    # the run has ended: now gc removes what s1 does not use (all of s2's artifacts)
+    gc = worldpm_cli("artifacts", "gc", "--config", str(s1))
+    assert "removed 3 folder(s)" in gc.stdout and not Path(download.path).exists()

@@ -100,3 +100,27 @@ def test_rows_without_group_id_stop_the_stage(tmp_path, pairs):
     with pytest.raises(StageError, match="without group_id"):
         pipeline.execute("shard", load_config(None), {"clean": clean}, store, log=LOG)
     assert not list((tmp_path / "shard").glob("*/manifest.json"))
+
+
+def test_an_empty_split_stops_shard_naming_the_rule(tmp_path, pairs):
+    """issue 12 case 9: all pairs in one split used to exit 0 with an evaluation of 0 test pairs."""
+    store = ArtifactStore(tmp_path)
+    one_question = pairs.filter(pl.col("group_id") == pairs["group_id"][0])  # one group: one split holds all
+    clean = commit_clean(store, one_question, key="one")
+    cfg = load_config(None)
+    [where] = shard.assign_splits(one_question["group_id"], {"train": 0.8, "eval": 0.1, "test": 0.1},
+                                  cfg.shard.salt)["split"]
+    empty = next(s for s in ("train", "test") if s != where)
+    with pytest.raises(StageError, match=rf"shard: the {empty} split is empty \(shard.{empty}=0.\d\): the "
+                                         rf"{one_question.height} pairs come from 1 question group") as e:
+        pipeline.execute("shard", cfg, {"clean": clean}, store, log=LOG)
+    assert "shard.salt" in str(e.value) and "\n" not in str(e.value)
+    assert not list((tmp_path / "shard").glob("*/manifest.json"))
+    # a split given no fraction may be empty; train may not
+    others = [s for s in ("train", "eval", "test") if s != where]
+    ok = load_config(None, [f"shard.{where}=1.0"] + [f"shard.{s}=0" for s in others])
+    if where == "train":
+        assert pipeline.execute("shard", ok, {"clean": clean}, store, log=LOG).status == "ran"
+    else:
+        with pytest.raises(StageError, match="shard.train is 0"):
+            pipeline.execute("shard", ok, {"clean": clean}, store, log=LOG)

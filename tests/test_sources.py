@@ -299,3 +299,19 @@ def test_named_format_with_missing_columns(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "chosen": "c"}])
     with pytest.raises(AdapterError, match="needs column.*rejected"):
         read_source_file(f, "prompt_chosen_rejected")
+
+
+def test_latin1_and_ragged_csv_records_are_quarantined_like_bad_jsonl_lines(tmp_path):
+    """issue 12 case 12: a CSV with one Latin-1 record used to be refused whole (`not a readable CSV file`)."""
+    f = tmp_path / "pairs.csv"
+    f.write_bytes(b"prompt,chosen,rejected\n"
+                  b"Best grind for espresso?,Fine,Coarse\n"
+                  b"\"A question\nover two lines\",\"Yes, since caf\xe9 means coffee\",No\n"  # Latin-1, starts on line 3
+                  b"Too,many,fields,here\n"
+                  b"Water temperature?,Just off the boil,Boiling\n")
+    r, pairs, rejects = load(f)
+    assert r.records == 4 and pairs["chosen"].to_list() == ["Fine", "Just off the boil"]
+    got = {(x["reason"], x["line"]) for x in rejects.iter_rows(named=True)}
+    assert got == {("invalid_utf8", 3), ("malformed_csv", 5)}
+    assert all(d.startswith(f"{f}:") for d in rejects["detail"])
+    assert "caf\ufffd means coffee" in rejects.filter(pl.col("reason") == "invalid_utf8")["raw"].item()

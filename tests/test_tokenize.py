@@ -2,6 +2,7 @@
 token and the response end survive truncation, chat templates render as the tokenizer's own apply_chat_template."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from worldpm.data.splits import SPLITS, read_split
 from worldpm.modeling import models
 from worldpm.config import load_config
 from worldpm.data.sources import read_source_file
+from worldpm.errors import StageError
 from worldpm.store import ArtifactStore
 
 LOG = logging.getLogger("test")
@@ -83,20 +85,33 @@ def test_truncate_keeps_every_pair_the_reward_token_and_the_response_end(shard_r
 
 def test_drop_moves_overlength_pairs_to_rejects_and_counts_them(shard_ref):
     store, shard = shard_ref
-    trunc = run_tokenize(store, shard, "tokenize.max_length=160", "tokenize.overlength=truncate")
-    drop = run_tokenize(store, shard, "tokenize.max_length=160", "tokenize.overlength=drop")
+    trunc = run_tokenize(store, shard, "tokenize.max_length=384", "tokenize.overlength=truncate")
+    drop = run_tokenize(store, shard, "tokenize.max_length=384", "tokenize.overlength=drop")
     m = drop.manifest
     kept = all_splits(drop.ref)
     rejects = pl.read_parquet(Path(drop.ref.path) / "rejects.parquet")
     assert m["rows_in"] == 400 == m["rows_out"] + m["rows_rejected"]
     assert m["rows_rejected"] == rejects.height == trunc.manifest["truncated"] > 0
     assert set(rejects["reason"].unique()) == {"overlength"}
-    assert ((rejects["chosen_len"] > 160) | (rejects["rejected_len"] > 160)).all()
-    assert not kept["truncated"].any() and kept["chosen_len"].max() <= 160
+    assert ((rejects["chosen_len"] > 384) | (rejects["rejected_len"] > 384)).all()
+    assert not kept["truncated"].any() and kept["chosen_len"].max() <= 384
+    assert all(split["rows_out"] for split in m["splits"].values())
     # none vanish: kept + rejected pair ids are exactly the input's
     all_ids = set(all_splits(trunc.ref)["pair_id"])
     assert set(kept["pair_id"]) | set(rejects["pair_id"]) == all_ids
     assert not set(kept["pair_id"]) & set(rejects["pair_id"])
+
+
+def test_a_split_that_drop_empties_stops_tokenize_naming_the_rule(shard_ref):
+    """issue 12 case 9: at 160 tokens every pair of the test split is longer; tokenize used to commit a test split of
+    0 pairs (and an empty train split failed later, in the trainer, as a CalledProcessError)."""
+    store, shard = shard_ref
+    with pytest.raises(StageError, match=r"^tokenize: every pair of the test split \(27\) is longer than "
+                                         r"tokenize.max_length=160 tokens and tokenize.overlength=drop removed it"):
+        run_tokenize(store, shard, "tokenize.max_length=160", "tokenize.overlength=drop")
+    assert not list((store.root / "tokenize").glob("*/manifest.json")) or all(
+        json.loads(p.read_text())["config"]["max_length"] != 160
+        for p in (store.root / "tokenize").glob("*/manifest.json"))
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +157,101 @@ def test_multi_turn_prompts_take_the_rendered_path(tmp_path, chatml_tokenizer):
     want = tok(tok.apply_chat_template(msgs, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]
     assert out["chosen_ids"].to_list()[0] == want
     enc.close()
+
+
+# ---- only the end of a long text is tokenized, with the same ids (issue 12 case 10) ---------------------------------
+QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+                r"""|\s+(?!\S)|\s+""")
+
+
+def byte_level_bpe(texts: list[str]):
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer, trained here on the real answers (no hub access)."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tmodels
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(tmodels.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>")
+
+
+class SpyEncoder(render.ParallelEncoder):
+    """Records the longest text it was asked to tokenize."""
+    longest = 0
+
+    def __call__(self, texts):
+        self.longest = max([self.longest, *map(len, texts)])
+        return super().__call__(texts)
+
+
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame({"pair_id": [str(i) for i in range(len(rows))], "source": "s", "domain": None,
+                         "group_id": "g", "margin": None,
+                         "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
+                         "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]},
+                        schema_overrides={"domain": pl.String, "margin": pl.Float64})
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level BPE"])
+def test_only_the_end_of_a_long_text_is_tokenized_and_the_ids_are_the_same(se_paired, monkeypatch, kind):
+    pairs = se_pairs(se_paired).head(60)
+    answers = pairs["chosen"].to_list() + pairs["rejected"].to_list()
+    tok = models.load_tokenizer("minilm") if kind == "wordpiece" else byte_level_bpe(answers)
+    long_answer = "\n\n".join(answers)  # real text: code, lists, whitespace runs, ~100k characters
+    real = _frame([{"chosen": long_answer[:len(long_answer) - 1999 * i], "rejected": answers[i],
+                    "prompt": long_answer[:(len(long_answer) - 1999 * i) // 7]} for i in range(24)])
+    odd = _frame([  # words WordPiece makes one [UNK] each (the cut gives too few tokens: cut longer), one giant word
+        {"chosen": " ".join(["x" * 150] * 2000), "rejected": "z" * 50_000, "prompt": "q"},
+        {"chosen": ("\n" + " " * 40 + "y = 1") * 3000, "rejected": "short", "prompt": "q " * 20_000}])
+    r = render.Renderer(tok, "{prompt}\n\n{response}", "")
+    cols = ["chosen_ids", "rejected_ids", "prompt_len", "truncated"]
+    for max_length in (64, 256):
+        for df in (real, odd):
+            enc = SpyEncoder(tok, 1)
+            cut = render.tokenize_frame(df, r, enc, max_length).select(cols)
+            if df is real:
+                assert enc.longest < len(long_answer) // 4  # only the ends were tokenized
+            with monkeypatch.context() as m:
+                m.setattr(render, "CHARS_PER_TOKEN_BOUND", 10**9)  # no cut: every text tokenized whole
+                whole = render.tokenize_frame(df, r, render.ParallelEncoder(tok, 1), max_length).select(cols)
+            assert cut["truncated"].all()
+            for c in cols:
+                assert cut[c].to_list() == whole[c].to_list(), (c, max_length)
+
+
+def test_one_huge_answer_is_cut_before_tokenizing(se_paired):
+    """A 20 MB answer: the encoder sees at most the bound (tokenizing it whole took 3.5 GB and 26 s)."""
+    pairs = se_pairs(se_paired).head(50)
+    answer = "\n\n".join(pairs["chosen"].to_list())
+    huge = (answer * (20_000_000 // len(answer) + 1))[-20_000_000:]
+    tok = models.load_tokenizer("minilm")
+    r = render.Renderer(tok, "{prompt}\n\n{response}", "")
+    df = pl.DataFrame({"pair_id": ["p"], "source": "s", "domain": None, "group_id": "g", "margin": None,
+                       "prompt": [[{"role": "user", "content": "Why?"}]], "chosen": [huge], "rejected": ["No."]},
+                      schema_overrides={"domain": pl.String, "margin": pl.Float64})
+    enc = SpyEncoder(tok, 1)
+    out = render.tokenize_frame(df, r, enc, 256)
+    assert enc.longest <= 2 * render.char_bound(256)
+    # the same ids as the end alone, tokenized whole (200k characters are cheap)
+    tail = df.with_columns(chosen=pl.lit(huge[-200_000:]))
+    ref = render.tokenize_frame(tail, r, render.ParallelEncoder(tok, 1), 256)
+    assert out["chosen_ids"].to_list() == ref["chosen_ids"].to_list() and out["truncated"].item()
+
+
+def test_evaluate_refuses_a_test_split_of_zero_pairs(tmp_path):
+    """issue 12 case 9: shard.test: 0 used to give an exit 0 and an evaluation of 0 test pairs."""
+    from tasks import evaluate
+    from tasks.tokenize import OUT_SCHEMA
+
+    store = ArtifactStore(tmp_path)
+    tmp = store.new_tmp("tokenize", "t" * 20)
+    pl.DataFrame(schema=OUT_SCHEMA).write_parquet(tmp / "test.parquet")
+    tok = store.commit("tokenize", "t" * 20, tmp, {})
+    with pytest.raises(StageError, match=r"evaluate: the test split has no pairs .*give shard.test a fraction above 0"):
+        evaluate.run(evaluate.stage_config(load_config(None)), {"tokenize": tok, "train": tok, "ref_logps": tok},
+                     tmp_path / "out", LOG, tmp_path / "work")

@@ -1,14 +1,15 @@
 """`worldpm`: run the pipeline, see what is cached and why, manage artifacts, evaluate and score, serve deployments.
 
     worldpm run [--config FILE] [--source PATH_OR_HUB_ID]... [--until STAGE | --only STAGE] [--from STAGE]
-                [--force STAGE]... [--set section.key=value]... [--json]
+                [--force STAGE]... [--set section.key=value]... [--json] [--verbose]
     worldpm status [--config FILE] [--json]
-    worldpm artifacts list|show|gc
+    worldpm artifacts list|show|gc|verify
     worldpm evaluate --model DIR --data FILE       worldpm score --model DIR [FILE]
     worldpm serve | server
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
-Errors in the config or the input are printed as one line and the exit status is 2 (config) or 1 (a stage).
+Errors in the config, the command line or the input are printed as one line and the exit status is 2 (config or
+usage) or 1 (a stage); a failed stage's Prefect tracebacks only with `run --verbose`.
 
 The commands know the stages only through the Pipeline they are given and run the flow through the function they
 are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Prefect flow.
@@ -57,6 +58,9 @@ def cmd_run(args) -> int:
     path, cfg = _load(args)  # validate before Prefect starts: a typo fails in milliseconds
     if args.until and args.only:
         raise ConfigError("--until and --only cannot be combined")
+    args.pipeline.select(until=args.until, only=args.only, start=args.start)  # --from after --until: exit 2, now
+    if not args.verbose:
+        quiet_expected_tracebacks()
     results = args.run_flow(
         config_path=path, overrides=args.set or [], sources=args.source or None,
         until=args.until, only=args.only, start=args.start, force=args.force or [],
@@ -66,6 +70,36 @@ def cmd_run(args) -> int:
     else:
         _print_results(results)
     return 0
+
+
+class _NoTracebackFor(logging.Formatter):
+    """Wraps a console handler's formatter: a record carrying one of our one-line errors (StageError, ConfigError)
+    is printed without its traceback (Prefect logs each failed task and flow run with one); other exceptions, bugs,
+    keep theirs. The record itself is left as it was, so the Prefect API (the UI) still gets the traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter("%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, (StageError, ConfigError)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def quiet_expected_tracebacks() -> None:
+    """Keep the terminal to one line per expected failure (`run` without --verbose): the console handlers of the
+    root logger print StageError/ConfigError records without their traceback. (Prefect's logging setup keeps a
+    root logger that has handlers of its own, as main() gives it, and its run loggers propagate to it.)"""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTracebackFor):
+            h.setFormatter(_NoTracebackFor(h.formatter))
 
 
 # ---- status ---------------------------------------------------------------------------------------------------
@@ -87,7 +121,7 @@ def cmd_status(args) -> int:
 def cmd_artifacts(args) -> int:
     from worldpm.store import ArtifactStore
 
-    _, cfg = _load(args)
+    path, cfg = _load(args)
     store = ArtifactStore(cfg.artifacts_dir)
     action = args.action or "list"
     if action == "list":
@@ -106,29 +140,80 @@ def cmd_artifacts(args) -> int:
         return 0
     if action == "show":
         if not args.ref:
-            raise ConfigError("artifacts show needs STAGE/KEY or KEY")
-        found = _find(store, args.ref)
+            raise ConfigError("artifacts show needs STAGE/KEY, KEY (or a prefix of 6+ characters) or an artifact folder")
+        found = _find(store, args.ref, args.pipeline.names)
         print(json.dumps(found, indent=2))
         return 0
     if action == "gc":
         from worldpm.status import referenced_keys
 
         keep: set[tuple[str, str]] = set()
-        configs = [cfg] + [load_config(str(Path(c).resolve())) for c in (args.keep_config or [])]
-        for c in configs:
-            keep |= referenced_keys(args.pipeline, c)
-        removed = store.gc(keep, dry_run=args.dry_run, stages=args.pipeline.names)
+        configs = [(path or "the built-in defaults", cfg)] + [
+            (c, load_config(str(Path(c).resolve()))) for c in (args.keep_config or [])]
+        for origin, c in configs:
+            try:
+                keep |= referenced_keys(args.pipeline, c, origin)
+            except StageError as e:
+                raise StageError(f"artifacts gc: {e}; nothing was removed (gc keeps what a config uses, so it must "
+                                 "resolve every stage: fix the cause, or gc with a config that resolves)") from None
+        plan = store.gc(keep, dry_run=args.dry_run, stages=args.pipeline.names)
         verb = "would remove" if args.dry_run else "removed"
-        for p in removed:
+        for p in plan.removed:
             print(f"{verb} {p}")
-        print(f"{verb} {len(removed)} folder(s); kept {len(keep)} artifact(s) the config(s) reference")
+        for p in plan.foreign:
+            print(f"left alone {p} (not a worldpm artifact)")
+        print(f"{verb} {len(plan.removed)} folder(s); kept {len(keep)} artifact(s) the config(s) reference"
+              + (f"; left {len(plan.foreign)} folder(s) that are not worldpm's" if plan.foreign else ""))
         return 0
-    raise ConfigError(f"unknown artifacts action {action!r}: list, show, gc")
+    if action == "verify":
+        return _verify(store, args)
+    raise ConfigError(f"unknown artifacts action {action!r}: list, show, gc, verify")
 
 
-def _find(store, ref: str) -> dict:
+def _verify(store, args) -> int:
+    """Every artifact (or one) against its manifest's content digests; damaged ones are set aside (the next run
+    rebuilds them) unless --dry-run. Reading takes no lock (runs go on meanwhile); setting aside takes the store
+    exclusive for a moment, and is refused while a run is in progress."""
+    from worldpm.store import ArtifactRef
+
+    if args.ref:
+        mans = [_find(store, args.ref, args.pipeline.names)]
+    else:
+        mans = [m for s in args.pipeline.names for m in store.manifests(s) if not args.stage or s == args.stage]
+    refs = [ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")) for m in mans]
+    bad: list[tuple[ArtifactRef, str]] = []
+    for i, ref in enumerate(refs, 1):
+        problem = store.verify(ref, deep=True)
+        print(f"[{i}/{len(refs)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
+              flush=True)
+        if problem is not None:
+            bad.append((ref, problem))
+    if bad and not args.dry_run:
+        with store.exclusive(f"artifacts verify (found {len(bad)} damaged artifact(s), not set aside)"):
+            for ref, problem in bad:
+                if Path(ref.path).is_dir() and store.verify(ref, deep=True) is not None:
+                    print(f"set aside {ref.path} as {store.set_aside(ref, problem).name}: the next run rebuilds it")
+    print(f"verified {len(refs)} artifact(s): {len(refs) - len(bad)} ok, {len(bad)} damaged")
+    if bad:
+        raise StageError(f"artifacts verify: {len(bad)} damaged artifact(s), first {bad[0][0].stage}/{bad[0][0].key}: "
+                         f"{bad[0][1]}")
+    return 0
+
+
+def _find(store, ref: str, stages: Iterable[str]) -> dict:
+    """The manifest of STAGE/KEY, KEY, a key prefix (6+ characters) or an artifact folder."""
+    p = Path(ref)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        try:
+            m = json.loads((p / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StageError(f"{p / 'manifest.json'}: cannot be read ({type(e).__name__})") from None
+        return {**m, "path": str(p.resolve())}
     stage, _, key = ref.rpartition("/")
-    for m in store.manifests(stage or None):
+    if stage and stage not in stages:
+        raise ConfigError(f"no artifact {ref!r}: {stage!r} is no stage ({', '.join(stages)}) and {ref} is no "
+                          "artifact folder")
+    for m in (store.manifests(stage) if stage else [m for s in stages for m in store.manifests(s)]):
         if m["key"] == key or (len(key) >= 6 and m["key"].startswith(key)):
             return m
     raise ConfigError(f"no artifact {ref!r} in {store.root}")
@@ -182,6 +267,8 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
                    help="recompute this stage even if cached; repeatable")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {stage, key, status: ran|cached|skipped, path, seconds}")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="which stages are cached for the current config, which would run, and why")
@@ -189,12 +276,17 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("artifacts", help="list artifacts, show a manifest, garbage-collect unreferenced keys")
-    p.add_argument("action", nargs="?", choices=("list", "show", "gc"), default="list")
-    p.add_argument("ref", nargs="?", metavar="STAGE/KEY", help="for show: STAGE/KEY, KEY or a key prefix")
+    p = sub.add_parser("artifacts", help="list artifacts, show a manifest, garbage-collect unreferenced keys, verify")
+    p.add_argument("action", nargs="?", choices=("list", "show", "gc", "verify"), default="list",
+                   help="list | show STAGE/KEY | gc: delete the artifacts the config (and --keep-config) do not use; "
+                        "refused while a run is in progress or when a stage cannot be resolved | verify [STAGE/KEY]: "
+                        "check the files against their manifest's content digests, set damaged ones aside (the next "
+                        "run rebuilds them)")
+    p.add_argument("ref", nargs="?", metavar="STAGE/KEY",
+                   help="for show and verify: STAGE/KEY, KEY, a key prefix or an artifact folder")
     _config_args(p)
-    p.add_argument("--stage", choices=stages, help="list: only this stage")
-    p.add_argument("--dry-run", action="store_true", help="gc: say what would be removed")
+    p.add_argument("--stage", choices=stages, help="list, verify: only this stage")
+    p.add_argument("--dry-run", action="store_true", help="gc: say what would be removed; verify: set nothing aside")
     p.add_argument("--keep-config", action="append", metavar="FILE",
                    help="gc: also keep what this config references; repeatable")
     p.add_argument("--json", action="store_true")

@@ -258,6 +258,26 @@ class ScheduleConfig(Strict):
     timezone: str = "UTC"
 
 
+# What a deployment run (`prefect deployment run worldpm/full --param overrides=[...]`) may change by default:
+# data filters, splits and training knobs. Never paths, models, code or the store (see flows/policy.py).
+DEPLOYMENT_OVERRIDES = [
+    "sources", "clean.*", "shard.*", "tokenize.max_length", "tokenize.overlength",
+    "train.epochs", "train.max_steps", "train.batch_size", "train.max_tokens_per_batch", "train.gradient_checkpointing",
+    "train.grad_accum", "train.lr", "train.weight_decay",
+    "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
+    "train.timeout_s", "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
+]
+
+
+class ServeConfig(Strict):
+    allowed_overrides: list[str] = Field(
+        default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
+        description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
+        "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args or serve.*, and never a path outside the "
+        "config's folder, whatever this says")
+
+
 class PipelineConfig(Strict):
     name: str = "worldpm"
     artifacts_dir: str = "artifacts"
@@ -270,6 +290,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     plot: PlotConfig = PlotConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -293,7 +314,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r} as YAML: {getattr(e, 'problem', None) or e} "
+                          "(quote it)") from None
     return path, value
 
 
@@ -332,10 +354,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
+        if p.is_dir():
+            raise ConfigError(f"{p} is a directory; --config takes a YAML file (e.g. {p / 'pipeline.yaml'})")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save the "
+                              "config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read: {e.strerror or type(e).__name__}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
     if overrides:
@@ -360,6 +391,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".gz", ".xml", ".txt", ".yaml", ".yml")
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """A missing `--source` that is a path, not a hub id: it ends with a data-file suffix, or its first component
+    is a folder here (`data/train` with ./data present)."""
+    head = text.split("@", 1)[0]
+    if head.lower().endswith(_DATA_SUFFIXES):
+        return True
+    first = head.split("/", 1)[0]
+    return "/" in head and bool(first) and Path(first).is_dir()
+
+
 def source_from_cli(text: str) -> dict:
     """`--source PATH_OR_HUB_ID`: an existing path (or glob) is local, `owner/name` that is no path is an hf repo."""
     if text == "demo":
@@ -369,6 +413,9 @@ def source_from_cli(text: str) -> dict:
         return {"kind": "local", "path": str(p.resolve()) if p.exists() else text}
     if text.startswith("hf://"):
         text = text[len("hf://"):]
+    elif _looks_like_a_path(text):
+        raise ConfigError(f"--source {text!r}: no such file or directory (relative to {Path.cwd()}); a hub dataset "
+                          f"id has no file suffix and no local folder of that name: write hf://{text} if it is one")
     if text.count("/") == 1 and not text.startswith((".", "/")):
         repo, _, rev = text.partition("@")
         d: dict = {"kind": "hf", "repo_id": repo}

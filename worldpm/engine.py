@@ -14,6 +14,9 @@ and their edges: the DAG, written once):
     INPUT_FILES: {upstream: (glob, ...)}        read only these files of an upstream artifact (their digest is
                                                 what the key sees): early cutoff on what the stage really reads
     NOT_IN_KEY: (top-level stage_config keys)   change how a stage runs (a timeout), never what it writes
+    READS: {upstream: (glob, ...)}              the files of an upstream artifact the stage opens: checked against
+                                                their content digests before it runs (default: INPUT_FILES, else
+                                                the whole artifact)
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
 
@@ -27,14 +30,15 @@ import hashlib
 import importlib.util
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from worldpm.config import PipelineConfig
-from worldpm.errors import StageError
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
 
 
@@ -56,6 +60,10 @@ class Stage:
     @property
     def not_in_key(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "NOT_IN_KEY", ()))
+
+    def reads(self, upstream: str) -> tuple[str, ...] | None:
+        """The files of `upstream` this stage opens (globs), None for all of them."""
+        return (getattr(self.module, "READS", {}).get(upstream) or self.input_files.get(upstream)) or None
 
 
 class Pipeline:
@@ -83,7 +91,7 @@ class Pipeline:
         try:
             return self._by_name[name]
         except KeyError:
-            raise StageError(f"unknown stage {name!r}; stages: {', '.join(self.names)}") from None
+            raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(self.names)}") from None
 
     def ancestors(self, name: str) -> list[str]:
         """Every stage `name` reads from, directly or not, in DAG order."""
@@ -111,16 +119,81 @@ class Pipeline:
         names = list(self.names)
         for opt, v in (("--until", until), ("--only", only), ("--from", start)):
             if v is not None and v not in names:
-                raise StageError(f"{opt} {v}: unknown stage; stages: {', '.join(names)}")
+                raise ConfigError(f"{opt} {v}: unknown stage; stages: {', '.join(names)}")
         if only:
             if until or start:
-                raise StageError("--only cannot be combined with --until or --from")
+                raise ConfigError("--only cannot be combined with --until or --from")
             return self.ancestors(only), [only]
         end = names.index(until) + 1 if until else len(names)
         begin = names.index(start) if start else 0
         if begin >= end:
-            raise StageError(f"--from {start} comes after --until {until}")
+            raise ConfigError(f"--from {start} comes after --until {until}")
         return (self.ancestors(start) if start else []), names[begin:end]
+
+    def run(self, cfg: PipelineConfig, store: ArtifactStore, *, until: str | None = None, only: str | None = None,
+            start: str | None = None, force: Iterable[str] = (), run_one: "RunOne | None" = None,
+            log: logging.Logger | logging.LoggerAdapter | None = None) -> list[dict]:
+        """Resolve or run the selected stages in DAG order: [{stage, key, status, path, seconds}] for every stage.
+
+        ``run_one(name, inputs, force, cache_only) -> StageResult`` runs one stage (the flow passes its Prefect
+        task; default: `execute` / `cached_only` here). Before a stage runs, the files it reads from its inputs are
+        checked against their content digests; a damaged input is set aside and rebuilt first (then the walk
+        starts again, since the stages after it may key on its new digest). A damaged cache hit (sizes) is set
+        aside and rebuilt by `execute` itself."""
+        log = log or logging.getLogger("worldpm")
+        force_set = set(force or [])
+        for f in force_set:
+            self[f]  # an unknown stage is a one-line error before anything runs
+        from_cache, to_run = self.select(until=until, only=only, start=start)
+
+        def direct(name: str, inputs: dict[str, ArtifactRef], force_it: bool, cache_only: bool) -> StageResult:
+            if cache_only:
+                return cached_only(self[name], cfg, inputs, store)
+            return execute(self[name], cfg, inputs, store, force=force_it, log=log)
+
+        run_one = run_one or direct
+        ran: dict[str, dict] = {}  # what ran in any walk (a rebuilt input is reported as run, not as cached)
+
+        class Rebuilt(Exception):
+            pass
+
+        def build(name: str, refs: dict[str, ArtifactRef], cache_only: bool, force_it: bool) -> StageResult:
+            stage = self[name]
+            inputs = {u: refs[u] for u in stage.upstream}
+            key, _ = resolve(stage, cfg, inputs)
+            cached = None if force_it else store.find(name, key, log)
+            if cache_only and cached is None and store.bad_copies(name, key):
+                cache_only = False  # it was cached but damaged (and set aside just now): rebuild it
+            if not cache_only and cached is None:
+                damaged = damaged_inputs(stage, inputs, store, log)
+                for u in damaged:  # rebuild each from its own (checked) inputs, then walk again
+                    build(u, refs, cache_only=False, force_it=False)
+                if damaged:
+                    raise Rebuilt()
+            res = run_one(name, inputs, force_it, cache_only)
+            if res.status == "ran":
+                ran[name] = res.to_json()
+            return res
+
+        for _ in range(2 * len(self.stages) + 2):
+            refs: dict[str, ArtifactRef] = {}
+            results: list[dict] = []
+            try:
+                for stage in self.stages:
+                    name = stage.name
+                    if name not in from_cache and name not in to_run:
+                        results.append({"stage": name, "key": None, "status": "skipped", "path": None,
+                                        "seconds": 0.0})
+                        continue
+                    res = build(name, refs, cache_only=name in from_cache, force_it=name in force_set)
+                    refs[name] = res.ref
+                    done = ran.get(name)
+                    results.append(done if done and done["key"] == res.key else res.to_json())
+                return results
+            except Rebuilt:
+                force_set = {f for f in force_set if f not in ran}  # a forced stage that ran is not forced again
+                continue
+        raise StageError("the run kept finding damaged artifacts after rebuilding them; see the warnings above")
 
 
 # ---- the stage code version: the source files a stage's module imports, followed through the project ------------
@@ -128,8 +201,9 @@ class Pipeline:
 _code_cache: dict[str, str] = {}
 # Imported by every stage, yet unable to change what a stage writes except through values that are in its key
 # already: the settings (a default or a validator changes the stage_config a key is made of), the store (digests
-# are keyed), the one-line errors. Left out, so that editing them does not recompute every artifact.
-KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py")
+# are keyed), the one-line errors; and the trainer's process guard (who may run, never what it computes). Left
+# out, so that editing them does not recompute every artifact.
+KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py", "worldpm/modeling/trainer/guard.py")
 
 
 def _project_roots() -> dict[str, Path]:
@@ -162,6 +236,26 @@ def _package_of(path: Path, roots: dict[str, Path]) -> str:
     return ""
 
 
+_parse_lock = threading.Lock()
+
+
+def _parse(f: Path) -> ast.AST:
+    """ast.parse, retried: CPython 3.11's AST constructor keeps its recursion depth in per-interpreter state, so a
+    parse that overlaps one in another thread of a flow run can fail with "SystemError: AST constructor recursion
+    depth mismatch" (seen here in a served flow run; python/cpython#106905 and the reports around it). Our own
+    parses take a lock; one that collides with another thread's is retried."""
+    text = f.read_text()
+    for attempt in range(10):
+        try:
+            with _parse_lock:
+                return ast.parse(text, filename=str(f))
+        except SystemError:
+            if attempt == 9:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
     """`path` and every project source file it imports, directly or not, at module level or inside a function
     (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
@@ -175,7 +269,7 @@ def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Pat
         seen.add(f)
         pkg = _package_of(f, roots)
         names: list[str] = []
-        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+        for node in ast.walk(_parse(f)):
             if isinstance(node, ast.Import):
                 names += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -214,6 +308,9 @@ def code_version(stage: Stage) -> str:
 
 # ---- keys, execution ----------------------------------------------------------------------------------------------
 
+RunOne = Callable[[str, "dict[str, ArtifactRef]", bool, bool], "StageResult"]
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -243,6 +340,30 @@ def input_digest(stage: Stage, upstream: str, ref: ArtifactRef) -> str:
     return "files:" + sha256_text(canonical_json(picked))
 
 
+def damaged_inputs(stage: Stage, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+                   log: logging.Logger | logging.LoggerAdapter | None = None) -> list[str]:
+    """The upstream stages whose artifact, as far as `stage` reads it, no longer matches its manifest's content
+    digests; each is set aside (named in the log) so that it is rebuilt. Called before a stage runs."""
+    bad = []
+    log = log or logging.getLogger("worldpm")
+    for u in stage.upstream:
+        ref = inputs[u]
+        patterns = stage.reads(u)
+        size = sum(f.get("bytes", 0) for f in ref.manifest().get("files", [])
+                   if not patterns or any(fnmatch.fnmatch(f["path"], p) for p in patterns))
+        if size > 1 << 30:  # model weights: seconds to minutes of hashing, said before it starts
+            log.info("%s: checking the content digests of %s/%s (%.1f GB) before reading it", stage.name, u, ref.key,
+                     size / (1 << 30))
+        problem = store.verify(ref, deep=True, patterns=patterns)
+        if problem is not None:
+            aside = store.set_aside(ref, problem)
+            log.warning(
+                "%s: its input %s/%s is damaged (%s): set aside as %s; it is rebuilt first", stage.name, u, ref.key,
+                problem, aside.name)
+            bad.append(u)
+    return bad
+
+
 def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
     """The stage's key and config given its upstream artifacts."""
     missing = [u for u in stage.upstream if u not in inputs]
@@ -263,7 +384,7 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
     t0 = time.perf_counter()
     with store.using():
         key, scfg = resolve(stage, cfg, inputs)
-        if not force and (ref := store.get(name, key)) is not None:
+        if not force and (ref := store.find(name, key, log)) is not None:
             log.info("%s: cached %s (%s)", name, key, ref.path)
             return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
         with store.key_lock(name, key):
@@ -312,7 +433,7 @@ def cached_only(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
                 store: ArtifactStore) -> StageResult:
     """Resolve an upstream stage that --only/--from must not run: it has to be in the cache."""
     key, _ = resolve(stage, cfg, inputs)
-    ref = store.get(stage.name, key)
+    ref = store.find(stage.name, key, logging.getLogger(f"worldpm.{stage.name}"))
     if ref is None:
         raise StageError(f"stage {stage.name} is not cached for this config (key {key}); run it first "
                          "(without --only/--from)")

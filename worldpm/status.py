@@ -64,6 +64,11 @@ def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
     for stage in pipeline:
         blocked = [u for u in stage.upstream if u not in refs]
         if blocked:
+            try:  # its key waits for its inputs, but what it reads from outside the store must be there now
+                stage.config(cfg)
+            except StageError as e:
+                rows.append({"stage": stage.name, "status": "unknown", "key": None, "why": str(e)})
+                continue
             rows.append({"stage": stage.name, "status": "would run", "key": None,
                          "why": f"after {', '.join(blocked)} (its inputs are not computed yet)"})
             continue
@@ -83,6 +88,15 @@ def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
     return rows
 
 
-def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig) -> set[tuple[str, str]]:
-    """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`)."""
-    return {(r["stage"], r["key"]) for r in pipeline_status(pipeline, cfg) if r["key"]}
+def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the config") -> set[tuple[str, str]]:
+    """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`).
+
+    A stage whose key cannot be worked out (a hub source offline, a missing local source or eval-set file) is a
+    StageError: gc must not take "unknown" for "unused" and delete what the config would use."""
+    rows = pipeline_status(pipeline, cfg)
+    unknown = [r for r in rows if r["status"] == "unknown"]
+    if unknown:
+        r = unknown[0]
+        why = r["why"] if r["why"].startswith(f"{r['stage']}") else f"{r['stage']}: {r['why']}"
+        raise StageError(f"cannot tell which artifacts {origin} uses: {why}")
+    return {(r["stage"], r["key"]) for r in rows if r["key"]}

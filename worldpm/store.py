@@ -6,26 +6,44 @@
 * Commit is atomic: a stage writes into ``<stage>/.tmp-<key>-<pid>-<rand>/``; the manifest is written last and
   the folder is renamed into place. A folder at ``<stage>/<key>/`` always holds a finished artifact; a crash
   leaves only a ``.tmp-*`` folder, which the next run removes.
-* Locks (fcntl.flock): a stage holds the store lock shared while it resolves and computes, and its key's lock
-  exclusive, so two runs of one key wait for each other instead of both writing; ``gc`` takes the store lock
-  exclusive.
+* Locks (fcntl.flock): a run holds the store lock shared from its first stage to its last (``run_lock``, with a
+  note in ``.runs/`` saying who holds it), a stage holds it shared while it resolves and computes, and its key's
+  lock exclusive, so two runs of one key wait for each other instead of both writing. ``gc`` (and ``artifacts
+  verify`` to set a damaged artifact aside) take the store lock exclusive without waiting: while a run is in
+  progress they refuse (``StoreBusy``, naming the run), so they never delete what a run is about to read.
+* Verified reuse: a cache hit is checked against its manifest (every file there, none added, each of its size:
+  ``find``); what a stage is about to read is checked against the content digests (``verify(deep=True)``). A bad
+  artifact is set aside as ``.bad-<key>-*`` (kept for inspection, removed by gc) and rebuilt.
+* A forced rerun replaces the old artifact in one step (``renameat2(RENAME_EXCHANGE)`` on Linux): the old one is
+  in place until the new one is.
+* gc deletes only what is ours: folders with a manifest of that stage and key, and ``.tmp-/.work-/.bad-<key>``
+  folders. Anything else under a stage folder is left alone and reported.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from worldpm.errors import StageError
+
 MANIFEST = "manifest.json"
+# the folders of ours that are not artifacts: <stage>/.tmp-<key>-*, .work-<key>, .bad-<key>-*
+_OURS_RE = re.compile(r"^\.(?:tmp-(?P<tmp>[0-9a-f]{20})-.+|work-(?P<work>[0-9a-f]{20})|bad-(?P<bad>[0-9a-f]{20})-.+)$")
 _LIB_NAMES = ("polars", "pyarrow", "datasets", "torch", "transformers", "accelerate", "deepspeed", "peft", "prefect")
 
 
@@ -108,6 +126,16 @@ class ArtifactRef:
         return {"stage": self.stage, "key": self.key, "path": self.path, "digest": self.digest}
 
 
+class StoreBusy(StageError):
+    """gc / verify while a run holds the store: they refuse rather than delete what the run reads."""
+
+
+@dataclass
+class GcPlan:
+    removed: list[Path] = field(default_factory=list)   # what gc removed (or would remove, dry run)
+    foreign: list[Path] = field(default_factory=list)   # folders under a stage folder that are not ours: left alone
+
+
 class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -140,8 +168,10 @@ class ArtifactStore:
                 if k.is_dir() and not k.name.startswith(".") and m.is_file():
                     try:
                         man = json.loads(m.read_text())
-                    except json.JSONDecodeError:
+                    except (OSError, json.JSONDecodeError):
                         continue
+                    if not isinstance(man, dict) or "key" not in man or "stage" not in man:
+                        continue  # not a manifest of ours
                     man["path"] = str(k)
                     out.append(man)
         out.sort(key=lambda m: m.get("finished_at", 0), reverse=True)
@@ -163,6 +193,56 @@ class ArtifactStore:
         """Held (shared) while one stage resolves and runs, so gc cannot delete what that stage reads."""
         with self._flock(self.root / ".store.lock", fcntl.LOCK_SH):
             yield
+
+    @contextlib.contextmanager
+    def run_lock(self, what: str) -> Iterator[None]:
+        """Held (shared) for a whole run, from its first stage to its last: gc and verify refuse meanwhile, so an
+        artifact a stage wrote is still there when a later stage of the run reads it. ``.runs/<pid>-*.json`` says
+        who holds it (for gc's message)."""
+        with self._flock(self.root / ".store.lock", fcntl.LOCK_SH):
+            runs = self.root / ".runs"
+            runs.mkdir(parents=True, exist_ok=True)
+            note = runs / f"{os.getpid()}-{secrets.token_hex(4)}.json"
+            note.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                        "what": what}))
+            try:
+                yield
+            finally:
+                note.unlink(missing_ok=True)
+
+    def runs_in_progress(self) -> list[dict]:
+        """The notes of the runs that hold the store now (on this host: those whose process is alive)."""
+        out = []
+        for p in sorted((self.root / ".runs").glob("*.json")):
+            try:
+                note = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if note.get("host") == socket.gethostname() and not _alive(int(note.get("pid", 0))):
+                continue
+            out.append(note)
+        return out
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """The store lock exclusive, without waiting: StoreBusy (one line naming the run) while a run holds it."""
+        path = self.root / ".store.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                runs = self.runs_in_progress()
+                who = "; ".join(f"pid {r['pid']} on {r['host']}, since {time.strftime('%H:%M:%S', time.localtime(r['started']))}: "
+                                f"{r['what']}" for r in runs) or "a worldpm process"
+                raise StoreBusy(f"{what}: the store {self.root} is in use by a run in progress ({who}); nothing "
+                                f"was changed: run it again when the run has ended") from None
+            try:
+                for stale in (self.root / ".runs").glob("*.json"):  # notes of runs that died (none holds the lock)
+                    stale.unlink(missing_ok=True)
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def key_lock(self, stage: str, key: str) -> Iterator[None]:
@@ -197,7 +277,8 @@ class ArtifactStore:
     def commit(self, stage: str, key: str, tmp: Path, manifest: dict, replace: bool = False) -> ArtifactRef:
         """Digest the tmp folder, write its manifest last, fsync, rename into place.
 
-        ``replace`` (a forced rerun): the old artifact is moved aside first, then deleted after the rename."""
+        ``replace`` (a forced rerun): the new folder and the old artifact swap places in one rename (the old one
+        stays in place until the new one is), then the old one is deleted."""
         digest, nbytes, files = dir_digest(tmp)
         manifest = dict(manifest)
         manifest.update(
@@ -210,19 +291,17 @@ class ArtifactStore:
             f.flush()
             os.fsync(f.fileno())
         final = self.path(stage, key)
-        old = None
         if replace and final.exists():
-            old = final.with_name(f".tmp-{key}-old-{secrets.token_hex(4)}")
-            os.rename(final, old)
-        if final.exists():  # a finished artifact of the same key exists already (someone else won): keep theirs
+            replace_dir(tmp, final)  # tmp now holds the old artifact
             shutil.rmtree(tmp, ignore_errors=True)
-            ref = self.get(stage, key)
-            if ref is not None:
-                return ref
-            shutil.rmtree(final, ignore_errors=True)  # an unfinished folder without manifest: never trusted
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if final.exists():  # a finished artifact of the same key exists already (someone else won): keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                ref = self.get(stage, key)
+                if ref is not None:
+                    return ref
+                shutil.rmtree(final, ignore_errors=True)  # an unfinished folder without manifest: never trusted
+            os.rename(tmp, final)
         dfd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -230,24 +309,158 @@ class ArtifactStore:
             os.close(dfd)
         return ArtifactRef(stage, key, str(final), digest)
 
+    # ---- verification ---------------------------------------------------------------------------------------
+    def verify(self, ref: ArtifactRef, deep: bool = False, patterns: tuple[str, ...] | None = None) -> str | None:
+        """What is wrong with a committed artifact, or None. Always: every file of its manifest is there with its
+        size, and no file was added (a stage reads folders by glob); ``deep``: every file's sha256 too.
+        ``patterns``: check only the files that match (what a stage reads, INPUT_FILES)."""
+        d = Path(ref.path)
+        try:
+            files = json.loads((d / MANIFEST).read_text()).get("files", [])
+        except (OSError, json.JSONDecodeError) as e:
+            return f"its manifest cannot be read ({type(e).__name__})"
+        pick = (lambda p: any(fnmatch.fnmatch(p, pat) for pat in patterns)) if patterns else (lambda p: True)
+        listed = {f["path"]: f for f in files}
+        on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST}
+        added = sorted(p for p in on_disk - listed.keys() if pick(p))
+        if added:
+            return f"{added[0]} is not in its manifest" + (f" (and {len(added) - 1} more)" if len(added) > 1 else "")
+        for rel, f in listed.items():
+            if not pick(rel):
+                continue
+            p = d / rel
+            if rel not in on_disk:
+                return f"{rel} is missing"
+            size = p.stat().st_size
+            if size != f["bytes"]:
+                return f"{rel} has {size} bytes, its manifest says {f['bytes']}"
+            if deep and file_sha256(p) != f["sha256"]:
+                return f"{rel}: its content (sha256) differs from its manifest"
+        return None
+
+    def set_aside(self, ref: ArtifactRef, problem: str) -> Path:
+        """Move a bad artifact out of the cache (``<stage>/.bad-<key>-*``, kept for inspection, removed by gc): the
+        next lookup of its key misses and the stage runs again."""
+        d = Path(ref.path)
+        bad = d.with_name(f".bad-{ref.key}-{secrets.token_hex(4)}")
+        try:
+            os.rename(d, bad)
+        except FileNotFoundError:  # another run set it aside first
+            return bad
+        (bad / "SET_ASIDE.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {problem}\n")
+        return bad
+
+    def bad_copies(self, stage: str, key: str) -> list[Path]:
+        return sorted((self.root / stage).glob(f".bad-{key}-*"))
+
+    def find(self, stage: str, key: str, log=None) -> ArtifactRef | None:
+        """`get`, with the artifact's files checked against its manifest (sizes, nothing added: cheap). A bad one
+        is set aside (and logged by name), so the caller rebuilds it."""
+        ref = self.get(stage, key)
+        if ref is None:
+            return None
+        problem = self.verify(ref)
+        if problem is None:
+            return ref
+        bad = self.set_aside(ref, problem)
+        if log is not None:
+            log.warning("%s: the cached artifact %s is damaged (%s): set aside as %s; it is rebuilt", stage, ref.path,
+                        problem, bad.name)
+        return None
+
     # ---- garbage collection -------------------------------------------------------------------------------
-    def gc(self, keep: set[tuple[str, str]], dry_run: bool = False, stages: tuple[str, ...] | None = None) -> list[Path]:
-        """Delete every artifact whose (stage, key) is not in ``keep``, stale tmp and work folders.
+    def _artifact_key(self, stage: str, d: Path) -> str | None:
+        """The key of a folder that is a committed artifact of `stage` (its manifest says so), else None."""
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return d.name if isinstance(m, dict) and m.get("stage") == stage and m.get("key") == d.name else None
+
+    def gc(self, keep: set[tuple[str, str]], dry_run: bool = False, stages: tuple[str, ...] | None = None) -> GcPlan:
+        """Delete every artifact whose (stage, key) is not in ``keep``, the work folders of those keys, unfinished
+        (.tmp-) and set-aside (.bad-) folders. Only folders that are ours: anything else under a stage folder is
+        left alone (reported in ``foreign``). Refuses (StoreBusy) while a run holds the store.
 
         ``stages``: only these stage folders are touched (others under the root, e.g. history/, are left alone)."""
-        removed: list[Path] = []
+        plan = GcPlan()
         if not self.root.exists():
-            return removed
-        with self._flock(self.root / ".store.lock", fcntl.LOCK_EX):
+            return plan
+        with self.exclusive("artifacts gc"):
             for sdir in sorted(p for p in self.root.iterdir() if p.is_dir()):
                 if stages is not None and sdir.name not in stages:
                     continue
                 for k in sorted(sdir.iterdir()):
                     if not k.is_dir():
                         continue
-                    name = k.name.removeprefix(".work-")
-                    if k.name.startswith(".tmp-") or (sdir.name, name) not in keep:
-                        removed.append(k)
+                    m = _OURS_RE.match(k.name)
+                    if m:
+                        drop = m["work"] is None or (sdir.name, m["work"]) not in keep
+                    elif self._artifact_key(sdir.name, k) is not None:
+                        drop = (sdir.name, k.name) not in keep
+                    else:
+                        plan.foreign.append(k)
+                        continue
+                    if drop:
+                        plan.removed.append(k)
                         if not dry_run:
                             shutil.rmtree(k, ignore_errors=True)
-        return removed
+        return plan
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- replacing a folder in one step -----------------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without renameat2
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the system or filesystem cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put folder `new` at `final` where a folder is already; afterwards `new` holds the old one. One atomic swap
+    where the system has it; else the old one is moved aside, the new one renamed in, and the old one put back if
+    that fails, so `final` is never left without an artifact."""
+    if exchange(new, final):
+        return
+    aside = final.with_name(f".tmp-{final.name}-old-{secrets.token_hex(4)}")
+    os.rename(final, aside)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        os.rename(aside, final)
+        raise
+    os.rename(aside, new)

@@ -23,6 +23,7 @@ Tokenization runs ``num_proc`` threads, each with its own Rust tokenizer (encode
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -176,8 +177,63 @@ class ParallelEncoder:
             self.pool.shutdown()
 
 
+# Truncation keeps the end of the body and of the response, so only their ends are tokenized: a longer text is cut
+# to its last CHARS_PER_TOKEN_BOUND * max_length + CHARS_SLACK characters first, at a whitespace (the last one
+# before the cut, else the first after it), so the words kept are tokenized exactly as in the whole text. One 20 MB
+# answer used to be tokenized whole (3.5 GB, 26 s) to keep its last few hundred tokens. A cut text that gives fewer
+# than max_length + RESYNC_TOKENS tokens (very long tokens, or [UNK] words) is cut 8x longer and tokenized again.
+# So the ids are the same as without the cut (a test checks it on real text, WordPiece and byte-level BPE); texts
+# under the bound are not touched. The one exception: when the kept end lies inside a single "word" of more than
+# 2 x bound characters without whitespace, that word is tokenized from the cut. The full lengths of a cut text
+# (tokenize's rejects, evaluate's response-length bias) are lower bounds: at least max_length tokens.
+CHARS_PER_TOKEN_BOUND = 32
+CHARS_SLACK = 1024
+RESYNC_TOKENS = 16  # tokens at the start of a cut text that may differ from the whole text's: never kept
+_WS = re.compile(r"\s")
+
+
+def char_bound(max_length: int) -> int:
+    return CHARS_PER_TOKEN_BOUND * max_length + CHARS_SLACK
+
+
+def cut_to_end(text: str, bound: int) -> str:
+    """The end of `text`: about its last `bound` characters, starting at a whitespace."""
+    if len(text) <= bound:
+        return text
+    start = len(text) - bound
+    last = None
+    for m in _WS.finditer(text, max(0, start - bound), start + 1):
+        last = m.start()
+    if last is None:
+        m = _WS.search(text, start)
+        last = m.start() if m else start
+    return text[last:]
+
+
+def encode_ends(df: pl.DataFrame, cols: tuple[str, ...], enc: "ParallelEncoder", max_length: int) -> list[list[int]]:
+    """Token ids of each column's texts (column after column), each cut to its end first (see CHARS_PER_TOKEN_BOUND)."""
+    bound = char_bound(max_length)
+    full: list[str] = []
+    for c in cols:
+        full += df[c].fill_null("").to_list()
+    long = [i for i, t in enumerate(full) if len(t) > bound]
+    texts = list(full)
+    for i in long:
+        texts[i] = cut_to_end(full[i], bound)
+    ids = enc(texts)
+    todo = [i for i in long if len(ids[i]) < max_length + RESYNC_TOKENS]
+    while todo:  # cut texts that gave too few tokens: cut them 8x longer (at worst, not at all)
+        bound *= 8
+        for i, new in zip(todo, enc([cut_to_end(full[i], bound) for i in todo])):
+            ids[i] = new
+        todo = [i for i in todo if len(full[i]) > bound and len(ids[i]) < max_length + RESYNC_TOKENS]
+    return ids
+
+
 def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_length: int) -> pl.DataFrame:
-    """Canonical rows -> ids per side (before the length policy) plus full lengths and the truncation plan."""
+    """Canonical rows -> ids per side (before the length policy) plus full lengths and the truncation plan.
+
+    Only the end of a long body or response is tokenized (encode_ends): the part truncation can keep."""
     n = df.height
     if r.chat and r.compositional:
         fast = ((pl.col("prompt").list.len() == 1)
@@ -201,8 +257,7 @@ def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_leng
                              _has_head=pl.Series([h for h, _ in rendered], dtype=pl.Boolean))
     else:
         df = df.with_columns(_body=_prompt_text_expr(r), _has_head=pl.lit(True))
-    texts = df["_body"].to_list() + df["chosen"].fill_null("").to_list() + df["rejected"].fill_null("").to_list()
-    ids = enc(texts)
+    ids = encode_ends(df, ("_body", "chosen", "rejected"), enc, max_length)
     df = df.with_columns(
         _list_series("_b", ids[:n]), _list_series("_c", ids[n:2 * n]), _list_series("_r", ids[2 * n:]),
     )

@@ -200,15 +200,35 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
         model = model.merge_and_unload()
     else:
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(d), **kw)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the reward model in {d}: {str(e).splitlines()[0]}") from None
+            model, info = AutoModelForSequenceClassification.from_pretrained(str(d), output_loading_info=True, **kw)
+        except Exception as e:  # OSError, ValueError, a pickle checkpoint's UnpicklingError, a safetensors error ...
+            if type(e).__name__ == "UnpicklingError":
+                raise ModelError(f"cannot load the reward model in {d}: its weights are a pickle that torch refuses "
+                                 "to load weights-only (loading it could run code); give safetensors weights") from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelError(f"cannot load the reward model in {d}: {type(e).__name__}: {first}") from None
+        check_trained_head(model, info, d)
     if model.config.pad_token_id is None:
         raise ModelError(f"{d}/config.json: pad_token_id is not set; batched scores would be wrong")
     model.eval()
     if device is not None:
         model.to(device)
     return model
+
+
+def check_trained_head(model, info: dict, d: Path) -> None:
+    """Refuse a model whose checkpoint lacks weights transformers would initialise at random (a plain encoder has
+    no score head: its scores would be noise) or whose head has more than one output (the reward is one number)."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        head = [k for k in missing if k.split(".")[0] in ("score", "classifier", "v_head", "head")] or missing
+        raise ModelError(f"{d} is not a trained reward model: its checkpoint has no {', '.join(head[:3])}"
+                         f"{f' (and {len(missing) - min(3, len(head))} more missing)' if len(missing) > 3 else ''}, "
+                         "which would be initialised at random; give a model trained as a reward model "
+                         "(worldpm's train artifact, or a sequence-classification checkpoint with num_labels=1)")
+    n = getattr(model.config, "num_labels", 1)
+    if n != 1:
+        raise ModelError(f"{d}: its head has {n} outputs (num_labels={n}); a reward model has one")
 
 
 # ---- batching and scoring ---------------------------------------------------------------------------------------

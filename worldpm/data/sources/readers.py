@@ -5,7 +5,10 @@ JSONL is read by polars (scan_ndjson, streaming). One full parse up front valida
 records (about 1.4 s a GB); if polars rejects the file (a malformed line, invalid UTF-8, a type clash) the file
 goes through a line reader instead, which quarantines the bad lines (reason malformed_json / invalid_utf8, with
 file and line number) and hands the good lines, unchanged, to the same polars scan. JSON (one array) is loaded
-whole (that is the format) and goes the same way. CSV and Parquet are scanned lazily.
+whole (that is the format) and goes the same way. CSV is scanned lazily the same way: if polars rejects the file
+(a record in Latin-1 or another non-UTF-8 encoding, a record with the wrong number of fields), Python's csv
+module reads it record by record and quarantines those (invalid_utf8 / malformed_csv, with the line where the
+record starts). Parquet is scanned lazily.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def read_raw(path: Path, tag: str, work: Path | None) -> RawTable:
     elif container == "parquet":
         raw = _read_parquet(path)
     else:
-        raw = _read_csv(path)
+        raw = _read_csv(path, tag, work)
     if raw.records == 0:
         raise AdapterError(f"{path}: empty file (no records)")
     return raw
@@ -242,13 +245,78 @@ def _read_parquet(path: Path) -> RawTable:
     return RawTable(lf, n, empty_rejects(), "parquet")
 
 
-def _read_csv(path: Path) -> RawTable:
+def _read_csv(path: Path, tag: str, work: Path | None) -> RawTable:
     try:
         lf = pl.scan_csv(path, infer_schema_length=10_000)
         n = _validate(lf)
+        return RawTable(lf, n, empty_rejects(), "csv")
+    except pl.exceptions.PolarsError:
+        pass  # a record that is not UTF-8, or has another number of fields: read record by record
+    return _csv_by_record(path, tag, work)
+
+
+def _csv_by_record(path: Path, tag: str, work: Path | None) -> RawTable:
+    """The good records of a CSV file, rewritten as UTF-8 CSV for the polars scan; the bad ones quarantined with
+    the line where they start (a quoted field may span lines)."""
+    import csv
+
+    csv.field_size_limit(1 << 30)
+    out = scratch_dir(work) / f"{path.name.split('.')[0]}-{xxhash.xxh3_64_hexdigest(str(path).encode())[:10]}.valid.csv"
+    bad: list[dict] = []
+    good = 0
+    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, found per record below
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f, \
+            open(out, "w", newline="", encoding="utf-8") as w:
+        reader, writer = csv.reader(f), csv.writer(w)
+        try:
+            header = next(reader)
+            "".join(header).encode("utf-8")
+        except StopIteration:
+            raise AdapterError(f"{path}: empty file") from None
+        except UnicodeEncodeError:
+            raise AdapterError(f"{path}:1: the header is not UTF-8 text; save the file as UTF-8") from None
+        except csv.Error as e:
+            raise AdapterError(f"{path}: not a readable CSV file: {e}") from None
+        writer.writerow(header)
+        line = reader.line_num + 1
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise AdapterError(f"{path}:{line}: not a readable CSV record: {e}") from None
+            start, line = line, reader.line_num + 1
+            if not rec:
+                continue
+            joined = "\x1f".join(rec)
+            try:
+                joined.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raw = joined.encode("utf-8", errors="surrogateescape")
+                bad.append({"line": start, "reason": "invalid_utf8",
+                            "detail": f"{path}:{start}: invalid UTF-8 (byte {raw[e.start:e.start + 1]!r}; Latin-1 or "
+                                      "another encoding?)",
+                            "raw": raw.decode("utf-8", errors="replace").replace("\x1f", ",")})
+                continue
+            if len(rec) != len(header):
+                bad.append({"line": start, "reason": "malformed_csv",
+                            "detail": f"{path}:{start}: {len(rec)} fields, the header has {len(header)}",
+                            "raw": joined.replace("\x1f", ",")})
+                continue
+            writer.writerow(rec)
+            good += 1
+    if good == 0:
+        if bad:
+            raise AdapterError(f"{path}: no readable record ({len(bad)} rejected, first: {bad[0]['detail']})")
+        raise AdapterError(f"{path}: empty file (no records)")
+    lf = pl.scan_csv(out, infer_schema_length=10_000)
+    try:
+        n = _validate(lf)
     except pl.exceptions.PolarsError as e:
         raise AdapterError(f"{path}: not a readable CSV file: {_first_line(e)}") from None
-    return RawTable(lf, n, empty_rejects(), "csv")
+    assert n == good, (n, good)
+    return RawTable(lf, good + len(bad), reject_rows(tag, path, bad), "csv")
 
 
 def peek(lf: pl.LazyFrame, column: str, n: int = 5) -> list:

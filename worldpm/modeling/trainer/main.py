@@ -6,6 +6,8 @@
 ARGS.json is written by the train stage (tasks/train.py): see setup.TrainerArgs.
 
 What it does, one module a part:
+* guard.py: first, it dies with its launcher (parent-death signal + watchdog) and locks its work folder, so no
+  trainer outlives its run and no two share a checkpoint folder;
 * setup.py: the objective's model (bt: AutoModelForSequenceClassification, num_labels=1) built on its device in
   its training dtype, optionally LoRA/QLoRA and gradient checkpointing, AdamW over the trainable parameters (fused
   on CUDA), warmup + cosine/linear/constant schedule; the layout (packed where the model can) and the step plan
@@ -39,7 +41,7 @@ import time
 from pathlib import Path
 
 from worldpm.modeling.objectives import build_objective
-from worldpm.modeling.trainer import save, setup
+from worldpm.modeling.trainer import guard, save, setup
 from worldpm.modeling.trainer.evaluate import evaluate_split
 from worldpm.modeling.trainer.step import TrainingStop, hms, train_loop
 
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="worldpm trainer (run through `accelerate launch`)")
     ap.add_argument("--args-json", required=True)
     A = setup.TrainerArgs.read(ap.parse_args(argv).args_json)
+    guard.guard_trainer(A.work)  # dies with its launcher; the only trainer in its work folder (before anything that
+    # could write failure.json: a second trainer must not leave its refusal in the first one's folder)
     try:
         return run(A)
     except TrainingStop as e:  # a reason the user can act on: one line, no traceback
