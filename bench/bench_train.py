@@ -1,5 +1,6 @@
-"""Training throughput: worldpm's trainer (packed, padded, DeepSpeed ZeRO-3) side by side with TRL's RewardTrainer,
-same model, data, max_length, pairs a step and precision, in one run that writes each result as it comes.
+"""Training throughput: worldpm's trainer (packed, padded, ZeRO-3) side by side with TRL's RewardTrainer.
+
+Same model, data, max_length, pairs a step and precision, in one run that writes each result as it comes.
 
     python bench/bench_train.py --gpu      # GPU: random Qwen2 of Qwen2.5-0.5B's shape (configs/qwen2-0.5b-random.yaml),
                                            # bf16, max_length 1024, 8 and 32 pairs a step, 30 steps; MFU
