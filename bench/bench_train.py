@@ -1,19 +1,32 @@
-"""Training throughput: worldpm's trainer vs TRL's RewardTrainer, same model, data, max_length, batch size, precision.
+"""Training throughput: worldpm's trainer (packed, padded, ZeRO-3) side by side with TRL's RewardTrainer.
 
-    python bench/bench_train.py                       # CPU: MiniLM (the embedded default), fp32
-    python bench/bench_train.py --gpu                 # GPU: random-init Qwen2 ~0.5B (configs/qwen2-0.5b-random.yaml),
-                                                      # bf16, real Qwen tokenizer; adds MFU
+Same model, data, max_length, pairs a step and precision, in one run that writes each result as it comes.
 
-Both sides train on the same token ids: the shared StackExchange sample (../shared/data/stack-exchange-paired)
-through worldpm's own download adapter, shard and tokenize stages. Ours runs as the pipeline runs it (the train
-stage: `accelerate launch` of worldpm/modeling/trainer/main.py); TRL runs in its own process (this file with --trl-worker), so
-each side's peak memory is its own. Reported per side: pairs/s and (non-pad) tokens/s over the steps after the first
-(warm-up excluded), peak memory (GPU: torch max allocated; CPU: peak RSS), the fraction of padded tokens actually fed,
-and held-out accuracy on the test split. The padding fraction of one epoch with and without the length-grouped
-sampler is computed from the sampler itself.
+    python bench/bench_train.py --gpu      # GPU: random Qwen2 of Qwen2.5-0.5B's shape (configs/qwen2-0.5b-random.yaml),
+                                           # bf16, max_length 1024, 8 and 32 pairs a step, 30 steps; MFU
+    python bench/bench_train.py --tiny     # the same matrix on the CPU with a tiny random Qwen2 (checks the script)
+    python bench/bench_train.py            # CPU: MiniLM (the embedded default), fp32, max_length 256, 8 pairs a step
 
-MFU (GPU) = 6 * N * tokens/s / peak bf16 FLOP/s, N = non-embedding parameters (the 6N rule counts matmuls; the
-embedding lookup is no matmul and attention's own FLOPs are left out, so this slightly understates the work).
+Variants (``--variants``): ``ours`` (the train stage as the pipeline runs it, packed: on a GPU in one row through
+``attn_implementation: worldpm_varlen``, torch's varlen flash attention), ``ours-sdpa`` (packed into rows as wide
+as the longest sequence, sdpa with a block mask), ``ours-padded`` (train.packing=false: the padded batches of
+before), ``ours-zero3`` (as ``ours``, under DeepSpeed ZeRO-3; on the CPU through DeepSpeed's CPU accelerator),
+``trl`` (trl.RewardTrainer, in its own process; needs `pip install -e '.[bench]'`). On the CPU ``ours`` keeps
+the configured attention (varlen's CPU stand-in is a loop, for tests).
+Every variant runs in its own process(es), so each peak memory is its own; a variant that fails (out of memory, TRL
+missing) is recorded with its error and the others still run. After each variant its row is appended to
+``<out>/results-<mode>.jsonl`` and the table ``<out>/results-<mode>.md`` is rewritten.
+
+All sides train on the same token ids: the shared StackExchange sample (../shared/data/stack-exchange-paired, or
+``--data``) through worldpm's own download adapter, shard and tokenize stages, cached in ``<out>/store`` (carry
+that folder to a GPU machine: with ``--prepare`` this script only tokenizes). Reported per variant: pairs/s and
+real (non-pad) tokens/s over the steps after the first log window (warm-up left out), padding fed (pad tokens /
+tokens fed), peak memory (GPU: torch max allocated, the largest over processes; CPU: peak RSS), ours' time from
+`accelerate launch` to the end of the first step, and on a GPU the MFU:
+
+    MFU = 6 * N * tokens/s / peak bf16 FLOP/s, N = non-embedding parameters
+
+(the 6N rule counts the matmuls of forward + backward; attention's own FLOPs are left out, so it understates).
 """
 from __future__ import annotations
 
@@ -24,13 +37,17 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_SE = ROOT.parent / "shared" / "data" / "stack-exchange-paired" / "data"
-CACHE = ROOT / "bench" / "out" / "train"  # git-ignored
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+OUT = ROOT / "bench" / "out" / "train"  # git-ignored
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+VARIANTS = ("ours", "ours-sdpa", "ours-padded", "ours-zero3", "trl")
+TINY_QWEN = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,17 +56,21 @@ log = logging.getLogger("bench")
 
 # ---- shared data --------------------------------------------------------------------------------------------------
 
-def tokenized_artifact(cfg, store):
+def tokenized_artifact(cfg, store, data_dir: Path):
     """download adapter -> (fixture clean) -> shard -> tokenize, through worldpm's stages (cached in the store)."""
-    import polars as pl
-
     from tasks import PIPELINE as pipeline
-    from worldpm.data.sources import read_source_file
 
-    pairs = pl.concat([read_source_file(p, "stack_exchange_paired").pairs.collect()
-                       for p in sorted(SHARED_SE.rglob("*.parquet"))])
     clean = store.get("clean", "bench")
     if clean is None:
+        import polars as pl
+
+        from worldpm.data.sources import read_source_file
+
+        files = sorted(data_dir.rglob("*.parquet"))
+        if not files:
+            raise SystemExit(f"no StackExchange parquet files under {data_dir} (--data); the tokenized store is "
+                             f"not in {store.root} either")
+        pairs = pl.concat([read_source_file(p, "stack_exchange_paired").pairs.collect() for p in files])
         tmp = store.new_tmp("clean", "bench")
         pairs.write_parquet(tmp / "pairs.parquet")
         clean = store.commit("clean", "bench", tmp, {"rows_out": pairs.height})
@@ -57,63 +78,79 @@ def tokenized_artifact(cfg, store):
     return pipeline.execute("tokenize", cfg, {"shard": shard}, store, log=log).ref
 
 
-def sampler_padding(ref, batch_size: int, seed: int, window: int) -> dict:
-    from worldpm.modeling.trainer.data import PairBatchSampler, load_pairs, padding_fraction
-
-    d = load_pairs(Path(ref.path) / "train.parquet")
-    lens = (d.chosen_len, d.rejected_len)
-    grouped = list(PairBatchSampler(d.pair_len, batch_size, seed=seed, window=window))
-    plain = list(PairBatchSampler(d.pair_len, batch_size, seed=seed, group_by_length=False))
-    return {"grouped": round(padding_fraction(lens, grouped), 4), "random": round(padding_fraction(lens, plain), 4)}
-
-
-def accuracy(model, ref) -> float:
+def accuracy(model_dir, ref, device: str) -> float:
     import numpy as np
 
     from worldpm.data.splits import read_split
     from worldpm.modeling import models
 
+    model = models.load_reward_model(model_dir, device=device)
     test = read_split(ref, "test")
     pad = model.config.pad_token_id
-    rc = models.score_token_ids(model, test["chosen_ids"].to_list(), pad, batch_size=32)
-    rr = models.score_token_ids(model, test["rejected_ids"].to_list(), pad, batch_size=32)
-    return float(np.mean(rc > rr))
+    rc = models.score_token_ids(model, test["chosen_ids"].to_list(), pad, batch_size=16)
+    rr = models.score_token_ids(model, test["rejected_ids"].to_list(), pad, batch_size=16)
+    return round(float(np.mean(rc > rr)), 4)
 
 
-def non_embedding_params(model) -> int:
+def non_embedding_params(mcfg: dict, tokenizer_dir: Path) -> int:
+    """Parameters outside the input embedding, counted on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from worldpm.modeling import models
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    with torch.device("meta"):
+        model = models.build_reward_model(mcfg, tok)
     emb = model.get_input_embeddings().weight.numel()
     return sum(p.numel() for p in model.parameters()) - emb
 
 
-# ---- ours ---------------------------------------------------------------------------------------------------------
+def window_rates(lines: list[dict]) -> dict:
+    """pairs/s and tokens/s over the log windows after the first (its steps hold the warm-up)."""
+    after = lines[1:] or lines
+    t0 = lines[0]["elapsed_s"] if len(lines) > 1 else 0.0
+    secs = max(lines[-1]["elapsed_s"] - t0, 1e-9)
+    return {"pairs_per_s": round(sum(m["pairs"] for m in after) / secs, 3),
+            "tokens_per_s": round(sum(m["tokens"] for m in after) / secs, 1),
+            "steps_timed": after[-1]["step"] - (lines[0]["step"] if len(lines) > 1 else 0)}
 
-def run_ours(cfg, store, ref, group: bool) -> dict:
+
+# ---- ours -----------------------------------------------------------------------------------------------------------
+
+def run_ours(cfg, store, ref, variant: str, pairs: int, want_accuracy: bool, device: str) -> dict:
     from tasks import PIPELINE as pipeline
-    from worldpm.modeling import models
 
     cfg = cfg.model_copy(deep=True)
-    cfg.train.group_by_length = group
+    cfg.train.batch_size = pairs
+    cfg.train.packing = variant != "ours-padded"
+    if device == "cuda" and variant in ("ours", "ours-zero3") and varlen_kernel():
+        cfg.model.attn_implementation = "worldpm_varlen"
+    elif variant in ("ours-sdpa", "ours-padded"):
+        cfg.model.attn_implementation = "sdpa"
+    cfg.train.deepspeed.enabled = variant == "ours-zero3"
+    if variant == "ours-zero3" and device == "cpu":
+        cfg.train.deepspeed.offload_optimizer = cfg.train.deepspeed.offload_params = False
     ref_logps = pipeline.execute("ref_logps", cfg, {"tokenize": ref}, store, log=log).ref  # bt: a marker
     res = pipeline.execute("train", cfg, {"tokenize": ref, "ref_logps": ref_logps}, store, log=log, force=True)
     out = Path(res.ref.path)
     summary = json.loads((out / "train_summary.json").read_text())
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    after = steps[1:] or steps  # log_every=1: step 1 (warm-up) left out
-    secs = after[-1]["elapsed_s"] - steps[0]["elapsed_s"] if len(steps) > 1 else steps[0]["elapsed_s"]
-    # metrics carry rates per window; with log_every=1 a window is one step: tokens = rate * step time
-    tokens = pairs = 0.0
-    prev = steps[0]["elapsed_s"]
-    for m in after:
-        dt = m["elapsed_s"] - prev
-        tokens += m["tokens_per_s"] * dt
-        pairs += m["pairs_per_s"] * dt
-        prev = m["elapsed_s"]
-    padding = sum(m["padding"] for m in steps) / len(steps)
-    model = models.load_reward_model(out)
-    return {"pairs_per_s": round(pairs / secs, 3), "tokens_per_s": round(tokens / secs, 1),
-            "peak_memory_gb": summary["peak_memory_gb"], "padding_fed": round(padding, 4),
-            "steps": summary["steps"], "final_loss": summary["final"]["loss"], "test_accuracy": accuracy(model, ref),
-            "non_embedding_params": non_embedding_params(model)}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    fed = sum(m["fed_tokens"] for m in lines)
+    r = {**window_rates(lines), "peak_memory_gb": summary["peak_memory_gb"],
+         "attn_implementation": cfg.model.attn_implementation,
+         "padding_fed": round(1 - sum(m["tokens"] for m in lines) / fed, 4) if fed else 0.0,
+         "packed": summary["packed"], "steps": summary["steps"], "final_loss": summary["final"]["loss"],
+         "launch_to_first_step_s": summary["startup"]["launch_to_first_step_s"], "startup": summary["startup"]}
+    if want_accuracy:
+        r["test_accuracy"] = accuracy(out, ref, device)
+    return r
+
+
+def varlen_kernel() -> bool:
+    from worldpm.modeling import varlen
+
+    return varlen._kernel() is not None
 
 
 # ---- TRL (own process) --------------------------------------------------------------------------------------------
@@ -125,99 +162,141 @@ def trl_worker(spec_path: str) -> None:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
-    from trl.trainer.reward_trainer import DataCollatorForPreference
 
     from worldpm.data.splits import read_split
     from worldpm.modeling import models
 
     spec = json.loads(Path(spec_path).read_text())
+    cuda = torch.cuda.is_available()
     tok = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
     df = read_split(spec["data_dir"], "train").select("chosen_ids", "rejected_ids")
     ds = datasets.Dataset.from_polars(df)
     torch.manual_seed(spec["seed"])
-    model = models.build_reward_model(spec["model"], tok)
+    model = models.build_reward_model(spec["model"], tok, device="cuda" if cuda else None)
 
-    counts = {"tokens": 0, "padded": 0}
+    steps = spec["steps"]
+    marks: dict[int, float] = {}
+    fed = {"tokens": [], "padded": 0, "real": 0}
 
-    class CountingCollator(DataCollatorForPreference):
-        def torch_call(self, examples):
-            b = super().torch_call(examples)
-            counts["tokens"] += int(b["attention_mask"].sum())
-            counts["padded"] += int(b["attention_mask"].numel())
-            return b
-
-    times: list[float] = []
-
-    class StepTimes(TrainerCallback):
+    class StepTimes(TrainerCallback):  # a sync at the first and the last step only, as ours reads its log lines
         def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
+            if state.global_step in (spec["warmup_steps"], steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
 
     bf16 = spec["precision"] == "bf16"
     args = RewardConfig(
-        output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+        output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=steps,
         learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0,
-        bf16=bf16, use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[],
+        bf16=bf16, use_cpu=not cuda, logging_steps=spec["log_every"], save_strategy="no", report_to=[],
         max_length=spec["max_length"], disable_dropout=False, seed=spec["seed"], dataloader_num_workers=0,
         gradient_checkpointing=False, remove_unused_columns=False,
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                            data_collator=CountingCollator(pad_token_id=tok.pad_token_id), callbacks=[StepTimes()])
-    step_tokens: list[int] = []
-
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimes()])
     orig = trainer.training_step
 
-    def training_step(*a, **k):  # tokens of each step, to leave the warm-up step out of the rate
-        before = counts["tokens"]
-        out = orig(*a, **k)
-        step_tokens.append(counts["tokens"] - before)
-        return out
+    def training_step(model, inputs, *a, **k):  # the tokens each step is fed: counted from its own inputs
+        mask = inputs["attention_mask"]
+        fed["tokens"].append(int(mask.sum()))
+        fed["padded"] += mask.numel()
+        return orig(model, inputs, *a, **k)
 
     trainer.training_step = training_step
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    secs = times[-1] - times[0]
-    n = len(times) - 1
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+    w = spec["warmup_steps"]
+    secs = marks[steps] - marks[w]
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     trainer.save_model(spec["out"] + "/model")
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(spec["result"]).write_text(json.dumps({
-        "pairs_per_s": round(n * spec["batch_size"] / secs, 3), "tokens_per_s": round(sum(step_tokens[1:]) / secs, 1),
-        "peak_memory_gb": round(peak, 3), "padding_fed": round(1 - counts["tokens"] / counts["padded"], 4),
-        "steps": len(times), "final_loss": loss[-1] if loss else None, "model_dir": spec["out"] + "/model"}))
+        "pairs_per_s": round((steps - w) * spec["batch_size"] / secs, 3),
+        "tokens_per_s": round(sum(fed["tokens"][w:steps]) / secs, 1), "steps_timed": steps - w,
+        "peak_memory_gb": round(peak, 3), "padding_fed": round(1 - sum(fed["tokens"]) / fed["padded"], 4),
+        "packed": False, "steps": steps, "final_loss": loss[-1] if loss else None, "model_dir": spec["out"] + "/model"}))
 
 
-def run_trl(cfg, ref, precision: str, work: Path) -> dict:
-    from worldpm.modeling import models
+def run_trl(cfg, ref, pairs: int, precision: str, work: Path, want_accuracy: bool, device: str) -> dict:
+    import importlib.util
 
+    if importlib.util.find_spec("trl") is None:
+        raise RuntimeError("trl is not installed (pip install -e '.[bench]')")
     work.mkdir(parents=True, exist_ok=True)
     spec = {"tokenizer_dir": str(Path(ref.path) / "tokenizer"), "data_dir": ref.path,
-            "model": cfg.model.model_dump(mode="json"), "batch_size": cfg.train.batch_size,
-            "steps": cfg.train.max_steps, "lr": cfg.train.lr, "max_length": cfg.tokenize.max_length,
-            "precision": precision, "seed": cfg.train.seed, "out": str(work / "trl"), "result": str(work / "trl.json")}
+            "model": cfg.model.model_dump(mode="json"), "batch_size": pairs, "steps": cfg.train.max_steps,
+            "warmup_steps": cfg.train.log_every, "log_every": cfg.train.log_every, "lr": cfg.train.lr,
+            "max_length": cfg.tokenize.max_length, "precision": precision, "seed": cfg.train.seed,
+            "out": str(work / "trl"), "result": str(work / "trl.json")}
     (work / "trl_spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, __file__, "--trl-worker", str(work / "trl_spec.json")], check=True)
+    (work / "trl.json").unlink(missing_ok=True)
+    p = subprocess.run([sys.executable, __file__, "--trl-worker", str(work / "trl_spec.json")], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        err = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "?")
+        raise RuntimeError(f"TRL worker exited with {p.returncode}: {err}")
     r = json.loads((work / "trl.json").read_text())
-    model = models.load_reward_model(r.pop("model_dir"))
-    r["test_accuracy"] = accuracy(model, ref)
+    model_dir = r.pop("model_dir")
+    if want_accuracy:
+        r["test_accuracy"] = accuracy(model_dir, ref, device)
     return r
 
 
-# ---- main ---------------------------------------------------------------------------------------------------------
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+def settings(a) -> tuple[str, object, list[str], dict]:
+    """(mode, config file, --set overrides, run facts) for --gpu / --tiny / the CPU default."""
+    if a.gpu:
+        tokdir = a.out / "qwen-tokenizer"
+        if not (tokdir / "tokenizer.json").exists():
+            sys.path.insert(0, str(ROOT / "bench"))
+            from qwen_tokenizer import build
+
+            build(tokdir, a.qwen_tiktoken)
+        facts = {"steps": a.steps or 30, "max_length": a.max_length or 1024, "precision": "bf16", "log_every": 5}
+        return "gpu", ROOT / "configs" / "qwen2-0.5b-random.yaml", [f"model.tokenizer={tokdir}"], facts
+    if a.tiny:
+        facts = {"steps": a.steps or 6, "max_length": a.max_length or 128, "precision": "fp32", "log_every": 2}
+        return "tiny", None, [f"model.from_config={json.dumps(TINY_QWEN)}"], facts
+    facts = {"steps": a.steps or 12, "max_length": a.max_length or 256, "precision": "fp32", "log_every": 2}
+    return "cpu", None, ["model.name_or_path=minilm"], facts
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| pairs/step | variant | pairs/s | tokens/s | MFU | padding fed | peak mem (GB) | launch->1st step (s) "
+            "| test acc | x TRL pairs/s |")
+    out = [head, "|---" * (head.count("|") - 1) + "|"]
+    trl = {r["pairs"]: r for r in rows if r["variant"] == "trl" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['pairs']} | {r['variant']} | failed: {r['error']} | | | | | | | |")
+            continue
+        t = trl.get(r["pairs"])
+        ratio = f"{r['pairs_per_s'] / t['pairs_per_s']:.2f}" if t and r["variant"] != "trl" else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        out.append(f"| {r['pairs']} | {r['variant']} | {r['pairs_per_s']} | {r['tokens_per_s']} | {mfu} | "
+                   f"{r['padding_fed']:.1%} | {r['peak_memory_gb']} | {r.get('launch_to_first_step_s', '-')} | "
+                   f"{r.get('test_accuracy', '-')} | {ratio} |")
+    return "\n".join(out)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true", help="Qwen2 ~0.5B random init, bf16 (needs CUDA)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="Qwen2 ~0.5B random init, bf16 (needs CUDA)")
+    mode.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 on the CPU: the GPU matrix, cheaply")
+    ap.add_argument("--pairs", default=None, help="pairs a step, comma-separated (default: 8,32 GPU; 8 CPU)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None)
-    ap.add_argument("--deepspeed", action="store_true", help="GPU: ours under DeepSpeed ZeRO-3 (default: plain)")
+    ap.add_argument("--data", type=Path, default=SHARED_SE, help="the stack-exchange-paired parquet folder")
+    ap.add_argument("--out", type=Path, default=OUT, help="store, results and work folders (default bench/out/train)")
     ap.add_argument("--qwen-tiktoken", default=None, help="qwen.tiktoken or a dashscope wheel (default: installed)")
-    ap.add_argument("--skip-ungrouped", action="store_true", help="do not rerun ours without length grouping")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/out/train/results-{cpu,gpu}.json)")
+    ap.add_argument("--prepare", action="store_true", help="tokenize only (then carry --out to the GPU machine)")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip scoring the test split after each run")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.trl_worker:
@@ -229,60 +308,59 @@ def main() -> None:
     from worldpm.config import load_config
     from worldpm.store import ArtifactStore
 
-    if a.gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--gpu: no CUDA device")
-        tokdir = CACHE / "qwen-tokenizer"
-        if not (tokdir / "tokenizer.json").exists():
-            sys.path.insert(0, str(ROOT / "bench"))
-            from qwen_tokenizer import build
-
-            build(tokdir, a.qwen_tiktoken)
-        steps, bs, ml, precision = a.steps or 30, a.batch_size or 8, a.max_length or 1024, "bf16"
-        sets = [f"model.tokenizer={tokdir}", f"train.deepspeed.enabled={str(a.deepspeed).lower()}"]
-        cfg_file = ROOT / "configs" / "qwen2-0.5b-random.yaml"
-    else:
-        steps, bs, ml, precision = a.steps or 12, a.batch_size or 8, a.max_length or 256, "fp32"
-        sets, cfg_file = ["model.name_or_path=minilm"], None
-    sets += [f"tokenize.max_length={ml}", f"train.batch_size={bs}", f"train.max_steps={steps}",
-             "train.log_every=1", "train.checkpoint_every=100000", f"train.precision={precision}",
-             "train.warmup_ratio=0", "train.lr=2e-5", "train.eval_max_pairs=0", "shard.train=0.8", "shard.eval=0.1",
-             "shard.test=0.1"]
+    cuda = torch.cuda.is_available()
+    if a.gpu and not cuda and not a.prepare:
+        raise SystemExit("--gpu: no CUDA device (use --prepare to tokenize here, --tiny to check the script)")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"--variants: unknown {', '.join(bad)}; known: {', '.join(VARIANTS)}")
+    name, cfg_file, sets, facts = settings(a)
+    pairs_list = [int(x) for x in (a.pairs or ("8,32" if a.gpu else "8")).split(",")]
+    sets += [f"tokenize.max_length={facts['max_length']}", f"train.max_steps={facts['steps']}",
+             f"train.log_every={facts['log_every']}", "train.checkpoint_every=100000",
+             f"train.precision={facts['precision']}", "train.warmup_ratio=0", "train.lr=2e-5",
+             "train.eval_max_pairs=0", "train.grad_accum=1", "shard.train=0.8", "shard.eval=0.1", "shard.test=0.1"]
     cfg = load_config(cfg_file, sets)
-    cfg.artifacts_dir = str(CACHE / "store")
+    cfg.artifacts_dir = str(a.out / "store")
     store = ArtifactStore(Path(cfg.artifacts_dir))
-    ref = tokenized_artifact(cfg, store)
-    device = torch.cuda.get_device_name(0) if a.gpu else f"CPU ({len(os.sched_getaffinity(0))} cores)"
-    res: dict = {"device": device, "model": cfg.model.name_or_path, "max_length": ml, "batch_size_pairs": bs,
-                 "steps": steps, "precision": precision,
-                 "epoch_padding": sampler_padding(ref, bs, cfg.train.seed, cfg.train.length_group_window)}
-    res["ours"] = run_ours(cfg, store, ref, group=True)
-    if not a.skip_ungrouped:
-        res["ours_ungrouped"] = run_ours(cfg, store, ref, group=False)
-    res["trl"] = run_trl(cfg, ref, precision, CACHE / "trl-work")
-    res["speedup_pairs_per_s"] = round(res["ours"]["pairs_per_s"] / res["trl"]["pairs_per_s"], 3)
-    if a.gpu:
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        n = res["ours"]["non_embedding_params"]
-        for side in ("ours", "ours_ungrouped", "trl"):
-            if side in res and peak:
-                res[side]["mfu"] = round(6 * n * res[side]["tokens_per_s"] / peak, 4)
-    out = Path(a.out) if a.out else CACHE / f"results-{'gpu' if a.gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-    print(table(res))
-
-
-def table(res: dict) -> str:
-    rows = ["| side | pairs/s | tokens/s | peak mem (GB) | padding fed | test acc | MFU |", "|---|---|---|---|---|---|---|"]
-    for side in ("ours", "ours_ungrouped", "trl"):
-        if side in res:
-            r = res[side]
-            rows.append(f"| {side} | {r['pairs_per_s']} | {r['tokens_per_s']} | {r['peak_memory_gb']} | "
-                        f"{r['padding_fed']:.1%} | {r['test_accuracy']:.3f} | {r.get('mfu', '-')} |")
-    return "\n".join(rows)
+    ref = tokenized_artifact(cfg, store, a.data)
+    if a.prepare:
+        print(f"tokenized: {ref.path}; carry {a.out} to the GPU machine")
+        return
+    device = "cuda" if cuda else "cpu"
+    facts.update(mode=name, device=torch.cuda.get_device_name(0) if cuda else f"CPU ({len(os.sched_getaffinity(0))} cores)",
+                 model=cfg.model.name_or_path if not cfg.model.from_config else json.dumps(cfg.model.from_config))
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in facts["device"]), None) if cuda else None
+    n_params = non_embedding_params(cfg.model.model_dump(mode="json"), Path(ref.path) / "tokenizer")
+    results = a.out / f"results-{name}.jsonl"
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    for pairs in pairs_list:
+        for variant in variants:
+            log.info("bench: %s, %d pairs a step", variant, pairs)
+            row = {"started": started, **facts, "pairs": pairs, "variant": variant, "non_embedding_params": n_params}
+            try:
+                if variant == "trl":
+                    r = run_trl(cfg, ref, pairs, facts["precision"], a.out / "trl-work", not a.no_accuracy, device)
+                else:
+                    r = run_ours(cfg, store, ref, variant, pairs, not a.no_accuracy, device)
+                if peak:
+                    r["mfu"] = round(6 * n_params * r["tokens_per_s"] / peak, 4)
+                row.update(r)
+            except Exception as e:  # noqa: BLE001 - recorded; the other variants still run
+                row["error"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.error("bench: %s failed: %s", variant, row["error"])
+                log.debug("%s", traceback.format_exc())
+            rows.append(row)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            (a.out / f"results-{name}.md").write_text(
+                f"{facts['device']}, {facts['precision']}, max_length {facts['max_length']}, {facts['steps']} steps, "
+                f"{n_params:,} non-embedding parameters ({started})\n\n" + table(rows) + "\n")
+            print(table(rows), flush=True)
+    print(f"results: {results} and {a.out / f'results-{name}.md'}")
 
 
 if __name__ == "__main__":

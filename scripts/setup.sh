@@ -11,4 +11,10 @@ fi
 # On a machine with CUDA, install the torch build you need before running this script; 2.13.0 is kept then.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[dev]"
+# DeepSpeed on CPU (the ZeRO-3 test runs there) compiles its shared-memory comm op on first use (~2 min on 2
+# cores, then cached in ~/.cache/torch_extensions): build it once here rather than inside a test
+DS_ACCELERATOR=cpu .venv/bin/python - <<'PY' 2>/dev/null || echo "note: DeepSpeed's CPU comm op was not built here (no C++ compiler?)"
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+PY
 echo "worldpm set up in $(pwd)/.venv ($(.venv/bin/worldpm --help >/dev/null && echo ok))"

@@ -1,6 +1,7 @@
 """train: launch the training program (worldpm/modeling/trainer/) the standard way, `accelerate launch`, and stream it.
 
-* CPU (no GPU visible): one process, `--cpu`, fp32.
+* CPU (no GPU visible): one process, fp32; or train.num_processes CPU processes joined over gloo (how the
+  multi-process path is tested without GPUs); with train.deepspeed.enabled, DeepSpeed's CPU accelerator.
 * GPUs: num_processes = visible GPUs (or train.num_processes), bf16; with train.deepspeed.enabled a DeepSpeed
   ZeRO config generated from pipeline.yaml (stage, optimizer/parameter offload) or the named JSON file.
 * Several nodes: accelerate's own options through train.accelerate_args, e.g. ``[--num_machines, '2',
@@ -11,8 +12,11 @@
 The program's stdout lines (progress: step/total, loss, accuracy, tokens/s, ETA) go to the stage's log (Prefect's
 logs under the flow). The process runs in its own session: a timeout (train.timeout_s), Ctrl-C or a cancelled
 flow kills the whole process group, not just the launcher; and it dies with this process, even on a SIGKILL of
-`worldpm run` (worldpm/modeling/trainer/guard.py), while the trainer locks its work folder against a second one. A failed run raises StageError with the last lines of
-its stderr; its checkpoints stay in the work folder, so rerunning the same key resumes from the newest one.
+`worldpm run` (worldpm/modeling/trainer/guard.py), while the trainer locks its work folder against a second one.
+A failed run raises StageError with one line: the program's root cause (its <work>/failure.json, else the last
+exception line of a worker in stderr, past torchrun's ``[rankN]:`` prefixes and the launcher's own report) and
+the path of the full stderr log; the last stderr lines go to the stage's log. Its checkpoints stay in the work
+folder, so rerunning the same key resumes from the newest.
 """
 from __future__ import annotations
 
@@ -112,20 +116,28 @@ def deepspeed_config(t: dict, precision: str) -> dict:
 
 
 def accelerate_config(t: dict, gpus: int, precision: str, launch_dir: Path) -> tuple[dict, int]:
-    """(accelerate config file contents, number of processes)."""
+    """(accelerate config file contents, number of processes).
+
+    Without a GPU: one process (``num_processes: auto``) or train.num_processes CPU processes, launched like GPU
+    processes (torchrun) and joined over gloo (the trainer passes ``cpu=True``: accelerate's MULTI_CPU); with
+    train.deepspeed.enabled, DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, fp32, no offload): slow, but the
+    ZeRO code path runs where CI runs."""
     n = t["num_processes"]
     if n == "auto":
         n = max(gpus, 1)
     n = int(n)
     mp = "bf16" if precision == "bf16" else "no"
+    ds = t["deepspeed"]["enabled"]
     if gpus == 0:
-        if n != 1:
-            raise StageError(f"train.num_processes {n}: without a GPU training runs as one CPU process")
-        return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "use_cpu": True,
-                "num_processes": 1, "num_machines": 1, "mixed_precision": mp, "dynamo_config": {}}, 1
+        if ds and (t["deepspeed"]["offload_optimizer"] or t["deepspeed"]["offload_params"]):
+            raise StageError("train.deepspeed offload_optimizer/offload_params move state from a GPU to the CPU; "
+                             "without a GPU there is nothing to offload: set them to false")
+        if n == 1 and not ds:
+            return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "use_cpu": True,
+                    "num_processes": 1, "num_machines": 1, "mixed_precision": mp, "dynamo_config": {}}, 1
     acfg: dict = {"compute_environment": "LOCAL_MACHINE", "num_processes": n, "num_machines": 1,
                   "mixed_precision": mp, "use_cpu": False, "machine_rank": 0, "main_training_function": "main"}
-    if t["deepspeed"]["enabled"]:
+    if ds:
         ds_path = launch_dir / "deepspeed.json"
         ds_path.write_text(json.dumps(deepspeed_config(t, precision), indent=2))
         acfg["distributed_type"] = "DEEPSPEED"
@@ -134,8 +146,10 @@ def accelerate_config(t: dict, gpus: int, precision: str, launch_dir: Path) -> t
         acfg["deepspeed_config"] = {"deepspeed_config_file": str(ds_path),
                                     "zero3_init_flag": t["deepspeed"]["zero_stage"] == 3}
     else:
+        # several CPU processes launch like several GPUs (torchrun); the trainer makes them MULTI_CPU (gloo)
         acfg["distributed_type"] = "MULTI_GPU" if n > 1 else "NO"
         acfg["gpu_ids"] = "all"
+        acfg["use_cpu"] = gpus == 0
     return acfg, n
 
 
@@ -213,20 +227,36 @@ def stream_process(cmd: list[str], log, env: dict, stderr_path: Path, timeout_s:
     return rc, list(tail)
 
 
-_EXIT = re.compile(r"returned non-zero exit status (-?\d+)")
-_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+_EXIT = re.compile(r"returned non-zero exit status (-?\d+)|^\s*exitcode\s*:\s*(-?\d+)")
+_RANK = re.compile(r"^\[(?:rank|default)\d*\]:\s?")  # torchrun's prefix of a worker's lines
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(Error|Exception|Exit|Interrupt|Failure)\b(:.*)?$")
+_LAUNCHER_ERRORS = ("subprocess.CalledProcessError", "torch.distributed.elastic", "ChildFailedError")
 
 
 def program_failure(rc: int, tail: list[str]) -> tuple[int, str]:
-    """(the program's own exit status, its last error line): `accelerate launch` wraps both in its own traceback."""
+    """(the program's own exit status, its exception line): `accelerate launch` and torchrun wrap both in their
+    own tracebacks (CalledProcessError, ChildFailedError) and prefix a worker's lines with ``[rankN]:``; the root
+    cause is the last exception line of a worker, not the launcher's."""
     for ln in reversed(tail):
         if m := _EXIT.search(ln):
-            rc = int(m.group(1))
+            rc = int(m.group(1) or m.group(2))
             break
-    errors = [ln for ln in tail if _ERROR_LINE.match(ln) and not ln.startswith("subprocess.CalledProcessError")]
+    lines = [_RANK.sub("", ln).rstrip() for ln in tail]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln) and not ln.startswith(_LAUNCHER_ERRORS)]
     if errors:
         return rc, errors[-1]
-    return rc, next((ln for ln in reversed(tail) if ln.strip() and not ln.startswith(" ")), "no stderr")
+    plain = [ln for ln in lines if ln.strip() and not ln.startswith((" ", "Traceback", "W1", "E1", "I1"))
+             and not ln.startswith(_LAUNCHER_ERRORS)]
+    return rc, (plain[-1] if plain else "no error line in stderr")
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0 or rc in (137, 139):  # killed by a signal (torchrun reports -9, a shell 128 + 9)
+        sig = -rc if rc < 0 else rc - 128
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        hint = " (the OOM killer? lower train.max_tokens_per_batch or train.batch_size)" if sig == 9 else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with {rc}"
 
 
 def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
@@ -249,18 +279,24 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         raise StageError(f"train: objective dpo needs the reference log-probs of a dpo config; {ref_dir} has none")
     # the trainer re-validates model and train as ModelConfig / TrainConfig
     args = {"model": m, "train": t, "data_dir": str(data_dir), "tokenizer_dir": str(data_dir / "tokenizer"),
-            "ref_dir": str(ref_dir), "out": str(out), "work": str(work), "precision": precision}
+            "ref_dir": str(ref_dir), "out": str(out), "work": str(work), "precision": precision, "cpu": not gpus}
     args_path = launch_dir / "args.json"
+    args["launched_at"] = time.time()  # the trainer reports its startup from here (launch -> first step)
     args_path.write_text(json.dumps(args, indent=2))
     (work / "failure.json").unlink(missing_ok=True)
     extra = list(t.get("accelerate_args") or [])
     if not gpus:  # said explicitly, or accelerate warns that it picked a default
-        extra = ["--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0)))] + extra
+        extra = ["--num_cpu_threads_per_process", str(max(1, len(os.sched_getaffinity(0)) // nproc))] + extra
     cmd = launch_command(acfg_path, args_path, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if not gpus:
+        # torchrun sets OMP_NUM_THREADS=1 for each worker unless told: the cores shared out instead
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+        if t["deepspeed"]["enabled"]:
+            env["DS_ACCELERATOR"] = "cpu"
     log.info("train: %s on %s, %d process(es), precision %s%s", t["objective"],
              f"{gpus} GPU(s)" if gpus else "CPU", nproc, precision,
-             f", DeepSpeed ZeRO-{t['deepspeed']['zero_stage']}" if gpus and t["deepspeed"]["enabled"] else "")
+             f", DeepSpeed ZeRO-{t['deepspeed']['zero_stage']}" if t["deepspeed"]["enabled"] else "")
     log.info("train: %s", " ".join(cmd))
     t0 = time.perf_counter()
     rc, tail = stream_process(cmd, log, env, launch_dir / "stderr.log", (scfg.get("runtime") or {}).get("timeout_s"))
@@ -269,9 +305,11 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         reason = json.loads(failure.read_text())["error"] if failure.exists() else None
         for line in tail[-25:]:
             log.error("trainer stderr: %s", line)
-        rc, last = program_failure(rc, tail)
-        raise StageError(f"train: the training program exited with {rc} ({launch_dir / 'stderr.log'}): "
-                         f"{reason or last}")
+        err_path = launch_dir / "stderr.log"
+        lines = err_path.read_text(errors="replace").splitlines()[-400:] if err_path.exists() else tail
+        rc, last = program_failure(rc, [ln for ln in lines if ln.strip()])
+        raise StageError(f"train: the training program {describe_exit(rc)}: {reason or last} "
+                         f"(full log: {launch_dir / 'stderr.log'})")
     summary_path = out / "train_summary.json"
     if not summary_path.is_file() or not (out / "model" / "config.json").exists() and \
             not (out / "model" / "adapter_config.json").exists():
@@ -284,4 +322,5 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         "eval_accuracy": (s.get("eval") or {}).get("accuracy"), "tokens_per_s": s["tokens_per_s"],
         "pairs_per_s": s["pairs_per_s"], "num_processes": nproc, "precision": precision,
         "device": f"{gpus} GPU" if gpus else "cpu", "launch_seconds": round(time.perf_counter() - t0, 2),
+        "launch_to_first_step_s": (s.get("startup") or {}).get("launch_to_first_step_s"),
     }

@@ -151,7 +151,9 @@ class ModelConfig(Strict):
     )
     tokenizer: str | None = Field(None, description="tokenizer dir/id if not the model's")
     attn_implementation: str | None = Field(
-        None, description="eager | sdpa | flash_attention_2; None: transformers' default (sdpa where it can)")
+        None, description="eager | sdpa | flash_attention_2 | flex_attention | worldpm_varlen (decoders, packed: "
+        "one row through torch's varlen flash attention on CUDA, worldpm/modeling/varlen.py); None: transformers' "
+        "default (sdpa where it can)")
     lora: LoraConfig = LoraConfig()
 
 
@@ -179,7 +181,17 @@ class TrainConfig(Strict):
     group_by_length: bool = True
     length_group_window: int = Field(
         64, ge=1, description="PairBatchSampler: batches per length-sorted window (larger: less padding, less mixing)")
-    gradient_checkpointing: bool = False
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="padding-free micro-batches: sequences packed end to end, attention kept inside each "
+        "(worldpm/modeling/packing.py); auto: where the model can (decoders with a score head, BERT encoders), "
+        "true: refuse a model that cannot, false: padded batches")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=16, description="micro-batch = as many pairs as fit in this many tokens (packed: real tokens of "
+        "chosen + rejected; padded: 2 x pairs x longest side) instead of batch_size pairs; the memory knob: a "
+        "micro-batch that runs out of memory names it")
+    gradient_checkpointing: bool = Field(
+        False, description="activation checkpointing: recompute each layer's activations in the backward pass "
+        "(~30% more compute, activation memory of one layer instead of all): docs/training.md says what fits where")
     checkpoint_every: int = Field(50, ge=1, description="steps between accelerator.save_state checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the stage's work dir")
     timeout_s: float | None = Field(None, gt=0, description="kill the training process group after this long")
@@ -250,7 +262,8 @@ class ScheduleConfig(Strict):
 # data filters, splits and training knobs. Never paths, models, code or the store (see flows/policy.py).
 DEPLOYMENT_OVERRIDES = [
     "sources", "clean.*", "shard.*", "tokenize.max_length", "tokenize.overlength",
-    "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.weight_decay",
+    "train.epochs", "train.max_steps", "train.batch_size", "train.max_tokens_per_batch", "train.gradient_checkpointing",
+    "train.grad_accum", "train.lr", "train.weight_decay",
     "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
     "train.timeout_s", "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
 ]

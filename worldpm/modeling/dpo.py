@@ -64,8 +64,10 @@ class DPO:
         self.average = t.logp_average
         self.init_seed = t.seed
 
-    def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None):
-        return build_causal_lm(mcfg, tokenizer, dtype=dtype, quantization_config=quantization_config,
+    def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None, device=None):
+        # built in fp32 on the CPU whatever `dtype` and `device` say: a from_config policy must start from the very
+        # weights the ref_logps stage's reference drew there (same seed, same generator, same dtype)
+        return build_causal_lm(mcfg, tokenizer, quantization_config=quantization_config,
                                device_map=device_map, init_seed=self.init_seed)
 
     def policy_logps(self, model, batch: dict, return_tokens: bool = False):

@@ -14,6 +14,7 @@ left-padded sequence has the same positions as the same sequence alone.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -107,17 +108,19 @@ def is_encoder(config) -> bool:
 # ---- building ---------------------------------------------------------------------------------------------------
 
 def build_reward_model(mcfg: Any, tokenizer, dtype: torch.dtype | None = None,
-                       quantization_config: Any = None, device_map: Any = None):
+                       quantization_config: Any = None, device_map: Any = None, device: Any = None):
     """A fresh reward model: AutoModelForSequenceClassification(num_labels=1), pad token set in its config.
 
     ``model.from_config`` (a dict with model_type + sizes) builds a randomly initialised model of that
     architecture (tests, throughput benchmarks); otherwise the backbone's pretrained weights are loaded and only
-    the 1-output score head is new."""
+    the 1-output score head is new. ``device``: made there (initialised on it, or loaded straight to it), not
+    built on the CPU and copied."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from_config = _get(mcfg, "from_config")
     trust = bool(_get(mcfg, "trust_remote_code", False))
     attn = _get(mcfg, "attn_implementation")
+    register_attention(attn)
     pad_id = tokenizer.pad_token_id
     if from_config:
         spec = dict(from_config)
@@ -127,15 +130,28 @@ def build_reward_model(mcfg: Any, tokenizer, dtype: torch.dtype | None = None,
         spec.setdefault("vocab_size", len(tokenizer))
         config = AutoConfig.for_model(model_type, num_labels=1, pad_token_id=pad_id, **spec)
         extra = {"attn_implementation": attn} if attn else {}
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=trust, **extra)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=trust,
+                                                                   **extra)
     else:
         src = resolve_name(_get(mcfg, "name_or_path"))
+        if device is not None and device_map is None:
+            device_map = {"": torch.device(device)}
         kw = pretrained_kwargs(mcfg, trust, dtype, quantization_config, device_map, attn, num_labels=1)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(src, **kw)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a model from {src}: {str(e).splitlines()[0]}") from None
     return fit_to_tokenizer(model, tokenizer, pad_id)
+
+
+def register_attention(attn: str | None) -> None:
+    """Make worldpm's own attention implementation (varlen.py: packed sequences through torch's varlen flash
+    attention) known to transformers before a model asks for it."""
+    from worldpm.modeling import varlen
+
+    if attn == varlen.NAME:
+        varlen.register()
 
 
 def pretrained_kwargs(mcfg: Any, trust: bool, dtype, quantization_config, device_map, attn,
@@ -151,7 +167,9 @@ def pretrained_kwargs(mcfg: Any, trust: bool, dtype, quantization_config, device
 
 def fit_to_tokenizer(model, tokenizer, pad_id: int):
     """Embeddings at least as large as the tokenizer; the pad id set explicitly in config and generation config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    w = model.get_input_embeddings().weight
+    rows = getattr(w, "ds_shape", w.shape)[0]  # ZeRO-3 (zero.Init): the local partition is empty, ds_shape is real
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = pad_id
     if getattr(model, "generation_config", None) is not None:
@@ -241,12 +259,38 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right
     return ids, mask, pos
 
 
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "FullyShardedDataParallel",
+             "PipelineEngine")
+
+
+def unwrap(model):
+    """The HF model inside a torch.compile wrapper, DDP / FSDP / DeepSpeed engine (``.module``) and a peft model
+    (``get_base_model``): the object whose ``config`` is the HF config and whose submodules are the model's.
+
+    What accelerate's ``unwrap_model`` does for the distributed containers, without importing deepspeed, plus
+    peft. Read a config or an attribute from this, never from the wrapper: a DeepSpeedEngine's ``.config`` is
+    DeepSpeed's own dict. The forward pass still goes through the wrapper (gradient sync, ZeRO-3 gathering)."""
+    m = model
+    for _ in range(8):
+        if type(m).__name__ == "OptimizedModule":  # torch.compile
+            m = m._orig_mod
+        elif type(m).__name__ in _WRAPPERS and isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        elif callable(getattr(m, "get_base_model", None)) and hasattr(m, "peft_config"):
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
 def config_of(model):
-    """The HF config of a model, a peft wrapper or a DeepSpeed engine."""
-    cfg = getattr(model, "config", None)
-    if cfg is None and hasattr(model, "module"):
-        cfg = model.module.config
-    return cfg
+    """The HF config of a model, however wrapped (DDP, DeepSpeed engine, peft, torch.compile)."""
+    return unwrap(model).config
+
+
+def parameter_count(p: torch.nn.Parameter) -> int:
+    """Elements of a parameter; under ZeRO-3 the full (gathered) size, not the local partition (numel() is 0)."""
+    return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
 def to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +311,9 @@ def forward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     position is the real first token. Decoders read the last non-pad token (transformers' rule, which finds the
     rightmost non-pad token and so works with either side); position_ids from the mask keep a left-padded row's
     positions equal to the row alone."""
-    if is_encoder(config_of(model)):
+    cfg = config_of(model)
+    if is_encoder(cfg) or getattr(cfg, "_attn_implementation", None) == "worldpm_varlen":
+        # encoders read the first token; varlen attention reads a padded row as one causal sequence (varlen.py)
         input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
         position_ids = None  # right padding: the default positions 0..L-1 are the real ones
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -12,17 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from worldpm.config import TrainConfig
-from worldpm.modeling import models
+from worldpm.modeling import models, packing
 
 
 class Objective(Protocol):
     name: str
 
     def build_model(self, mcfg: dict, tokenizer, dtype: torch.dtype | None = None,
-                    quantization_config: Any = None, device_map: Any = None) -> torch.nn.Module: ...
+                    quantization_config: Any = None, device_map: Any = None, device: Any = None) -> torch.nn.Module:
+        ...
 
     def compute(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scalar fp32 loss, per-batch statistics as detached 0-d tensors)."""
+        """(scalar fp32 loss: the mean over the batch's pairs, per-batch statistics as detached 0-d tensors).
+
+        The trainer weights each micro-batch by its pair count, so a step's loss is the mean over all its pairs."""
         ...
 
 
@@ -51,12 +54,17 @@ class BradleyTerry:
         self.margin_in_loss = t.margin_in_loss
         self.center_rewards_coef = t.center_rewards_coef
 
-    def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None):
+    def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None, device=None):
         return models.build_reward_model(mcfg, tokenizer, dtype=dtype, quantization_config=quantization_config,
-                                         device_map=device_map)
+                                         device_map=device_map, device=device)
 
     def rewards(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        r = models.forward_scores(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+        """(chosen rewards, rejected rewards) of a padded batch (collate_pairs) or a packed one (collate_packed:
+        it has ``seq_last``)."""
+        if "seq_last" in batch:
+            r = packing.forward_scores_packed(model, batch)
+        else:
+            r = models.forward_scores(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
         b = batch["n_pairs"]
         return r[:b], r[b:]
 

@@ -1,9 +1,10 @@
-"""Pairs in memory, the length-grouped pair sampler, and the collate that puts chosen and rejected in one batch.
+"""Pairs in memory, the length-grouped pair sampler, the plan of steps over processes, and the collates that
+put chosen and rejected in one forward batch.
 
 A tokenized split (tokenize's ``<split>.parquet``) is held as two flat int32 arrays plus offsets per side (Arrow's
-own list layout): no Python list per pair, a few bytes per token. A batch of B pairs becomes ONE forward batch of
-2B rows: the B chosen sequences then the B rejected ones, padded to the longest of all 2B (so a pair's two
-sequences are always padded alike and the loss is computed from one forward pass).
+own list layout): no Python list per pair, a few bytes per token. A micro-batch of B pairs becomes ONE forward
+batch of 2B sequences, the B chosen then the B rejected ones: packed end to end (collate_packed, padding-free,
+for models that can: packing.py) or padded to the longest of all 2B (collate_pairs).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import polars as pl
 import torch
 
 from worldpm.data.splits import flat_ids
-from worldpm.modeling import models
+from worldpm.modeling import models, packing
 
 
 @dataclass
@@ -86,20 +87,22 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
 
 
 class PairBatchSampler:
-    """Batches of pair indices, grouped by length, deterministic in (seed, epoch), sharded over processes.
+    """The micro-batches of an epoch (pair indices, over all processes), grouped by length, deterministic in
+    (seed, epoch).
 
     HF Trainer's ``group_by_length`` looks at one ``input_ids`` column and so does nothing useful for pairs; here
     a pair's length is max(chosen_len, rejected_len). Per epoch: shuffle all pairs, cut the order into windows of
-    ``window`` batches, sort each window by length (longest first), cut it into batches, then shuffle the batches.
-    A larger window means less padding and less mixing. With ``group_by_length=False`` it is a plain shuffle.
+    ``window`` x ``batch_size`` pairs, sort each window by length (longest first), cut it into micro-batches, then
+    shuffle the micro-batches (the one holding the longest pair first: out-of-memory shows at step 1). A larger
+    window means less padding and less mixing. With ``group_by_length=False`` it is a plain shuffle.
 
-    Every process gets the same number of batches (the global list is wrapped around to a multiple of the process
-    count, as DistributedSampler does); ``start`` skips the first batches of the epoch (resume mid-epoch) without
-    touching the data.
+    A micro-batch is ``batch_size`` pairs, or with ``max_tokens`` as many consecutive pairs as fit in that many
+    tokens: packed, a pair costs its real tokens (``packed_cost``, chosen + rejected); padded, a micro-batch of n
+    pairs costs 2 n x its longest side. Which process runs which micro-batch is StepPlan's business.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, *, seed: int = 0, group_by_length: bool = True,
-                 window: int = 64, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+                 window: int = 64, max_tokens: int | None = None, packed_cost: np.ndarray | None = None):
         if len(lengths) == 0:
             raise ValueError("PairBatchSampler: no pairs")
         self.lengths = np.asarray(lengths)
@@ -107,51 +110,129 @@ class PairBatchSampler:
         self.seed = seed
         self.group_by_length = group_by_length
         self.window = max(1, window)
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.drop_last = drop_last
+        self.max_tokens = max_tokens
+        self.packed_cost = None if packed_cost is None else np.asarray(packed_cost, dtype=np.int64)
+        if max_tokens is not None:
+            worst = int(self.packed_cost.max()) if self.packed_cost is not None else 2 * int(self.lengths.max())
+            if worst > max_tokens:
+                raise ValueError(f"train.max_tokens_per_batch {max_tokens} is below the {worst} tokens of the longest "
+                                 f"pair (chosen + rejected{'' if self.packed_cost is not None else ', padded'}): "
+                                 f"raise it to at least {worst} or lower tokenize.max_length")
         self.epoch = 0
-        self.start = 0
+        self._cache: dict[int, list[np.ndarray]] = {}
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        if self.max_tokens is None:
+            bs = self.batch_size
+            return [order[s:s + bs] for s in range(0, len(order), bs)]
+        budget, out, start = self.max_tokens, [], 0
+        if self.packed_cost is not None:
+            used = 0
+            for j, c in enumerate(self.packed_cost[order].tolist()):
+                if used + c > budget and j > start:
+                    out.append(order[start:j])
+                    start, used = j, 0
+                used += c
+        else:  # padded: n pairs x 2 sides x the longest side of the micro-batch
+            longest = 0
+            for j, L in enumerate(self.lengths[order].tolist()):
+                longest = max(longest, L)
+                if 2 * (j - start + 1) * longest > budget and j > start:
+                    out.append(order[start:j])
+                    start, longest = j, L
+        out.append(order[start:])
+        return out
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
+        if epoch in self._cache:
+            return self._cache[epoch]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
-        bs = self.batch_size
         if self.group_by_length:
-            span = bs * self.window
+            span = self.batch_size * self.window
             parts = []
             for s in range(0, len(order), span):
                 w = order[s:s + span]
                 parts.append(w[np.argsort(-self.lengths[w], kind="stable")])
             order = np.concatenate(parts)
-        batches = [order[s:s + bs] for s in range(0, len(order), bs)]
-        if self.drop_last and len(batches) > 1 and len(batches[-1]) < bs:
-            batches.pop()
+        batches = self._cut(order)
         if self.group_by_length:
             # batch order shuffled so lengths do not trend within an epoch (a window's longest batch comes first
-            # otherwise, which is also where out-of-memory would show: the longest batch overall stays first)
+            # otherwise), the longest batch overall first: where out-of-memory would show, it shows at once
             perm = rng.permutation(len(batches))
             longest = int(np.argmax([self.lengths[b].max() for b in batches]))
             perm = np.concatenate([[longest], perm[perm != longest]])
             batches = [batches[i] for i in perm]
-        n = self.num_replicas
-        if len(batches) % n:
-            batches += batches[: n - len(batches) % n]  # wrap around: every process steps the same number of times
+        if len(self._cache) > 4:
+            self._cache.pop(min(self._cache))
+        self._cache[epoch] = batches
         return batches
 
     def __len__(self) -> int:
-        n_pairs = len(self.lengths)
-        nb = n_pairs // self.batch_size if self.drop_last and n_pairs >= self.batch_size else math.ceil(
-            n_pairs / self.batch_size)
-        return math.ceil(nb / self.num_replicas)
+        return len(self.global_batches(self.epoch))
 
     def __iter__(self):
-        mine = self.global_batches(self.epoch)[self.rank::self.num_replicas]
-        for b in mine[self.start:]:
+        for b in self.global_batches(self.epoch):
             yield b.tolist()
+
+
+@dataclass
+class StepWork:
+    step: int                    # 1-based optimizer step
+    epoch: float                 # fractional epoch reached at the end of this step
+    mine: list[np.ndarray]       # this process's grad_accum micro-batches (pair indices)
+    pairs: int                   # pairs in the whole step, over every process
+
+
+class StepPlan:
+    """Optimizer steps over the stream of micro-batches (epoch after epoch, PairBatchSampler's order): step s
+    takes the next P x grad_accum micro-batches, process r runs those at r*ga .. r*ga+ga-1 of them.
+
+    So every pair is seen once an epoch across the processes (no wrap-around duplicates), and the same global
+    batches come out whatever P and grad_accum are, as long as P x grad_accum is the same: 2 processes x 1 and
+    1 process x 2 accumulations take the same pairs each step. Every process knows the whole step (the sampler is
+    a pure function of seed and epoch), so the loss is normalised by the step's pair count without a collective.
+    ``total_steps``: max_steps, or enough steps to cover ``epochs`` (the last step may run into the next epoch)."""
+
+    def __init__(self, sampler: PairBatchSampler, num_processes: int, grad_accum: int, epochs: float,
+                 max_steps: int | None = None, rank: int = 0):
+        self.sampler, self.P, self.ga, self.rank = sampler, num_processes, grad_accum, rank
+        self.micro_per_step = num_processes * grad_accum
+        self.micro_per_epoch = len(sampler.global_batches(0))
+        if max_steps:
+            self.total_steps = max_steps
+        else:
+            full = int(epochs)
+            micro = sum(len(sampler.global_batches(e)) for e in range(full))
+            if epochs > full:
+                micro += math.ceil((epochs - full) * len(sampler.global_batches(full)))
+            self.total_steps = max(1, math.ceil(micro / self.micro_per_step))
+
+    def steps(self, start_step: int = 0):
+        """StepWork of steps start_step+1 .. total_steps (resume: the batches before are skipped, not read)."""
+        skip = start_step * self.micro_per_step
+        epoch = 0
+        while skip >= len(self.sampler.global_batches(epoch)):
+            skip -= len(self.sampler.global_batches(epoch))
+            epoch += 1
+
+        def stream():
+            e, j = epoch, skip
+            while True:
+                batches = self.sampler.global_batches(e)
+                while j < len(batches):
+                    yield e + (j + 1) / len(batches), batches[j]
+                    j += 1
+                e, j = e + 1, 0
+
+        it = stream()
+        lo, hi = self.rank * self.ga, (self.rank + 1) * self.ga
+        for step in range(start_step + 1, self.total_steps + 1):
+            got = [next(it) for _ in range(self.micro_per_step)]
+            yield StepWork(step, got[-1][0], [b for _, b in got[lo:hi]], sum(len(b) for _, b in got))
 
 
 def padding_fraction(lengths: np.ndarray, batches: list) -> float:
@@ -164,26 +245,52 @@ def padding_fraction(lengths: np.ndarray, batches: list) -> float:
     return 1.0 - real / padded if padded else 0.0
 
 
-def collate_pairs(data: PairData, idx: list[int], pad_id: int, padding_side: str = "right",
-                  pad_to_multiple_of: int | None = None) -> dict:
-    """One forward batch: rows [0, B) are the chosen sides, rows [B, 2B) the rejected ones, padded alike.
-
-    position_ids count real tokens only (the padding side never changes a sequence's positions)."""
-    seqs = [data.seq("chosen", i) for i in idx] + [data.seq("rejected", i) for i in idx]
-    width = max(len(s) for s in seqs)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(seqs)
-    ids, mask_t, pos = models.pad_sequences(seqs, pad_id, side=padding_side, pad_to=width)
-    margin = torch.from_numpy(data.margin[idx].copy())
-    batch = {
-        "input_ids": ids, "attention_mask": mask_t, "position_ids": pos,
-        "margin": margin, "n_pairs": len(idx), "tokens": int(mask_t.sum()), "padded_tokens": n * width,
-        "pair_ids": [data.pair_ids[i] for i in idx],
-    }
+def pair_fields(data: PairData, idx: list[int]) -> dict:
+    """What a batch carries per pair, whatever its layout: margins, pair ids, DPO's prompt lengths and cached
+    reference log-probs."""
+    batch: dict = {"margin": torch.from_numpy(data.margin[idx].copy()), "n_pairs": len(idx),
+                   "pair_ids": [data.pair_ids[i] for i in idx]}
     if data.prompt_len is not None:  # DPO: where each pair's response starts (both sides)
         batch["prompt_len"] = torch.from_numpy(data.prompt_len[idx].astype(np.int64))
     if data.ref_chosen is not None:
         batch["ref_chosen_logps"] = torch.from_numpy(data.ref_chosen[idx].copy())
         batch["ref_rejected_logps"] = torch.from_numpy(data.ref_rejected[idx].copy())
     return batch
+
+
+def collate_pairs(data: PairData, idx: list[int], pad_id: int, padding_side: str = "right",
+                  pad_to_multiple_of: int | None = None) -> dict:
+    """One padded forward batch: rows [0, B) are the chosen sides, rows [B, 2B) the rejected ones, padded alike.
+
+    position_ids count real tokens only (the padding side never changes a sequence's positions)."""
+    seqs = [data.seq("chosen", i) for i in idx] + [data.seq("rejected", i) for i in idx]
+    width = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    ids, mask_t, pos = models.pad_sequences(seqs, pad_id, side=padding_side, pad_to=width)
+    return {"input_ids": ids, "attention_mask": mask_t, "position_ids": pos, "tokens": int(mask_t.sum()),
+            "padded_tokens": len(seqs) * width, **pair_fields(data, idx)}
+
+
+def collate_packed(data: PairData, idx: list[int], pad_id: int, row_tokens: int | None = None) -> dict:
+    """One padding-free forward batch: the B chosen then the B rejected sequences packed end to end into rows
+    (packing.pack_sequences; ``row_tokens`` None: one row). Sequence i < B is pair i's chosen side, B + i its
+    rejected side, wherever they landed."""
+    seqs = [data.seq("chosen", i) for i in idx] + [data.seq("rejected", i) for i in idx]
+    return {**packing.pack_sequences(seqs, pad_id, row_tokens), **pair_fields(data, idx)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How micro-batches are laid out: packed (padding-free; row_tokens None = one row, 0 = rows as wide as the
+    longest sequence) or padded (to a multiple of pad_multiple)."""
+
+    packed: bool
+    row_tokens: int | None = None
+    pad_multiple: int | None = None
+
+    def collate(self, data: PairData, idx, pad_id: int) -> dict:
+        idx = [int(i) for i in idx]
+        if self.packed:
+            return collate_packed(data, idx, pad_id, self.row_tokens)
+        return collate_pairs(data, idx, pad_id, pad_to_multiple_of=self.pad_multiple)

@@ -10,7 +10,8 @@ from worldpm.modeling.trainer.data import collate_pairs
 
 
 @torch.no_grad()
-def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, max_pairs: int) -> dict | None:
+def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, max_pairs: int,
+                   layout=None) -> dict | None:
     """{pairs, loss, accuracy} of the first max_pairs pairs of `data` (0: all), or None without pairs.
 
     Every pair once: contiguous length-sorted batches, batch i on process i % P (no wrap-around duplicates). Works
@@ -32,7 +33,8 @@ def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, ma
     for i in range(rounds):
         real = i < len(mine)
         idx = (mine[i] if real else batches[0]).tolist()
-        batch = collate_pairs(data, idx, pad_id, pad_to_multiple_of=pad_multiple)
+        batch = (layout.collate(data, idx, pad_id) if layout is not None
+                 else collate_pairs(data, idx, pad_id, pad_to_multiple_of=pad_multiple))
         batch.pop("pair_ids")
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with accelerator.autocast():

@@ -41,14 +41,21 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
     return final
 
 
-def resume(accelerator, ckpt_dir: Path) -> tuple[int, Path | None]:
+def resume(accelerator, ckpt_dir: Path, micro_per_step: int | None = None) -> tuple[int, Path | None]:
     """Load the newest complete checkpoint (model, optimizer, scheduler, RNG): (the step it was taken at, its
-    folder), or (0, None) when there is none."""
+    folder), or (0, None) when there is none. A checkpoint of a run with another processes x grad_accum is refused
+    (its steps covered other pairs, and ZeRO shards are per process)."""
     done = complete_checkpoints(ckpt_dir)
     if not done:
         return 0, None
+    state = json.loads((done[-1] / STATE_FILE).read_text())
+    was = state.get("micro_per_step")
+    if micro_per_step is not None and was is not None and was != micro_per_step:
+        raise SystemExit(f"{done[-1]}: written by a run of {was} micro-batches a step (processes x grad_accum), "
+                         f"this run has {micro_per_step}: rerun with the same train.num_processes and "
+                         f"train.grad_accum, or delete {ckpt_dir} to start over")
     accelerator.load_state(str(done[-1]))
-    return int(json.loads((done[-1] / STATE_FILE).read_text())["step"]), done[-1]
+    return int(state["step"]), done[-1]
 
 
 def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, objective: str) -> None:
@@ -81,9 +88,14 @@ def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, obj
 
 
 def peak_memory_gb(accelerator) -> float:
-    """Peak GPU memory allocated by torch on this process's device, or the process's peak RSS on CPU."""
+    """Peak GPU memory allocated by torch on a process's device, or a process's peak RSS on CPU: the largest over
+    the processes."""
     if accelerator.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    import resource
+        peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    else:
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    if accelerator.num_processes > 1:
+        peak = float(accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=accelerator.device)).max())
+    return peak

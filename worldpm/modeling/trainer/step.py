@@ -1,10 +1,20 @@
-"""The training loop: micro-batches from the sampler, one optimizer step per grad_accum of them, a log line (and a
-line in metrics.jsonl) every log_every steps, a checkpoint every checkpoint_every steps."""
+"""The training loop: each optimizer step, this process's grad_accum micro-batches (collated ahead on a thread), one
+optimizer step, a log line (and a line in metrics.jsonl) every log_every steps, a checkpoint every
+checkpoint_every steps.
+
+No host synchronisation per step: statistics and the losses stay on the device and are read (one all-reduce, one
+copy to the host) at each log line; that is also where a non-finite loss stops the run, naming its step and pairs,
+and before any checkpoint is written (so a checkpoint never holds weights updated by a nan). Micro-batches are
+weighted by their pair counts (loss x pairs x P x ga / pairs in the step), so a step's gradient is the mean over
+its pairs however they were split over processes and accumulation, and whatever each micro-batch held.
+"""
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,36 +22,120 @@ from pathlib import Path
 import torch
 
 from worldpm.config import TrainConfig
-from worldpm.modeling.trainer.data import PairData, collate_pairs
+from worldpm.modeling.trainer.data import Layout, PairData, StepPlan
 from worldpm.modeling.trainer.save import save_checkpoint
-from worldpm.modeling.trainer.setup import FaultInjection, Schedule
+from worldpm.modeling.trainer.setup import FaultInjection
 
 
-class NonFiniteLoss(RuntimeError):
+class TrainingStop(RuntimeError):
+    """A run stopped for a reason the user can act on: its message is the stage's one-line error."""
+
+
+class NonFiniteLoss(TrainingStop):
+    pass
+
+
+class OutOfMemory(TrainingStop):
     pass
 
 
 def check_finite(loss: torch.Tensor, step: int, pair_ids: list[str]) -> None:
     """A nan/inf loss stops the run, naming the step and the pairs: never masked, never skipped."""
     if not bool(torch.isfinite(loss.detach()).all()):
-        shown = ", ".join(pair_ids[:16]) + (f" ... ({len(pair_ids)} pairs)" if len(pair_ids) > 16 else "")
-        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; pair ids: {shown}")
+        raise NonFiniteLoss(nonfinite_message(float(loss), step, pair_ids))
 
 
-def micro_batches(sched: Schedule, first_micro: int):
-    """(fractional epoch, pair indices) of every micro-batch from `first_micro` on, epoch after epoch."""
-    epoch, offset = divmod(first_micro, sched.micro_per_epoch)
-    while True:
-        sched.sampler.set_epoch(epoch, offset)
-        for j, idx in enumerate(sched.sampler, start=offset):
-            yield epoch + (j + 1) / sched.micro_per_epoch, idx
-        epoch, offset = epoch + 1, 0
+def nonfinite_message(value: float, step: int, pair_ids: list[str]) -> str:
+    shown = ", ".join(pair_ids[:16]) + (f" ... ({len(pair_ids)} pairs)" if len(pair_ids) > 16 else "")
+    return f"non-finite loss ({value}) at step {step}; pair ids: {shown}"
+
+
+class FiniteGuard:
+    """The losses since the last check, kept on the device, with their steps and pair ids on the host. ``check``
+    costs one all-reduce and one copy: it runs at log lines and before checkpoints, not per step."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.where: list[tuple[int, list[str]]] = []
+
+    def add(self, loss: torch.Tensor, step: int, pair_ids: list[str]) -> None:
+        self.losses.append(loss.detach().float().reshape(()))
+        self.where.append((step, pair_ids))
+
+    def local_bad(self) -> torch.Tensor:
+        """0-d count of this process's non-finite losses since the last check (on the device, no sync)."""
+        if not self.losses:
+            return torch.zeros((), dtype=torch.float64)
+        return (~torch.isfinite(torch.stack(self.losses))).sum().double()
+
+    def raise_if(self, total_bad: float) -> None:
+        """Stop the run when any process saw a non-finite loss (total_bad: the reduced count)."""
+        if total_bad > 0:
+            values = torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise NonFiniteLoss(nonfinite_message(float(values[i]), *self.where[i]))
+            raise NonFiniteLoss(f"non-finite loss on another process by step {self.where[-1][0]} "
+                                "(its message names the pairs)")
+        self.losses.clear()
+        self.where.clear()
+
+    def check(self, accelerator) -> None:
+        bad = self.local_bad().to(accelerator.device)
+        self.raise_if(float(accelerator.reduce(bad, reduction="sum")))
+
+
+class Prefetcher:
+    """Collates the next steps' micro-batches on a thread while the current step runs (pinned memory on CUDA, so
+    the copy to the device can overlap too). Yields (StepWork, [batches]); an error on the thread is re-raised."""
+
+    _END = object()
+
+    def __init__(self, works, collate, depth: int = 2, pin: bool = False):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for w in works:
+                    batches = [collate(idx) for idx in w.mine]
+                    if pin:
+                        batches = [{k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in b.items()}
+                                   for b in batches]
+                    while not self.stop.is_set():
+                        try:
+                            self.q.put((w, batches), timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        return
+                self.q.put(self._END)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                self.q.put(e)
+
+        self.thread = threading.Thread(target=run, name="collate", daemon=True)
+        self.thread.start()
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self.q.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
 
 
 @dataclass
 class StepLog:
-    """Statistics summed over the steps since the last log line. The sums stay on the device: one host sync per
-    log line, not one per statistic per step. Lines are reduced (averaged) over the processes."""
+    """Statistics summed (weighted by pairs) over the steps since the last log line, kept on the device: one
+    all-reduce and one host copy per log line. Lines are reduced over the processes: the loss of a line is the
+    mean over every pair of its steps."""
 
     keys: tuple[str, ...]
     device: torch.device
@@ -53,6 +147,7 @@ class StepLog:
     run_tokens: float = 0.0
     run_pairs: float = 0.0
     last: dict = field(default_factory=dict)
+    first_step_at: float | None = None  # time.time() when this run's first step was done (startup timing)
 
     def __post_init__(self) -> None:
         self.t_log = self.t_start
@@ -63,27 +158,28 @@ class StepLog:
         self.window.zero_()
         self.n = self.tokens = self.padded = self.pairs = 0
 
-    def add(self, loss: torch.Tensor, stats: dict, batch: dict, weight: float) -> None:
-        self.window += torch.stack([loss.detach(), *(stats[k] for k in self.keys[1:])]).double() * weight
+    def add(self, loss: torch.Tensor, stats: dict, batch: dict) -> None:
+        n = batch["n_pairs"]
+        self.window += torch.stack([loss.detach().float(), *(stats[k].float() for k in self.keys[1:])]).double() * n
         self.tokens += batch["tokens"]
         self.padded += batch["padded_tokens"]
-        self.pairs += batch["n_pairs"]
+        self.pairs += n
 
-    def line(self, accelerator, step: int, epoch: float, lr: float, grad_norm) -> str:
+    def line(self, accelerator, step: int, epoch: float, lr: float, grad_norm, guard: FiniteGuard) -> str:
         now = time.perf_counter()
-        t = torch.cat([self.window / max(self.n, 1), torch.tensor([self.tokens, self.padded, self.pairs],
-                                                                  dtype=torch.float64, device=self.device)])
-        t = accelerator.reduce(t, reduction="sum")
-        P = accelerator.num_processes
-        vals = {k: float(t[i]) / P for i, k in enumerate(self.keys)}
-        tokens, padded, pairs = float(t[-3]), float(t[-2]), float(t[-1])
+        t = torch.cat([self.window, torch.tensor([self.tokens, self.padded, self.pairs], dtype=torch.float64,
+                                                 device=self.device), guard.local_bad().to(self.device).reshape(1)])
+        t = accelerator.reduce(t, reduction="sum").cpu()  # the one host sync of the window
+        guard.raise_if(float(t[-1]))
+        tokens, padded, pairs = float(t[-4]), float(t[-3]), float(t[-2])
+        vals = {k: float(t[i]) / max(pairs, 1.0) for i, k in enumerate(self.keys)}
         self.run_tokens += tokens
         self.run_pairs += pairs
         dt = max(now - self.t_log, 1e-9)
         gn = float(grad_norm) if grad_norm is not None else float("nan")
         self.last = {
             "step": step, "epoch": round(epoch, 4), **{k: round(v, 6) for k, v in vals.items()},
-            "lr": lr, "grad_norm": round(gn, 6),
+            "lr": lr, "grad_norm": round(gn, 6), "pairs": int(pairs), "tokens": int(tokens), "fed_tokens": int(padded),
             "tokens_per_s": round(tokens / dt, 1), "pairs_per_s": round(pairs / dt, 2),
             "padding": round(1 - tokens / padded, 4) if padded else 0.0,
             "elapsed_s": round(now - self.t_start, 2),
@@ -101,48 +197,84 @@ class StepLog:
                 f"pad {self.last['padding']:.1%} ETA {hms(eta)}")
 
 
+def oom_message(step: int, batch: dict, t: TrainConfig, packed: bool) -> str:
+    knob = (f"train.max_tokens_per_batch (now {t.max_tokens_per_batch})" if t.max_tokens_per_batch
+            else f"train.batch_size (now {t.batch_size}) or set train.max_tokens_per_batch")
+    ckpt = "" if t.gradient_checkpointing else ", or set train.gradient_checkpointing=true"
+    return (f"out of memory at step {step} in a micro-batch of {batch['n_pairs']} pairs, {batch['tokens']} tokens "
+            f"({batch['padded_tokens']} {'packed' if packed else 'padded'}): lower {knob}{ckpt}")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def train_loop(accelerator, model, optimizer, scheduler, objective, data: PairData, pad_id: int, t: TrainConfig,
-               sched: Schedule, start_step: int, ckpt_dir: Path, metrics_path: Path, faults: FaultInjection,
-               say) -> tuple[StepLog, float]:
-    """Steps start_step+1 .. total_steps. Returns the log (running totals, last line) and the final epoch."""
-    ga = t.grad_accum
-    pad_multiple = 8 if accelerator.device.type == "cuda" else None
-    stream = micro_batches(sched, start_step * ga)
+               plan: StepPlan, layout: Layout, start_step: int, ckpt_dir: Path, metrics_path: Path,
+               faults: FaultInjection, say) -> tuple[StepLog, float]:
+    """Steps start_step+1 .. plan.total_steps. Returns the log (running totals, last line) and the final epoch."""
     keys = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", *getattr(objective, "extra_metrics", ()))
-    slog = StepLog(keys, accelerator.device, metrics_path, accelerator.is_main_process, start_step, sched.total_steps)
-    epoch_f = start_step / sched.steps_per_epoch
+    slog = StepLog(keys, accelerator.device, metrics_path, accelerator.is_main_process, start_step, plan.total_steps)
+    guard = FiniteGuard()
+    epoch_f = start_step / max(plan.micro_per_epoch / plan.micro_per_step, 1e-9)
     grad_norm = None
+    scale = plan.micro_per_step  # P x ga: undone by accelerate (/ga) and the gradient all-reduce (mean over P)
+    cuda = accelerator.device.type == "cuda"
+    trace = None
+    if faults.trace_dir:
+        Path(faults.trace_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(faults.trace_dir) / f"rank{accelerator.process_index}.jsonl", "a")
     model.train()
-    for step in range(start_step + 1, sched.total_steps + 1):
-        for _ in range(ga):
-            epoch_f, idx = next(stream)
-            batch = collate_pairs(data, idx, pad_id, pad_to_multiple_of=pad_multiple)
+    work_stream = Prefetcher(plan.steps(start_step), lambda idx: layout.collate(data, idx, pad_id), pin=cuda)
+    for work, batches in work_stream:
+        step = work.step
+        for j, batch in enumerate(batches):
             pair_ids = batch.pop("pair_ids")
-            batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, stats = objective.compute(model, batch)
-                if faults.nan_at == step:
-                    loss = loss * float("nan")
-                check_finite(loss, step, pair_ids)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            slog.add(loss, stats, batch, 1.0 / ga)
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "rank": accelerator.process_index, "micro": j,
+                                        "pair_ids": pair_ids}) + "\n")
+                trace.flush()
+            batch = to_device(batch, accelerator.device)
+            try:
+                if faults.oom_at == step and j == 0:
+                    raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, stats = objective.compute(model, batch)
+                    if faults.nan_at == step:
+                        loss = loss * float("nan")
+                    guard.add(loss, step, pair_ids)
+                    accelerator.backward(loss * (batch["n_pairs"] * scale / work.pairs))
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(oom_message(step, batch, t, layout.packed)) from None
+            slog.add(loss, stats, batch)
         scheduler.step()
+        if slog.first_step_at is None:  # the one host sync outside log lines: when did the first step end
+            if cuda:
+                torch.cuda.synchronize(accelerator.device)
+            slog.first_step_at = time.time()
+        epoch_f = work.epoch
         slog.n += 1
-        if step % t.log_every == 0 or step == sched.total_steps:
-            say(slog.line(accelerator, step, epoch_f, scheduler.get_last_lr()[0], grad_norm))
-        if step % t.checkpoint_every == 0 and step < sched.total_steps:
+        if step % t.log_every == 0 or step == plan.total_steps:
+            say(slog.line(accelerator, step, epoch_f, scheduler.get_last_lr()[0], grad_norm, guard))
+        if step % t.checkpoint_every == 0 and step < plan.total_steps:
+            guard.check(accelerator)  # never checkpoint weights a nan has reached
             path = save_checkpoint(accelerator, ckpt_dir, step, {"step": step, "epoch": epoch_f,
-                                                                "total_steps": sched.total_steps}, t.keep_checkpoints)
+                                                                "total_steps": plan.total_steps,
+                                                                "micro_per_step": plan.micro_per_step},
+                                   t.keep_checkpoints)
             say(f"checkpoint {path.name} saved (step {step})")
         if faults.crash_after and step == faults.crash_after:
             say(f"crash_after={faults.crash_after} (test hook): exiting hard after step {step}")
             sys.stdout.flush()
             os._exit(17)
+    if trace is not None:
+        trace.close()
     return slog, epoch_f
 
 
