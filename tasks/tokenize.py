@@ -25,6 +25,9 @@ OUT_SCHEMA = {
     # tokens before the response (head + prompt + assistant header), the same for both sides: what a policy
     # objective (DPO) masks out of its log-probs
     "prompt_len": pl.Int32,
+    # the responses' token counts before truncation (template excluded): what length bias, length control and
+    # train.length_balance / length_debias measure (a cut sequence no longer shows which response was longer)
+    "chosen_response_tokens": pl.Int32, "rejected_response_tokens": pl.Int32,
 }
 REJECT_SCHEMA = {"pair_id": pl.String, "split": pl.String, "reason": pl.String, "chosen_len": pl.Int32,
                  "rejected_len": pl.Int32}
