@@ -68,14 +68,14 @@ def stage_config(cfg: PipelineConfig) -> dict:
 
 
 def record_text_path(model_dir: Path, text: dict | None) -> None:
-    """Add the text path (normalisation + render settings) to the model folder's worldpm.json."""
-    from worldpm.data.render import text_settings
-
+    """Add the text path (normalisation + render settings) to the model folder's worldpm.json. (Written here, not
+    through worldpm/data/render.py: importing it would make every edit of the renderer retrain.)"""
     card_path = model_dir / "worldpm.json"
     if text is None or not card_path.is_file():
         return
     card = json.loads(card_path.read_text())
-    card["text"] = text_settings(text["normalize_markup"])
+    markup = bool(text["normalize_markup"])
+    card["text"] = {"normalize_markup": markup, "normalization": "markup" if markup else "light"}
     card["render"] = text["render"]
     card_path.write_text(json.dumps(card, indent=2))
 
