@@ -83,6 +83,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         "pad_token_id": tok.pad_token_id, "padding_side": "right", "max_length": max_length,
         "overlength": scfg["overlength"], "reward_token": reward_token,
         "template": info,
+        # the settings a scorer needs to render new text as this artifact's (train copies them into worldpm.json)
+        "render": {"max_length": max_length, "plain_template": scfg["plain_template"],
+                   "system_prompt": scfg["system_prompt"], "overlength": scfg["overlength"]},
         "pairs_per_s": round(total["rows_in"] / max(time.perf_counter() - t0, 1e-9), 1),
     }
 

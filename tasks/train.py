@@ -57,17 +57,15 @@ def stage_config(cfg: PipelineConfig) -> dict:
         backbone["deepspeed_config_digest"] = file_digest(p)
     if cfg.model.name_or_path == "minilm" and not cfg.model.from_config:
         backbone["minilm_package"] = minilm_version()
-    tk = cfg.tokenize
     # the text path the model is trained on, recorded in model/worldpm.json so that `worldpm score` / `evaluate`
-    # (and anyone downstream) feed it text the same way: the clean stage's normalisation and the template + cut
-    text = {"normalize_markup": cfg.clean.normalize_markup,
-            "render": {"max_length": tk.max_length, "plain_template": tk.plain_template,
-                       "system_prompt": tk.system_prompt, "overlength": tk.overlength}}
+    # (and anyone downstream) feed it text the same way: the clean stage's normalisation (here, in the key) and
+    # the template + cut (the tokenize artifact's manifest, which its digest already covers)
+    text = {"normalize_markup": cfg.clean.normalize_markup}
     return {"model": cfg.model.model_dump(mode="json"), "train": t, "backbone": backbone, "text": text,
             "runtime": runtime}
 
 
-def record_text_path(model_dir: Path, text: dict | None) -> None:
+def record_text_path(model_dir: Path, text: dict | None, render: dict | None) -> None:
     """Add the text path (normalisation + render settings) to the model folder's worldpm.json. (Written here, not
     through worldpm/data/render.py: importing it would make every edit of the renderer retrain.)"""
     card_path = model_dir / "worldpm.json"
@@ -76,7 +74,8 @@ def record_text_path(model_dir: Path, text: dict | None) -> None:
     card = json.loads(card_path.read_text())
     markup = bool(text["normalize_markup"])
     card["text"] = {"normalize_markup": markup, "normalization": "markup" if markup else "light"}
-    card["render"] = text["render"]
+    if render:
+        card["render"] = render
     card_path.write_text(json.dumps(card, indent=2))
 
 
@@ -290,7 +289,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     if not summary_path.is_file() or not (out / "model" / "config.json").exists() and \
             not (out / "model" / "adapter_config.json").exists():
         raise StageError(f"train: the training program exited 0 but wrote no model/summary into {out}")
-    record_text_path(out / "model", scfg.get("text"))
+    record_text_path(out / "model", scfg.get("text"), inputs["tokenize"].manifest().get("render"))
     s = json.loads(summary_path.read_text())
     final = s.get("final") or {}
     return {
