@@ -84,10 +84,19 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     for needle in ("# worldpm run report: plot-test", "| pairs in (from download) | 1,396 |", "| - near_identical | -100 |",
                    "| pairs out (cleaned) | 1,200 |", "![Training loss](loss.png)", "![Reliability diagram](reliability.png)",
                    "RewardBench sections", "| Chat |", "| Reasoning |", "Accuracy by subset:", "| mt-bench-hard | 10 |",
-                   "Accuracy by domain:", "| beer | 120 |", "## Length bias", "tie (equal rewards) as half", "ECE"):
+                   "Accuracy by domain:", "| beer | 120 |", "## Length", "tie (equal rewards) as half", "ECE",
+                   "the pairs column is the histogram of the confidences"):
         assert needle in md, needle
     test = json.loads((Path(inputs["evaluate"].path) / "metrics.json").read_text())["test"]
-    assert f"| test | 200 | {test['ties']} | - | {100 * test['accuracy']:.1f}% |" in md
+    lo, hi = test["accuracy_ci"]
+    llo, lhi = test["lc_accuracy_ci"]
+    # n, the interval, LC accuracy and the length rule side by side in the evaluation table
+    assert (f"| test | 200 | {test['ties']} | - | {100 * test['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | "
+            f"{100 * test['lc_accuracy']:.1f}% [{100 * llo:.1f}, {100 * lhi:.1f}] | "
+            f"{100 * test['length_rule_accuracy']:.1f}% |") in md
+    corr = test["margin_length_corr"]
+    assert f"| {corr:+.3f} [" in md  # the margin/length correlation with its interval, in the Length table
+    assert f"(n=200, ECE {test['ece']:.4f}, mean confidence {test['confidence_mean']:.3f}" in md
     # every image link resolves next to the report (readable offline)
     import re
 
