@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per variant (100 x 8 pairs: 0.7 epoch)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=2e-4, help="high for MiniLM: few steps must move it (as in tests/test_train.py)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--hh-pairs", type=int, default=400)
     ap.add_argument("--uf-pairs", type=int, default=400)

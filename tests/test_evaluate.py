@@ -335,7 +335,7 @@ def test_score_decoder_with_chat_template_reads_the_end_marker(tmp_path, monkeyp
 
 
 # ---- one text path: eval text is normalised, rendered and cut exactly as training text ------------------------------
-def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, tiny_dir):
+def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, tiny_dir, capsys):
     """The raw HTML of a StackExchange dump, once as training data (download -> clean -> shard -> tokenize, all of it
     in the test split) and once as an eval set of the same run and through `worldpm evaluate`: every pair that clean
     kept gets the same scores and lengths on all three paths, so eval text is normalised, templated and cut as the
@@ -386,3 +386,18 @@ def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, ti
                      "--normalize", "light", "--predictions", str(raw), "--json"]) == 0
     raw_p = pl.read_parquet(raw).select(cols).join(test.select(cols), on="pair_id", suffix="_stage")
     assert not np.allclose(raw_p["chosen_score"].to_numpy(), raw_p["chosen_score_stage"].to_numpy(), atol=1e-5)
+
+    # the human-readable summary: n and intervals, what the model learned beyond length with the length rule beside
+    # it, and the confidences next to ECE
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", str(src), "--max-length", "96"]) == 0
+    text = capsys.readouterr().out
+    m = metrics["coffee"]
+    lo, hi = m["accuracy_ci"]
+    assert f"accuracy {100 * m['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={m['n']})" in text
+    assert f"length-controlled accuracy {100 * m['lc_accuracy']:5.1f}%" in text
+    assert f"chosen longer n={m['lc_n'][0]} and chosen shorter n={m['lc_n'][1]}" in text
+    assert f"margin/length correlation {m['margin_length_corr']:+.3f}" in text and "response tokens" in text
+    assert f"length rule (longer wins) on the same pairs: accuracy {100 * m['length_rule_accuracy']:5.1f}%" in text
+    assert f"ECE {m['ece']:.4f}   mean confidence {m['confidence_mean']:.3f}" in text
+    assert "confidence histogram (pairs per bin" in text and "text: markup normalisation" in text

@@ -321,9 +321,13 @@ def summarize(chosen: Sequence[float], rejected: Sequence[float], *,
               subset: Sequence[str | None] | None = None, chosen_chars: Sequence[float | None] | None = None,
               rejected_chars: Sequence[float | None] | None = None, bins: int = 10,
               length_unit: str = "characters") -> dict:
-    """Every metric of one evaluation set (the object stored per set in the evaluate artifact's metrics.json).
+    """Every metric of one evaluation set (the object stored per set in the evaluate artifact's metrics.json):
+    n, accuracy and its 95% interval, ties, BT loss, the length_control keys (LC accuracy, margin/length
+    correlation, prefers_longer, the length rule; each with its interval and n), ECE with the confidence summary
+    and the reliability table (whose n per bin is the histogram of the confidences), reward statistics, accuracy
+    per source/domain/subset, RewardBench sections, and the length bias split.
 
-    ``chosen_chars`` / ``rejected_chars``: the response lengths for the length bias, in ``length_unit``."""
+    ``chosen_chars`` / ``rejected_chars``: the response lengths, in ``length_unit``."""
     c, r = _arr(chosen), _arr(rejected)
     if c.shape != r.shape:
         raise ValueError(f"chosen ({c.size}) and rejected ({r.size}) scores differ in length")
