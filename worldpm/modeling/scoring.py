@@ -168,9 +168,8 @@ def prepare_pairs(pairs: pl.DataFrame, normalize_markup: bool) -> tuple[pl.DataF
     changed = 0
     if pairs.height:
         msgs = lambda df: df["prompt"].list.eval(pl.element().struct.field("content")).list.join("\x03")  # noqa: E731
-        changed = int((msgs(pairs) != msgs(norm)).fill_null(True).sum()
-                      + (pairs["chosen"] != norm["chosen"]).fill_null(True).sum()
-                      + (pairs["rejected"] != norm["rejected"]).fill_null(True).sum())
+        changed = int(msgs(pairs).ne_missing(msgs(norm)).sum() + pairs["chosen"].ne_missing(norm["chosen"]).sum()
+                      + pairs["rejected"].ne_missing(norm["rejected"]).sum())
     return norm, {**text_settings(normalize_markup), "texts_changed": changed}
 
 
