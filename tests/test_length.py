@@ -76,6 +76,19 @@ def test_decorrelation_penalty_and_weighted_offset_bt_loss_by_hand():
     assert float(bt_loss(rc, rr)) == pytest.approx((sp(1) + sp(-1) + sp(0)) / 3, rel=1e-6)
 
 
+def test_length_control_needs_the_lengths_before_truncation(tokenized):  # noqa: F811
+    from worldpm.modeling.trainer.data import PairDataError
+
+    store, ref, _ = tokenized
+    data = load_pairs(Path(ref.path) / "train.parquet")
+    ct, rt = data.response_tokens()
+    # full lengths: some responses alone are longer than their whole sequence after the cut at 64 tokens
+    assert (ct > data.chosen_len).any() and (rt > data.rejected_len).any()
+    data.chosen_tokens = None
+    with pytest.raises(PairDataError, match="rerun tokenize"):
+        L.apply(data, "reweight", "none", 1.0, 0)
+
+
 def test_length_options_are_validated():
     cfg = load_config(None, ["train.length_balance=reweight", "train.length_debias=poe"])
     assert cfg.train.length_balance == "reweight" and cfg.train.length_debias == "poe"

@@ -19,6 +19,10 @@ from worldpm.data.splits import flat_ids
 from worldpm.modeling import models
 
 
+class PairDataError(ValueError):
+    """A tokenized split or its reference log-probs that cannot be used (one line naming the file)."""
+
+
 @dataclass
 class PairData:
     pair_ids: list[str]
@@ -63,11 +67,12 @@ class PairData:
             length_diff=cut(self.length_diff), length_offset=cut(self.length_offset))
 
     def response_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen, rejected) response tokens before truncation; a split from before they were kept: the lengths
-        as cut (the tokenize artifact is rebuilt anyway when its code changes)."""
-        if self.chosen_tokens is not None and self.rejected_tokens is not None:
-            return self.chosen_tokens, self.rejected_tokens
-        return self.chosen_len, self.rejected_len
+        """(chosen, rejected) response tokens before truncation (never the lengths as cut: after a cut at
+        max_length both sides of a long pair look equally long)."""
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise PairDataError("this tokenized split has no chosen_response_tokens / rejected_response_tokens (a "
+                                "tokenize artifact from before length control); rerun tokenize")
+        return self.chosen_tokens, self.rejected_tokens
 
     @property
     def pair_len(self) -> np.ndarray:
@@ -77,10 +82,6 @@ class PairData:
     def seq(self, side: str, i: int) -> np.ndarray:
         off, flat = self.chosen if side == "chosen" else self.rejected
         return flat[off[i]:off[i + 1]]
-
-
-class PairDataError(ValueError):
-    """A tokenized split or its reference log-probs that cannot be used (one line naming the file)."""
 
 
 def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
