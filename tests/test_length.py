@@ -59,12 +59,18 @@ def test_decorrelation_penalty_and_weighted_offset_bt_loss_by_hand():
     d = torch.tensor([5.0, 0.0, -6.0, 5.0])
     mm, dm = [1, 0, -1, 3], [5, 0, -6, 5]
     a, b = sum(mm) / 4, sum(dm) / 4
-    r = sum((x - a) * (y - b) for x, y in zip(mm, dm)) / math.sqrt(
-        sum((x - a) ** 2 for x in mm) * sum((y - b) ** 2 for y in dm))
+    cov = sum((x - a) * (y - b) for x, y in zip(mm, dm)) / 4
+    var_d, var_m = sum((y - b) ** 2 for y in dm) / 4, sum((x - a) ** 2 for x in mm) / 4
     pen = L.decorrelation_penalty(m, d)
-    assert float(pen.detach()) == pytest.approx(r * r)
+    assert float(pen.detach()) == pytest.approx(cov * cov / var_d)
+    r = cov / math.sqrt(var_m * var_d)
+    assert float(pen.detach()) == pytest.approx(var_m * r * r)  # the margin variance length explains
     pen.backward()
     assert m.grad is not None and float(m.grad.abs().sum()) > 0
+    # margins all near 0 (the start of training): the penalty and its gradient stay small (corr^2's would not)
+    tiny = torch.tensor([1e-4, -2e-4, 3e-4, 0.0], requires_grad=True)
+    L.decorrelation_penalty(tiny, d).backward()
+    assert float(tiny.grad.abs().max()) < 1e-3
     assert float(L.decorrelation_penalty(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]))) == 0.0
     assert float(L.decorrelation_penalty(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3))) == 0.0
 
@@ -97,7 +103,7 @@ def test_length_options_are_validated():
     with pytest.raises(ConfigError, match="apply to objective bt"):
         load_config(None, ["train.objective=dpo", "train.length_debias=poe"])
     t = load_config(None, ["train.length_debias=decorrelate", "train.length_debias_coef=2"]).train
-    assert BradleyTerry(t).extra_metrics == ("length_corr2",)
+    assert BradleyTerry(t).extra_metrics == ("length_penalty",)
 
 
 @pytest.mark.parametrize("opts", [("train.length_balance=reweight", "train.length_debias=poe"),
@@ -117,7 +123,7 @@ def test_training_with_length_control_records_what_it_did(tokenized, opts):  # n
         assert lc["pairs_kept"] == 2 * small + counts["same_length"]
         assert lc["after"]["chosen_longer"] == lc["after"]["chosen_shorter"] == small
         steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert all("length_corr2" in s for s in steps)  # the penalty is logged
+        assert all("length_penalty" in s for s in steps)  # the penalty is logged
     else:
         w = L.balance_weights(ct, rt)
         assert lc["weights"]["chosen_longer"] == pytest.approx(float(w[ct > rt][0]), abs=1e-4)

@@ -184,7 +184,8 @@ class TrainConfig(Strict):
         "weights) | subsample (cut the larger class at random) | none (worldpm/modeling/length.py)")
     length_debias: Literal["none", "poe", "decorrelate"] = Field(
         "none", description="bt: poe (a fixed length expert fitted to the pairs, added to the margin in the loss, "
-        "gone at scoring) | decorrelate (penalty on corr(margin, log-length difference)^2 per micro-batch) | none")
+        "gone at scoring) | decorrelate (penalty on the margin variance the log-length difference explains, "
+        "cov^2 / var, per micro-batch) | none")
     length_debias_coef: float = Field(
         1.0, ge=0, description="poe: scale of the fitted expert (1 = as fitted); decorrelate: the penalty's weight")
     group_by_length: bool = True

@@ -60,9 +60,10 @@ class BradleyTerry:
     def __init__(self, t: TrainConfig):
         self.margin_in_loss = t.margin_in_loss
         self.center_rewards_coef = t.center_rewards_coef
-        # length_debias decorrelate: a penalty on corr(margin, length difference)^2 per micro-batch (length.py)
+        # length_debias decorrelate: a penalty on the margin variance the length difference explains, per
+        # micro-batch (length.py); logged as length_penalty
         self.decorrelate = t.length_debias_coef if t.length_debias == "decorrelate" else 0.0
-        self.extra_metrics = ("length_corr2",) if self.decorrelate else ()
+        self.extra_metrics = ("length_penalty",) if self.decorrelate else ()
 
     def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None):
         return models.build_reward_model(mcfg, tokenizer, dtype=dtype, quantization_config=quantization_config,
@@ -82,9 +83,9 @@ class BradleyTerry:
         if self.decorrelate and "length_diff" in batch:
             penalty = decorrelation_penalty(rc.float() - rr.float(), batch["length_diff"])
             loss = loss + self.decorrelate * penalty
-            extra["length_corr2"] = penalty.detach()
+            extra["length_penalty"] = penalty.detach()
         elif self.decorrelate:  # (the eval split carries no length_diff: nothing to penalise)
-            extra["length_corr2"] = torch.zeros((), device=rc.device)
+            extra["length_penalty"] = torch.zeros((), device=rc.device)
         with torch.no_grad():
             diff = (rc.float() - rr.float())
             stats = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean(),
