@@ -4,6 +4,7 @@ against each length option (train.length_balance / train.length_debias), with th
     python bench/bench_length.py                      # every variant, results in bench/out/length/results.json
     python bench/bench_length.py --variants plain poe # some of them
     python bench/bench_length.py --report             # print the tables of the last results again
+    python bench/bench_length.py --seed 7 --variants plain subsample --results bench/out/length/results-seed7.json
 
 Training data: the shared lvwerra/stack-exchange-paired sample's beer.stackexchange.com pairs (1,267), through the
 pipeline's own stages (download -> clean -> shard -> tokenize -> train -> evaluate; the stages before train are
@@ -168,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hh-pairs", type=int, default=400)
     ap.add_argument("--uf-pairs", type=int, default=400)
     ap.add_argument("--report", action="store_true", help="print the tables of the saved results and stop")
+    ap.add_argument("--results", type=Path, default=OUT / "results.json",
+                    help="where results are kept (a run with other settings starts a new table there)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    res_path = OUT / "results.json"
+    res_path = args.results
     if args.report:
         print(report(json.loads(res_path.read_text())["results"]))
         return 0
@@ -179,14 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = config_yaml(args, files)
     saved = json.loads(res_path.read_text()) if res_path.exists() else {"results": []}
     if saved.get("args") and {k: v for k, v in saved["args"].items() if k != "variants"} != \
-            {k: v for k, v in vars(args).items() if k not in ("variants", "report")}:
+            {k: v for k, v in vars(args).items() if k not in ("variants", "report", "results")}:
         saved = {"results": []}  # other settings: start a new table
     done = {r["variant"]: r for r in saved["results"]}
     t0 = time.perf_counter()
     for name in args.variants:
         done[name] = run_variant(cfg_path, name, VARIANTS[name])
         ordered = [done[v] for v in VARIANTS if v in done]
-        res_path.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "report"},
+        res_path.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
+                                                 if k not in ("report", "results")},
                                         "load_average_at_end": os.getloadavg(), "results": ordered}, indent=2))
         log.info("%s done (%.0f s so far)", name, time.perf_counter() - t0)
     print(report([done[v] for v in VARIANTS if v in done]))
