@@ -38,7 +38,6 @@ def main() -> None:
     a = ap.parse_args()
     import logging
 
-    import numpy as np
     import torch
 
     from bench_train import SHARED_SE, tokenized_artifact
@@ -49,7 +48,6 @@ def main() -> None:
     from worldpm.store import ArtifactStore
 
     logging.basicConfig(level=logging.WARNING)
-    log = logging.getLogger("bench")
     sets = [f"tokenize.max_length={a.max_length}", "shard.train=0.8", "shard.eval=0.1", "shard.test=0.1"]
     sets.append(f"model.from_config={a.model}" if a.model.startswith("{") else f"model.name_or_path={a.model}")
     cfg = load_config(None, sets)

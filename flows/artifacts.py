@@ -31,7 +31,8 @@ def run_table(results: list[dict]) -> list[dict]:
     if ev and ev.get("path") and (Path(ev["path"]) / "metrics.json").exists():
         metrics = json.loads((Path(ev["path"]) / "metrics.json").read_text())
         for set_name, m in metrics.items():
-            for k in ("n", "accuracy", "bt_loss", "ece", "margin_mean"):
+            for k in ("n", "accuracy", "lc_accuracy", "margin_length_corr", "length_rule_accuracy", "bt_loss", "ece",
+                      "margin_mean"):
                 rows.append({"kind": "metric", "name": f"{set_name}.{k}", "value": m.get(k), "seconds": None,
                              "bytes": None, "rows_out": None, "key": None, "path": None})
     cl = by_stage.get("clean")

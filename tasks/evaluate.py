@@ -3,9 +3,11 @@
 Inputs: the tokenize artifact (``<tokenize>/test.parquet`` with chosen_ids / rejected_ids, and the tokenizer it used
 in ``<tokenize>/tokenizer/``) and the train artifact (``<train>/model/``). Eval sets (``evaluate.eval_sets`` in
 pipeline.yaml: RewardBench's ``prompt, chosen, rejected, subset`` or any format the source adapters read) are read
-with the source adapters and rendered + tokenized by worldpm/data/render.py with the tokenize stage's settings, so
-they see exactly the template the model was trained on. Eval sets are always truncated, never dropped (a benchmark
-keeps all its pairs); the count is reported.
+with the source adapters, normalised as the normalise stage normalises training text (clean.normalize_markup), and
+rendered + tokenized by worldpm/data/render.py with the tokenize stage's settings, so they go through exactly the
+text path the training pairs went through. Eval sets are always truncated, never dropped (a benchmark keeps all its
+pairs); the counts (truncated, texts the normalisation changed) are reported per set, and the manifest records the
+normalisation and the template.
 
 Output:
     metrics.json       {"test": metrics.summarize(...), "<eval set>": {...}}, plus per set: truncated,
@@ -13,9 +15,8 @@ Output:
     predictions.parquet  one row per scored pair (worldpm.modeling.scoring.PRED_SCHEMA)
     rejects.parquet    records of eval sets that could not become a pair (the adapters' rejects, with reason)
 
-Length bias is measured in response tokens: for the tokenized test split, chosen_len - rejected_len of the
-sequences as fed to the model (the prompt and template are the same on both sides, so the sign is the response
-length difference); for eval sets, the response tokens before truncation.
+Length bias and length control (length-controlled accuracy, margin/length correlation, the length rule) are measured
+in response tokens before truncation, on the test split and on eval sets alike.
 
 With ``train.objective: dpo`` the trained model is a policy (a causal LM), not a reward model: the score of a
 response is DPO's implicit reward beta * (log pi(y|x) - log ref(y|x)) (summed response log-probs, or per-token
@@ -36,7 +37,7 @@ from typing import Any
 import polars as pl
 
 from worldpm.config import PipelineConfig, dpo_reference
-from worldpm.data.render import RenderSettings, tokenize_pairs
+from worldpm.data.render import RenderSettings, text_settings, tokenize_pairs
 from worldpm.data.splits import read_split
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef, file_digest
@@ -61,6 +62,8 @@ def stage_config(cfg: PipelineConfig) -> dict:
         # how eval-set text is rendered and cut: the tokenize stage's settings (its output may not change when
         # these do, e.g. a larger max_length with no long pair, so they are part of this key too)
         "render": {"max_length": t.max_length, "plain_template": t.plain_template, "system_prompt": t.system_prompt},
+        # how eval-set text is normalised: clean.normalize_markup, the normalise stage's setting, so eval text is training text
+        "text": {"normalize_markup": cfg.clean.normalize_markup},
     }
     if cfg.train.objective == "dpo":  # only then: a BT evaluation's key does not move with DPO settings
         out["dpo"] = {"beta": cfg.train.beta, "logp_average": cfg.train.logp_average,
@@ -74,6 +77,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         RewardScorer,
         pick_device,
         predictions,
+        prepare_pairs,
         read_eval_file,
         summarize_predictions,
     )
@@ -107,8 +111,10 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     # test split: already tokenized by the tokenize stage, exactly as training saw its pairs
     test = test.with_columns(subset=pl.lit(None, pl.String))
     c, r = scorer.rewards(test, "test", cached_reference=True)
-    tp = predictions("test", test, c, r, test["chosen_len"], test["rejected_len"])
-    metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag}
+    tp = predictions("test", test, c, r, test["chosen_response_tokens"], test["rejected_response_tokens"])
+    markup = bool((scfg.get("text") or {}).get("normalize_markup", True))
+    metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag,
+                       "text": {**text_settings(markup), "by": "the normalise stage"}}
     preds.append(tp)
     log.info("evaluate: test: %d pairs, accuracy %s, BT loss %s", tp.height, _fmt(metrics["test"]["accuracy"]),
              _fmt(metrics["test"]["bt_loss"]))
@@ -121,18 +127,22 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         if rej.height:
             rejects.append(rej.select(pl.lit(name).alias("set"), "file", "line", "reason", "detail"))
             log.warning("evaluate: %s: %d record(s) could not become a pair (rejects.parquet)", name, rej.height)
+        pairs, text_info = prepare_pairs(pairs, markup)
         t = tokenize_pairs(pairs, scorer.tok, rs)
-        log.info("evaluate: %s: %d pairs tokenized (%d truncated to %d tokens)", name, t.height,
-                 int(t["truncated"].sum() or 0), rs.max_length)
+        log.info("evaluate: %s: %d pairs, %s normalisation changed %d texts, %d truncated to %d tokens", name,
+                 t.height, text_info["normalization"], text_info["texts_changed"], int(t["truncated"].sum() or 0),
+                 rs.max_length)
         c, r = scorer.rewards(t, name, cached_reference=False)
-        p = predictions(name, t, c, r, t["_resp_c"], t["_resp_r"])
+        p = predictions(name, t, c, r, t["chosen_response_tokens"], t["rejected_response_tokens"])
         summary = summarize_predictions(p, bins)
-        metrics[name] = {**summary, **info, **scorer.tag}
+        metrics[name] = {**summary, **info, **scorer.tag, "text": text_info}
         preds.append(p)
         log.info("evaluate: %s: %d pairs, accuracy %s%s", name, p.height, _fmt(summary["accuracy"]),
                  "".join(f", {k} {_fmt(v['accuracy'])}" for k, v in summary["sections"].items()))
-    return {**_write(out, metrics, preds, rejects, device), **({"score": "dpo_implicit_reward"} if scfg.get("dpo")
-                                                                else {})}
+    template = inputs["tokenize"].manifest().get("template")
+    return {**_write(out, metrics, preds, rejects, device), "text": text_settings(markup),
+            **({"template": template} if template else {}),
+            **({"score": "dpo_implicit_reward"} if scfg.get("dpo") else {})}
 
 
 def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
@@ -155,7 +165,10 @@ def _write(out: Path, metrics: dict, preds: list[pl.DataFrame], rejects: list[pl
     return {
         "rows_out": allp.height,
         "rows_rejected": rj.height,
-        "sets": {k: {"n": v["n"], "accuracy": v["accuracy"], "bt_loss": v["bt_loss"]} for k, v in metrics.items()},
+        "sets": {k: {"n": v["n"], "accuracy": v["accuracy"], "accuracy_ci": v.get("accuracy_ci"),
+                     "lc_accuracy": v.get("lc_accuracy"), "margin_length_corr": v.get("margin_length_corr"),
+                     "length_rule_accuracy": v.get("length_rule_accuracy"), "bt_loss": v["bt_loss"]}
+                 for k, v in metrics.items()},
         "test_accuracy": metrics["test"]["accuracy"],
         "device": device,
     }

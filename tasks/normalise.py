@@ -103,7 +103,6 @@ def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | N
         normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
                                                                        compression="zstd")
         measured.append(measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect())
-    t1 = time.perf_counter()
 
     # the first copy of each (prompt, chosen, rejected) needs every pair's hashes at once (16 bytes a pair)
     table = measures.first_occurrence(pl.concat(measured, rechunk=True))

@@ -126,4 +126,24 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         raise StageError(f"shard: wrote {total} rows of {rows_in}: rows were lost")
     check_no_empty_split(splits, fractions, rows_in, assignment.height, scfg["salt"], log)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
-    return {"rows_in": rows_in, "rows_out": total, "rows_rejected": 0, "splits": splits}
+    warnings = small_split_warnings(splits, fractions, int(scfg.get("min_split_pairs", 0)))
+    for w in warnings:
+        log.warning("shard: %s", w)
+    return {"rows_in": rows_in, "rows_out": total, "rows_rejected": 0, "splits": splits,
+            **({"warnings": warnings} if warnings else {})}
+
+
+def small_split_warnings(splits: dict[str, dict], fractions: dict[str, float], min_pairs: int) -> list[str]:
+    """One line per split that was asked for (fraction > 0) but holds fewer than min_pairs pairs, with the width
+    of the 95% interval an accuracy of 0.5 would have on it: a number on 2 pairs is no measurement."""
+    from worldpm.modeling.metrics import wilson_interval
+
+    out = []
+    for split, info in splits.items():
+        n = int(info["rows"])
+        if min_pairs and fractions.get(split, 0) > 0 and n < min_pairs:
+            ci = wilson_interval(n / 2, n)
+            width = f"+-{(ci[1] - ci[0]) / 2:.2f}" if ci else "undefined"
+            out.append(f"the {split} split has {n} pairs ({info['groups']} questions), under shard.min_split_pairs "
+                       f"{min_pairs}: an accuracy on it has a 95% interval of {width}; raise shard.{split} or add data")
+    return out

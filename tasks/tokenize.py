@@ -25,6 +25,9 @@ OUT_SCHEMA = {
     # tokens before the response (head + prompt + assistant header), the same for both sides: what a policy
     # objective (DPO) masks out of its log-probs
     "prompt_len": pl.Int32,
+    # the responses' token counts before truncation (template excluded): what length bias, length control and
+    # train.length_balance / length_debias measure (a cut sequence no longer shows which response was longer)
+    "chosen_response_tokens": pl.Int32, "rejected_response_tokens": pl.Int32,
 }
 REJECT_SCHEMA = {"pair_id": pl.String, "split": pl.String, "reason": pl.String, "chosen_len": pl.Int32,
                  "rejected_len": pl.Int32}
@@ -89,6 +92,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         "pad_token_id": tok.pad_token_id, "padding_side": "right", "max_length": max_length,
         "overlength": scfg["overlength"], "reward_token": reward_token,
         "template": info,
+        # the settings a scorer needs to render new text as this artifact's (train copies them into worldpm.json)
+        "render": {"max_length": max_length, "plain_template": scfg["plain_template"],
+                   "system_prompt": scfg["system_prompt"], "overlength": scfg["overlength"]},
         "pairs_per_s": round(total["rows_in"] / max(time.perf_counter() - t0, 1e-9), 1),
     }
 

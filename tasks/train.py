@@ -62,7 +62,26 @@ def stage_config(cfg: PipelineConfig) -> dict:
         backbone["deepspeed_config_digest"] = file_digest(p)
     if cfg.model.name_or_path == "minilm" and not cfg.model.from_config:
         backbone["minilm_package"] = minilm_version()
-    return {"model": cfg.model.model_dump(mode="json"), "train": t, "backbone": backbone, "runtime": runtime}
+    # the text path the model is trained on, recorded in model/worldpm.json so that `worldpm score` / `evaluate`
+    # (and anyone downstream) feed it text the same way: the clean stage's normalisation (here, in the key) and
+    # the template + cut (the tokenize artifact's manifest, which its digest already covers)
+    text = {"normalize_markup": cfg.clean.normalize_markup}
+    return {"model": cfg.model.model_dump(mode="json"), "train": t, "backbone": backbone, "text": text,
+            "runtime": runtime}
+
+
+def record_text_path(model_dir: Path, text: dict | None, render: dict | None) -> None:
+    """Add the text path (normalisation + render settings) to the model folder's worldpm.json. (Written here, not
+    through worldpm/data/render.py: importing it would make every edit of the renderer retrain.)"""
+    card_path = model_dir / "worldpm.json"
+    if text is None or not card_path.is_file():
+        return
+    card = json.loads(card_path.read_text())
+    markup = bool(text["normalize_markup"])
+    card["text"] = {"normalize_markup": markup, "normalization": "markup" if markup else "light"}
+    if render:
+        card["render"] = render
+    card_path.write_text(json.dumps(card, indent=2))
 
 
 # ---- launch configuration -------------------------------------------------------------------------------------
@@ -314,9 +333,11 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     if not summary_path.is_file() or not (out / "model" / "config.json").exists() and \
             not (out / "model" / "adapter_config.json").exists():
         raise StageError(f"train: the training program exited 0 but wrote no model/summary into {out}")
+    record_text_path(out / "model", scfg.get("text"), inputs["tokenize"].manifest().get("render"))
     s = json.loads(summary_path.read_text())
     final = s.get("final") or {}
     return {
+        **({"length_control": s["length_control"]} if s.get("length_control") else {}),
         "steps": s["steps"], "resumed_from_step": s["resumed_from_step"], "train_pairs": s["train_pairs"],
         "final_loss": final.get("loss"), "train_accuracy": final.get("accuracy"),
         "eval_accuracy": (s.get("eval") or {}).get("accuracy"), "tokens_per_s": s["tokens_per_s"],

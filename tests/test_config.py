@@ -51,6 +51,12 @@ def test_presets_say_what_their_name_says(preset):
         assert fc["vocab_size"] == 151936 and m.tokenizer and cfg.tokenize.max_length <= fc["max_position_embeddings"]
     if name == "stack-exchange-minilm":
         assert m.name_or_path == "minilm" and not t.deepspeed.enabled and cfg.tokenize.max_length <= 512
+        # the CPU preset fits a small machine: small micro-batches with activation checkpointing (the 32-pair
+        # micro-batch of 512 tokens needed over 21 GB), its measured memory and time written beside it
+        assert t.gradient_checkpointing and t.batch_size <= 8 and t.batch_size * t.grad_accum == 32
+        text = preset.read_text()
+        assert "GB peak RSS" in text and "per 1,000 steps" in text
+        assert not any(w in text for w in ("PEAK_RSS", "SECONDS_PER_STEP", "HOURS_PER_1000", "EPOCH_MINUTES"))
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -332,3 +332,71 @@ def test_score_decoder_with_chat_template_reads_the_end_marker(tmp_path, monkeyp
         with torch.inference_mode():
             ref = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
         assert o["score"] == pytest.approx(ref, abs=1e-5)
+
+
+# ---- one text path: eval text is normalised, rendered and cut exactly as training text ------------------------------
+def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, tiny_dir, capsys):
+    """The raw HTML of a StackExchange dump, once as training data (download -> clean -> shard -> tokenize, all of it
+    in the test split) and once as an eval set of the same run and through `worldpm evaluate`: every pair that clean
+    kept gets the same scores and lengths on all three paths, so eval text is normalised, templated and cut as the
+    training text was. Scoring the raw text instead gives other scores (the check has teeth)."""
+    src = shared_data / "stack-exchange-preferences" / "coffee.stackexchange.com.jsonl"
+    cfg_path = tmp_path / "pipeline.yaml"
+    cfg_path.write_text(
+        "name: text-path\nartifacts_dir: artifacts\n"
+        f"sources: [{{kind: local, path: {src}, name: coffee, max_pairs_per_question: 2}}]\n"
+        "shard: {train: 0.0, eval: 0.0, test: 1.0}\n"
+        "tokenize: {max_length: 96, num_proc: 1}\n"
+        f"evaluate: {{batch_size: 16, eval_sets: [{{name: coffee, path: {src}}}]}}\n")
+    cfg = load_config(cfg_path)
+    store = ArtifactStore(cfg.artifacts_dir)
+    refs = {}
+    for stage in pipeline.ancestors("train"):  # the data stages
+        refs[stage] = pipeline.execute(stage, cfg, {u: refs[u] for u in pipeline[stage].upstream}, store, log=LOG).ref
+    refs["train"] = _commit(store, "train", "tiny", lambda d: shutil.copytree(tiny_dir, d / "model"))
+    res = pipeline.execute("evaluate", cfg, {k: refs[k] for k in ("tokenize", "train", "ref_logps")}, store, log=LOG)
+    metrics = json.loads((Path(res.path) / "metrics.json").read_text())
+    preds = pl.read_parquet(Path(res.path) / "predictions.parquet")
+    test = preds.filter(pl.col("set") == "test")
+    ev = preds.filter(pl.col("set") == "coffee")
+    cols = ["pair_id", "chosen_score", "rejected_score", "chosen_len", "rejected_len", "truncated"]
+    both = test.select(cols).join(ev.select(cols), on="pair_id", suffix="_eval")
+    assert test.height > 50 and both.height == test.height  # every training pair is in the eval set
+    assert ev.height > test.height  # ... which also keeps the pairs clean rejected (a benchmark keeps every pair)
+    for c in cols[1:3]:
+        assert np.allclose(both[c].to_numpy(), both[f"{c}_eval"].to_numpy(), atol=1e-5), c
+    for c in cols[3:]:
+        assert both[c].to_list() == both[f"{c}_eval"].to_list(), c
+    assert metrics["coffee"]["text"]["normalization"] == "markup" and metrics["coffee"]["text"]["texts_changed"] > 100
+    assert res.manifest["text"]["normalize_markup"] is True and res.manifest["template"]["template"] == "plain"
+
+    # `worldpm evaluate` on the raw file: the same scores (the model folder records nothing: clean's default).
+    # The file's stem is the source tag, which is part of a pair's id: named as the source, the ids match.
+    src = shutil.copy(src, tmp_path / "coffee.jsonl")
+    out = tmp_path / "cli.parquet"
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", str(src), "--max-length", "96",
+                     "--predictions", str(out), "--json"]) == 0
+    cli_p = pl.read_parquet(out).select(cols).join(test.select(cols), on="pair_id", suffix="_stage")
+    assert cli_p.height == test.height
+    assert np.allclose(cli_p["chosen_score"].to_numpy(), cli_p["chosen_score_stage"].to_numpy(), atol=1e-5)
+    # ... and the raw text (--normalize light) scores differently: the normalisation is what made them equal
+    raw = tmp_path / "raw.parquet"
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", str(src), "--max-length", "96",
+                     "--normalize", "light", "--predictions", str(raw), "--json"]) == 0
+    raw_p = pl.read_parquet(raw).select(cols).join(test.select(cols), on="pair_id", suffix="_stage")
+    assert not np.allclose(raw_p["chosen_score"].to_numpy(), raw_p["chosen_score_stage"].to_numpy(), atol=1e-5)
+
+    # the human-readable summary: n and intervals, what the model learned beyond length with the length rule beside
+    # it, and the confidences next to ECE
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(tiny_dir), "--data", str(src), "--max-length", "96"]) == 0
+    text = capsys.readouterr().out
+    m = metrics["coffee"]
+    lo, hi = m["accuracy_ci"]
+    assert f"accuracy {100 * m['accuracy']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={m['n']})" in text
+    assert f"length-controlled accuracy {100 * m['lc_accuracy']:5.1f}%" in text
+    assert f"chosen longer n={m['lc_n'][0]} and chosen shorter n={m['lc_n'][1]}" in text
+    assert f"margin/length correlation {m['margin_length_corr']:+.3f}" in text and "response tokens" in text
+    assert f"length rule (longer wins) on the same pairs: accuracy {100 * m['length_rule_accuracy']:5.1f}%" in text
+    assert f"ECE {m['ece']:.4f}   mean confidence {m['confidence_mean']:.3f}" in text
+    assert "confidence histogram (pairs per bin" in text and "text: markup normalisation" in text

@@ -83,9 +83,9 @@ def test_section_weighting_by_rewardbench_counts():
 def test_length_bias_and_groups():
     correct = M.pair_correct(CHOSEN, REJECTED)
     lb = M.length_bias([10, 5, 3, 7], [5, 5, 9, 2], correct)
-    assert lb["chosen_longer"] == {"n": 2, "accuracy": 1.0}
-    assert lb["chosen_shorter"] == {"n": 1, "accuracy": 0.0}
-    assert lb["same_length"] == {"n": 1, "accuracy": 0.5}
+    assert {k: (v["n"], v["accuracy"]) for k, v in lb.items()} == {
+        "chosen_longer": (2, 1.0), "chosen_shorter": (1, 0.0), "same_length": (1, 0.5)}
+    assert lb["chosen_longer"]["ci"] == pytest.approx(M.wilson_interval(2, 2))
     g = M.group_accuracy(["a", "a", "b", None], correct)
     assert g == {"(none)": {"n": 1, "accuracy": 1.0}, "a": {"n": 2, "accuracy": 0.75}, "b": {"n": 1, "accuracy": 0.0}}
     assert M.group_accuracy([None, None], correct[:2]) == {}
@@ -123,3 +123,82 @@ def test_safety_section_uses_rewardbench_weights():
                             example_counts={**M.REWARDBENCH_EXAMPLE_COUNTS, "xstest-should-refuse": 154,
                                             "xstest-should-respond": 250})["Safety"]["accuracy"] == pytest.approx(
         250 / 404)
+
+
+# ---- length control, intervals and confidence ---------------------------------------------------------------------
+# six pairs: outcomes 1, 0.5 (tie), 0, 1, 0, 0
+LC_CHOSEN = [2.0, 1.0, 0.0, 3.0, 1.0, 0.0]
+LC_REJECTED = [1.0, 1.0, 1.0, 0.0, 2.0, 0.5]
+LEN_CHOSEN = [10, 5, 3, 7, 4, 8]
+LEN_REJECTED = [5, 5, 9, 2, 6, 1]
+
+
+def test_wilson_and_fisher_intervals_by_hand():
+    z = 1.959963984540054
+    lo, hi = M.wilson_interval(8, 10)
+    centre, half = (0.8 + z * z / 20) / (1 + z * z / 10), z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook value for 8 of 10
+    assert M.wilson_interval(0, 0) is None
+    assert M.wilson_interval(5, 5)[1] == 1.0 and M.wilson_interval(0, 5)[0] == 0.0
+    lo, hi = M.fisher_interval(0.5, 28)
+    assert (lo, hi) == pytest.approx((math.tanh(math.atanh(0.5) - z / 5), math.tanh(math.atanh(0.5) + z / 5)))
+    assert M.fisher_interval(0.5, 3) is None and M.fisher_interval(None, 100) is None
+
+
+def test_length_controlled_accuracy_and_correlation_by_hand():
+    z = 1.959963984540054
+    lc = M.length_control(LC_CHOSEN, LC_REJECTED, LEN_CHOSEN, LEN_REJECTED)
+    # chosen longer: pairs 0, 3, 5 (outcomes 1, 1, 0); chosen shorter: pairs 2, 4 (0, 0); pair 1: equal lengths
+    assert lc["lc_n"] == [3, 2]
+    assert lc["lc_accuracy"] == pytest.approx((2 / 3 + 0 / 2) / 2)
+
+    def ac_var(x, n):
+        pt = (x + z * z / 2) / (n + z * z)
+        return pt * (1 - pt) / (n + z * z)
+    half = z * math.sqrt(ac_var(2, 3) + ac_var(0, 2)) / 2
+    assert lc["lc_accuracy_ci"] == pytest.approx([max(0, 1 / 3 - half), 1 / 3 + half])
+
+    # Pearson r of the margins [1, 0, -1, 3, -1, -0.5] with the length differences [5, 0, -6, 5, -2, 7]
+    d, dl = [1, 0, -1, 3, -1, -0.5], [5, 0, -6, 5, -2, 7]
+    md, ml = sum(d) / 6, sum(dl) / 6
+    cov = sum((a - md) * (b - ml) for a, b in zip(d, dl))
+    r = cov / math.sqrt(sum((a - md) ** 2 for a in d) * sum((b - ml) ** 2 for b in dl))
+    assert lc["margin_length_corr"] == pytest.approx(r) and lc["corr_n"] == 6
+    assert lc["margin_length_corr_ci"] == pytest.approx(M.fisher_interval(r, 6))
+    # the higher reward goes to the longer response in 4 of the 5 pairs of unequal length (not in pair 5)
+    assert lc["prefers_longer"] == pytest.approx(4 / 5)
+    # the length rule on the same pairs: 1, 0.5, 0, 1, 0, 1
+    assert lc["length_rule_accuracy"] == pytest.approx(3.5 / 6) and lc["length_rule_n"] == 6
+    assert lc["length_rule_accuracy_ci"] == pytest.approx(M.wilson_interval(3.5, 6))
+
+
+def test_length_rule_itself_scores_half_length_controlled():
+    # a "model" whose reward is the length: right on every chosen-longer pair, wrong on every chosen-shorter one
+    lc = M.length_control(LEN_CHOSEN, LEN_REJECTED, LEN_CHOSEN, LEN_REJECTED)
+    assert lc["lc_accuracy"] == pytest.approx(0.5)
+    assert lc["margin_length_corr"] == pytest.approx(1.0) and lc["prefers_longer"] == 1.0
+    # without lengths, or with one side of the split empty, there is no LC accuracy (never a made-up number)
+    none = M.length_control([1.0, 2.0], [0.0, 0.0], [None, None], [None, None])
+    assert none["lc_accuracy"] is None and none["margin_length_corr"] is None and none["length_rule_n"] == 0
+    one_sided = M.length_control([1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [5, 6, 7], [1, 1, 1])
+    assert one_sided["lc_accuracy"] is None and one_sided["lc_n"] == [3, 0]
+
+
+def test_confidence_summary_flags_an_uninformative_model():
+    # every margin tiny: ECE near 0, but the confidences all sit below 0.55 (the model claims almost nothing)
+    c, r = [0.01, -0.02, 0.03, 0.0], [0.0, 0.0, 0.0, 0.0]
+    s = M.summarize(c, r, bins=10)
+    assert s["confidence_share_below"] == 1.0 and s["confidence_below"] == 0.55
+    conf = [max(sig(x), 1 - sig(x)) for x in (0.01, -0.02, 0.03, 0.0)]
+    assert s["confidence_mean"] == pytest.approx(sum(conf) / 4)
+    assert s["reliability"][0]["n"] == 4  # the histogram of confidences is the reliability table's n per bin
+
+
+def test_summarize_carries_intervals_and_length_control():
+    s = M.summarize(LC_CHOSEN, LC_REJECTED, chosen_chars=LEN_CHOSEN, rejected_chars=LEN_REJECTED, bins=2)
+    assert s["accuracy"] == pytest.approx(2.5 / 6)
+    assert s["accuracy_ci"] == pytest.approx(M.wilson_interval(2.5, 6))
+    lc = M.length_control(LC_CHOSEN, LC_REJECTED, LEN_CHOSEN, LEN_REJECTED)
+    for k, v in lc.items():
+        assert s[k] == (pytest.approx(v) if isinstance(v, (float, list)) and v else v), k

@@ -84,10 +84,19 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     for needle in ("# worldpm run report: plot-test", "| pairs in (from download) | 1,396 |", "| - near_identical | -100 |",
                    "| pairs out (cleaned) | 1,200 |", "![Training loss](loss.png)", "![Reliability diagram](reliability.png)",
                    "RewardBench sections", "| Chat |", "| Reasoning |", "Accuracy by subset:", "| mt-bench-hard | 10 |",
-                   "Accuracy by domain:", "| beer | 120 |", "## Length bias", "tie (equal rewards) as half", "ECE"):
+                   "Accuracy by domain:", "| beer | 120 |", "## Length", "tie (equal rewards) as half", "ECE",
+                   "the pairs column is the histogram of the confidences"):
         assert needle in md, needle
     test = json.loads((Path(inputs["evaluate"].path) / "metrics.json").read_text())["test"]
-    assert f"| test | 200 | {test['ties']} | - | {100 * test['accuracy']:.1f}% |" in md
+    lo, hi = test["accuracy_ci"]
+    llo, lhi = test["lc_accuracy_ci"]
+    # n, the interval, LC accuracy and the length rule side by side in the evaluation table
+    assert (f"| test | 200 | {test['ties']} | - | {100 * test['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | "
+            f"{100 * test['lc_accuracy']:.1f}% [{100 * llo:.1f}, {100 * lhi:.1f}] | "
+            f"{100 * test['length_rule_accuracy']:.1f}% |") in md
+    corr = test["margin_length_corr"]
+    assert f"| {corr:+.3f} [" in md  # the margin/length correlation with its interval, in the Length table
+    assert f"(n=200, ECE {test['ece']:.4f}, mean confidence {test['confidence_mean']:.3f}" in md
     # every image link resolves next to the report (readable offline)
     import re
 
@@ -139,9 +148,10 @@ def test_check_regression_fires_on_a_drop_only(tmp_path):
     ok, msg = check_regression(h, {"test": {"accuracy": 0.70}}, 0.02)
     assert ok and "first run" in msg
     append_history(h, {"time": "t1", "evaluate_key": "k1", "test_accuracy": 0.70, "status": "ok"})
-    # a drop of 0.10 > 0.02: fires, with both numbers in the message
+    # a drop of 0.10 > 0.02: fires, with both numbers in the message (no n recorded: no interval, the delta decides)
     ok, msg = check_regression(h, {"test": {"accuracy": 0.60}}, 0.02, "fail")
-    assert not ok and "0.6000 now vs 0.7000" in msg and "failing the run" in msg
+    assert not ok and "0.6000 now" in msg and "vs 0.7000 in the previous" in msg and "failing the run" in msg
+    assert "compared on the delta alone" in msg
     ok, msg = check_regression(h, {"test": {"accuracy": 0.60}}, 0.02, "warn")
     assert not ok and "warning only" in msg
     # within the allowed drop, equal, better: quiet
@@ -157,9 +167,41 @@ def test_check_regression_fires_on_a_drop_only(tmp_path):
     # a failed run is never the baseline: compare with the last run that was not failed
     append_history(h, {"time": "t2", "evaluate_key": "k2", "test_accuracy": 0.50, "status": "failed"})
     ok, msg = check_regression(h, {"test": {"accuracy": 0.55}}, 0.02)
-    assert not ok and "0.5500 now vs 0.7000" in msg
+    assert not ok and "0.5500 now" in msg and "vs 0.7000" in msg
     with pytest.raises(ValueError):
         check_regression(h, {"test": {"accuracy": 0.5}}, 0.02, "explode")
+
+
+def test_guard_compares_only_outside_both_intervals(tmp_path):
+    """The preset's guard once compared a test accuracy of 1.000 on 2 pairs with 0.000 on 2 pairs. Now a drop beyond
+    regression_delta is a regression only when each accuracy is outside the other run's 95% interval."""
+    from worldpm.modeling.metrics import wilson_interval
+    from worldpm.report.history import append_history, check_regression, history_entry, read_jsonl
+
+    h = tmp_path / "h.jsonl"
+    append_history(h, history_entry({"test": {"n": 2, "accuracy": 1.0}}, "tiny"))
+    assert read_jsonl(h)[0]["test_accuracy_ci"] == pytest.approx(wilson_interval(2, 2))
+    # 1.0 then 0.0 on 2 pairs: outside both Wilson intervals ([0.34, 1] and [0, 0.66]), yet no evidence (Fisher's
+    # exact p = 0.33): a split under shard.min_split_pairs is never compared
+    ok, msg = check_regression(h, {"test": {"n": 2, "accuracy": 0.0}}, 0.02, "fail", min_pairs=100)
+    assert ok and "not compared, a test split of 2 pairs is under shard.min_split_pairs 100" in msg
+
+    # 0.70 then 0.60 on 20 pairs each: [0.481, 0.855] and [0.387, 0.781] overlap both ways: noise, not compared
+    h2 = tmp_path / "h2.jsonl"
+    append_history(h2, history_entry({"test": {"n": 20, "accuracy": 0.70}}, "a"))
+    ok, msg = check_regression(h2, {"test": {"n": 20, "accuracy": 0.60}}, 0.02, "fail")
+    assert ok and "not a regression" in msg
+    # the same accuracies on 2000 pairs each: both outside the other's interval: a regression
+    h3 = tmp_path / "h3.jsonl"
+    append_history(h3, history_entry({"test": {"n": 2000, "accuracy": 0.70}}, "a"))
+    ok, msg = check_regression(h3, {"test": {"n": 2000, "accuracy": 0.60}}, 0.02, "fail")
+    assert not ok and "outside both runs' 95% intervals" in msg and "failing the run" in msg
+    # outside one interval only (a precise previous run, a noisy new one): still not compared
+    ok, msg = check_regression(h3, {"test": {"n": 30, "accuracy": 0.60}}, 0.02, "fail")
+    assert wilson_interval(0.6 * 30, 30)[1] > 0.70 and ok and "within the runs' 95% intervals" in msg
+    # the recorded interval of the metrics is the one used
+    ok, _ = check_regression(h3, {"test": {"n": 2000, "accuracy": 0.60, "accuracy_ci": [0.1, 0.9]}}, 0.02)
+    assert ok
 
 
 def test_after_evaluate_warn_and_fail_modes(tmp_path):
@@ -177,11 +219,11 @@ def test_after_evaluate_warn_and_fail_modes(tmp_path):
     # warn mode (the default): a constructed drop logs a warning with both numbers, the run goes on
     after_evaluate(cfg, _evaluate_ref(store, "e3", 0.60), log)
     warnings = [r.getMessage() for r in rec.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "0.6000 now vs 0.7100" in warnings[0]
+    assert len(warnings) == 1 and "0.6000 now" in warnings[0] and "vs 0.7100" in warnings[0]
 
     # fail mode: raises StageError, and the run is recorded as failed
     cfg.evaluate.on_regression = "fail"
-    with pytest.raises(StageError, match=r"0\.5000 now vs 0\.6000"):
+    with pytest.raises(StageError, match=r"0\.5000 now .* vs 0\.6000"):
         after_evaluate(cfg, _evaluate_ref(store, "e4", 0.50), log)
     hist = read_history(history_path(cfg))
     assert [(e["evaluate_key"], e["status"], e["test_accuracy"]) for e in hist] == [

@@ -124,3 +124,31 @@ def test_an_empty_split_stops_shard_naming_the_rule(tmp_path, pairs):
     else:
         with pytest.raises(StageError, match="shard.train is 0"):
             pipeline.execute("shard", ok, {"clean": clean}, store, log=LOG)
+
+
+def test_a_small_split_is_a_warning_with_its_interval(tmp_path, pairs, caplog):
+    """The preset once had a test split of 2 pairs and an eval split of 5, silently: now a split asked for but
+    under shard.min_split_pairs is a warning (log and manifest) that says how wide its accuracy's interval is."""
+    store = ArtifactStore(tmp_path / "store")
+    clean = commit_clean(store, pairs.head(300))
+    cfg = load_config(None, ["shard.train=0.96", "shard.eval=0.02", "shard.test=0.02", "shard.min_split_pairs=50"])
+    with caplog.at_level(logging.WARNING, logger="test"):
+        res = pipeline.execute("shard", cfg, {"clean": clean}, store, log=LOG)
+    splits = res.manifest["splits"]
+    small = [s for s in ("eval", "test") if splits[s]["rows"] < 50]
+    assert small == ["eval", "test"] and splits["train"]["rows"] >= 50
+    assert len(res.manifest["warnings"]) == 2
+    for split, w in zip(small, res.manifest["warnings"]):
+        n = splits[split]["rows"]
+        assert w.startswith(f"the {split} split has {n} pairs") and "shard.min_split_pairs 50" in w
+        assert "95% interval of +-" in w and f"raise shard.{split}" in w
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"shard: {w}" for w in res.manifest["warnings"]]
+    # the threshold is configurable: 0 turns it off; a split not asked for (fraction 0) never warns
+    quiet = pipeline.execute("shard", load_config(None, ["shard.train=0.96", "shard.eval=0.02", "shard.test=0.02",
+                                                         "shard.min_split_pairs=0"]), {"clean": clean}, store, log=LOG)
+    assert "warnings" not in quiet.manifest
+    none_asked = pipeline.execute("shard", load_config(None, ["shard.train=0.9", "shard.eval=0.0", "shard.test=0.1",
+                                                              "shard.min_split_pairs=1"]),
+                                  {"clean": clean}, store, log=LOG)
+    assert "warnings" not in none_asked.manifest and none_asked.manifest["splits"]["eval"]["rows"] == 0

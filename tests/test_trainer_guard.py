@@ -87,7 +87,7 @@ def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_
     cfg = load_config(cfg_path)
     store = ArtifactStore(cfg.artifacts_dir)
     refs: dict = {}
-    for name in ("download", "clean", "shard", "tokenize", "ref_logps"):  # the data stages, in this process
+    for name in PIPELINE.ancestors("train"):  # the data stages, in this process
         refs[name] = PIPELINE.execute(name, cfg, {u: refs[u] for u in PIPELINE[name].upstream}, store, log=LOG).ref
     train_key = next(r["key"] for r in pipeline_status(PIPELINE, cfg) if r["stage"] == "train")
     work = store.root / "train" / f".work-{train_key}"

@@ -4,9 +4,12 @@
                      [--predictions FILE]
     worldpm score --model DIR [FILE] [--output FILE] [--batch-size N] [--max-length N]
 
-DIR is a model folder (config.json + weights + tokenizer) or a train artifact holding model/. Text is rendered the
-way the tokenize stage renders it (the tokenizer's chat template, else `--template`, default
-"{prompt}\\n\\n{response}") and cut to --max-length keeping the end of the response and the reward token.
+DIR is a model folder (config.json + weights + tokenizer) or a train artifact holding model/. Text goes through the
+training text path: normalised as the normalise stage normalised the training text (`--normalize`; by default what the
+model folder's worldpm.json records, else clean's default, markup), rendered the way the tokenize stage renders it
+(the tokenizer's chat template, else `--template`) and cut to --max-length keeping the end of the response and the
+reward token. --template, --max-length and the system prompt default to what worldpm.json records (the tokenize
+settings the model was trained with), else to pipeline.yaml's defaults.
 
 score reads JSON lines from FILE or stdin: {prompt, chosen, rejected} rows get chosen_score and rejected_score,
 {prompt, response} rows get score; `prompt` is a string or a list of {role, content} messages. Every input row is
@@ -25,24 +28,40 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import SOURCE_FORMATS, TokenizeConfig
+from worldpm.config import SOURCE_FORMATS, CleanConfig, TokenizeConfig
 from worldpm.errors import StageError
 
 log = logging.getLogger("worldpm.evaluate")
 _TOK = TokenizeConfig()
+_CLEAN = CleanConfig()
 
 
-def _render_settings(args, model) -> "object":
+def _render_settings(args, model, card: dict | None = None) -> "object":
+    """--max-length / --template / --no-system-prompt, else the model's worldpm.json `render`, else the defaults."""
     from worldpm.data.render import RenderSettings
 
+    trained = (card or {}).get("render") or {}
     max_length = args.max_length
     limit = getattr(model.config, "max_position_embeddings", None)
     if max_length is None:
-        max_length = min(_TOK.max_length, limit) if limit else _TOK.max_length
+        max_length = int(trained.get("max_length") or _TOK.max_length)
+        max_length = min(max_length, limit) if limit else max_length
     elif limit and max_length > limit:
         raise StageError(f"--max-length {max_length} exceeds the model's max_position_embeddings {limit}")
-    return RenderSettings(max_length=max_length, plain_template=args.template,
-                          system_prompt=None if args.no_system_prompt else _TOK.system_prompt)
+    template = args.template if args.template is not None else trained.get("plain_template", _TOK.plain_template)
+    system = trained.get("system_prompt", _TOK.system_prompt)
+    return RenderSettings(max_length=max_length, plain_template=template,
+                          system_prompt=None if args.no_system_prompt else system)
+
+
+def _normalize_markup(args, card: dict) -> tuple[bool, str]:
+    """(normalize markup?, where that came from): --normalize, else worldpm.json's `text`, else clean's default."""
+    if args.normalize != "auto":
+        return args.normalize == "markup", "--normalize"
+    trained = card.get("text") or {}
+    if "normalize_markup" in trained:
+        return bool(trained["normalize_markup"]), "the model's worldpm.json"
+    return _CLEAN.normalize_markup, "clean's default; the model folder records none"
 
 
 def _stdout_is_ours(cmd):
@@ -59,13 +78,15 @@ def _stdout_is_ours(cmd):
 # ---- evaluate ---------------------------------------------------------------------------------------------------
 @_stdout_is_ours
 def cmd_evaluate(args, stdout) -> int:
-    from worldpm.modeling.scoring import evaluate_pairs, load_model_dir, read_eval_file
+    from worldpm.modeling.scoring import evaluate_pairs, load_model_dir, model_card, read_eval_file
 
     data = Path(args.data)
     if not data.is_file():
         raise StageError(f"--data {data}: no such file")
+    card = model_card(args.model)
     model, tok, pad_id = load_model_dir(args.model, device=args.device)
-    rs = _render_settings(args, model)
+    rs = _render_settings(args, model, card)
+    markup, why = _normalize_markup(args, card)
     pairs, rejects, info = read_eval_file(data, args.format, data.stem)
     if rejects.height:
         log.warning("%s: %d record(s) could not become a pair: %s", data, rejects.height,
@@ -74,8 +95,9 @@ def cmd_evaluate(args, stdout) -> int:
     if pairs.height == 0:
         raise StageError(f"{data}: no pairs to evaluate")
     summary, preds = evaluate_pairs(model, tok, pad_id, pairs, rs, batch_size=args.batch_size, bins=args.bins,
-                                    set_name=data.stem, log=log, device=args.device)
+                                    set_name=data.stem, log=log, device=args.device, normalize_markup=markup)
     summary = {**summary, **info, "model": str(Path(args.model).resolve()), "max_length": rs.max_length}
+    summary["text"]["from"] = why
     if args.predictions:
         p = Path(args.predictions)
         if p.suffix == ".parquet":
@@ -93,17 +115,50 @@ def _pct(x) -> str:
     return "    -" if x is None else f"{100 * x:5.1f}%"
 
 
+def _ci(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def print_summary(m: dict, title: str, stream=None) -> None:
-    """A human-readable view of one metrics.summarize object: overall, per subset (or domain), sections."""
+    """A human-readable view of one metrics.summarize object: overall with its 95% interval and n, what the model
+    learned beyond length (length-controlled accuracy, margin/length correlation, the length rule beside it),
+    calibration with the confidences it rests on, per subset (or domain), sections."""
     stream = stream or sys.stdout
     w = lambda s="": print(s, file=stream)  # noqa: E731
     w(f"{title}: {m['n']} pairs ({m.get('format', '?')} format, {m.get('rows_rejected', 0)} rejected, "
       f"{m.get('truncated', 0)} truncated)")
-    w(f"  accuracy {_pct(m['accuracy'])}   BT loss {m['bt_loss']:.4f}   ECE {m['ece']:.4f}   ties {m['ties']}"
-      if m["n"] else "  no pairs")
-    if m["n"]:
-        w(f"  reward chosen {m['chosen_mean']:.3f} ± {m['chosen_std']:.3f}   rejected {m['rejected_mean']:.3f} ± "
-          f"{m['rejected_std']:.3f}   margin {m['margin_mean']:.3f}")
+    text = m.get("text") or {}
+    if text:
+        w(f"  text: {text.get('normalization', '?')} normalisation ({text.get('from', 'as in training')}), "
+          f"{text.get('texts_changed', 0)} texts changed")
+    if not m["n"]:
+        w("  no pairs")
+        return
+    w(f"  accuracy {_pct(m['accuracy'])}{_ci(m.get('accuracy_ci'))} (n={m['n']})   BT loss {m['bt_loss']:.4f}   "
+      f"ties {m['ties']}")
+    unit = m.get("length_unit", "characters")
+    if m.get("length_rule_n"):
+        nl, ns = m.get("lc_n") or (0, 0)
+        w(f"  length-controlled accuracy {_pct(m.get('lc_accuracy'))}{_ci(m.get('lc_accuracy_ci'))} "
+          f"(mean of chosen longer n={nl} and chosen shorter n={ns}; the length rule scores 50.0%)")
+        corr = m.get("margin_length_corr")
+        cci = m.get("margin_length_corr_ci")
+        w(f"  margin/length correlation {'-' if corr is None else f'{corr:+.3f}'}"
+          + (f" [{cci[0]:+.3f}, {cci[1]:+.3f}]" if cci else "") + f" (n={m.get('corr_n')}, {unit})   "
+          f"prefers the longer response {_pct(m.get('prefers_longer')).strip()}")
+        w(f"  length rule (longer wins) on the same pairs: accuracy {_pct(m.get('length_rule_accuracy'))}"
+          f"{_ci(m.get('length_rule_accuracy_ci'))} (n={m['length_rule_n']}) vs the model's {_pct(m['accuracy'])}")
+    conf = m.get("confidence_mean")
+    w(f"  ECE {m['ece']:.4f}   mean confidence {'-' if conf is None else f'{conf:.3f}'}, "
+      f"{_pct(m.get('confidence_share_below')).strip()} of pairs below {m.get('confidence_below', 0.55)}"
+      + ("  (near-uninformative: a small ECE says little)" if (m.get("confidence_share_below") or 0) >= 0.9
+         else ""))
+    hist = [r for r in m.get("reliability") or [] if r["n"]]
+    if hist:
+        w("  confidence histogram (pairs per bin, empty bins left out): " + ", ".join(
+            f"{r['bin_lo']:.2f}-{r['bin_hi']:.2f}: {r['n']}" for r in hist))
+    w(f"  reward chosen {m['chosen_mean']:.3f} ± {m['chosen_std']:.3f}   rejected {m['rejected_mean']:.3f} ± "
+      f"{m['rejected_std']:.3f}   margin {m['margin_mean']:.3f}")
     for kind in ("subset", "domain", "source"):
         groups = m.get(f"by_{kind}") or {}
         if not groups or (kind != "subset" and len(groups) < 2):
@@ -124,8 +179,9 @@ def print_summary(m: dict, title: str, stream=None) -> None:
     lb = m.get("length_bias") or {}
     if lb:
         w()
-        w(f"  length bias ({m.get('length_unit', 'characters')}): " + ", ".join(
-            f"{k.replace('_', ' ')} {_pct(v['accuracy']).strip()} (n={v['n']})" for k, v in lb.items()))
+        w(f"  length bias ({unit}): " + ", ".join(
+            f"{k.replace('_', ' ')} {_pct(v['accuracy']).strip()}{_ci(v.get('ci'))} (n={v['n']})"
+            for k, v in lb.items()))
 
 
 # ---- score --------------------------------------------------------------------------------------------------------
@@ -168,8 +224,8 @@ def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
 
 @_stdout_is_ours
 def cmd_score(args, stdout) -> int:
-    from worldpm.data.render import renderer, tokenize_pairs
-    from worldpm.modeling.scoring import load_model_dir, score_pairs, score_sequences
+    from worldpm.data.render import NORMALIZERS, normalize_pairs, renderer, tokenize_pairs
+    from worldpm.modeling.scoring import load_model_dir, model_card, score_pairs, score_sequences
 
     df, name = _read_rows(args)
     cols = set(df.columns)
@@ -184,8 +240,11 @@ def cmd_score(args, stdout) -> int:
         if df.schema[c] not in (pl.String, pl.Null):
             raise StageError(f"{name}: `{c}` must be a string, got {df.schema[c]}")
     prompt = _prompt_messages(df, name)
+    card = model_card(args.model)
     model, tok, pad_id = load_model_dir(args.model, device=args.device)
-    rs = _render_settings(args, model)
+    rs = _render_settings(args, model, card)
+    markup, why = _normalize_markup(args, card)
+    log.info("score: %s normalisation (%s), max_length %d", NORMALIZERS[markup], why, rs.max_length)
     r = renderer(tok, rs)
     out = open(args.output, "w") if args.output else stdout
     total = 0
@@ -199,7 +258,7 @@ def cmd_score(args, stdout) -> int:
             bad = frame.select(pl.arg_where(pl.col("prompt").is_null() | (pl.col("prompt").list.len() == 0)))
             if bad.height:
                 raise StageError(f"{name}: row {total + bad.item(0, 0) + 1}: empty or missing prompt")
-            t = tokenize_pairs(frame, tok, rs, r=r)
+            t = tokenize_pairs(normalize_pairs(frame, markup), tok, rs, r=r)
             if mode == "pair":
                 c, rj = score_pairs(model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), pad_id,
                                     args.batch_size, device=args.device)
@@ -225,10 +284,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer), or a train artifact holding model/")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per forward pass (32)")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
-                   help=f"tokens per sequence, template included (default {_TOK.max_length}, capped at the "
-                        "model's max_position_embeddings)")
-    p.add_argument("--template", default=_TOK.plain_template,
-                   help="for tokenizers without a chat template (default %(default)r)")
+                   help=f"tokens per sequence, template included (default: the model's worldpm.json, else "
+                        f"{_TOK.max_length}; capped at the model's max_position_embeddings)")
+    p.add_argument("--template", default=None,
+                   help="for tokenizers without a chat template (default: the model's worldpm.json, else "
+                        f"{_TOK.plain_template!r})")
+    p.add_argument("--normalize", choices=["auto", "markup", "light"], default="auto",
+                   help="text normalisation, as the normalise stage does it: markup (HTML/Markdown residue -> plain "
+                        "text), light (line endings and control characters only); auto (default): what the "
+                        "model's worldpm.json records, else markup")
     p.add_argument("--no-system-prompt", action="store_true",
                    help="chat templates: add no empty system turn (the template's own default instead)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

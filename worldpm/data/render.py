@@ -1,6 +1,13 @@
 """Rendering and tokenizing pairs the way a model sees them: one layout for the tokenize stage, evaluate,
 `worldpm evaluate` and `worldpm score`, so a text is cut and templated identically at training and at scoring.
 
+The text path has three steps, the same at training and at scoring:
+1. normalisation (`normalize_pairs`): the normalise stage's, worldpm/data/text.py ``normalize_pairs`` on the prompt
+   contents, chosen and rejected (clean.normalize_markup true: HTML/Markdown residue, or false: line endings and
+   control characters only). Training text goes through it in the normalise stage; every text scored outside the training data (eval
+   sets, `worldpm evaluate`, `worldpm score`) goes through it here, with the setting the model was trained with.
+2. the template (`Renderer`), 3. tokenizing and the cut (`tokenize_frame`), described below.
+
 Layout of one sequence (chosen or rejected), built from four parts:
 
     head      constant: the template up to the first user message (Qwen: ``<|im_start|>system\\n<|im_end|>\\n
@@ -31,12 +38,30 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from worldpm.data import text as _text
 from worldpm.errors import StageError
 
 _U = "WORLDPMUSERSENTINEL"
 _A = "WORLDPMASSISTANTSENTINEL"
 
 IDS = pl.List(pl.Int32)
+
+
+# ---- normalisation --------------------------------------------------------------------------------------------------
+NORMALIZERS = {True: "markup", False: "light"}
+
+
+def normalize_pairs(frame: pl.DataFrame | pl.LazyFrame, normalize_markup: bool) -> pl.DataFrame:
+    """The normalise stage's normalisation (text.normalize_pairs, the one implementation) of the message contents
+    of `prompt`, `chosen` and `rejected` (roles and other columns untouched), collected."""
+    lf = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
+    return _text.normalize_pairs(lf, markup=normalize_markup).collect()
+
+
+def text_settings(normalize_markup: bool) -> dict:
+    """What a scorer records about step 1 (metrics.json, worldpm.json)."""
+    return {"normalize_markup": bool(normalize_markup), "normalization": NORMALIZERS[bool(normalize_markup)],
+            "function": "worldpm.data.text.normalize_columns" if normalize_markup else "worldpm.data.text.light_text"}
 
 
 # ---- the template -----------------------------------------------------------------------------------------------
@@ -115,6 +140,23 @@ class Renderer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def full_text(self, prompt: list[dict], response: str) -> str:
+        """One side as a single string, special tokens written out ("[CLS]...[SEP]" for BERT, the chat template's
+        markers without the trailing newline after the end marker): the text to hand a reward model downstream
+        where it is tokenized with add_special_tokens=False (TRL's GRPO reward path). Before any cut at max_length;
+        the normalisation (step 1) is the caller's."""
+        if self.chat:
+            return self.render(prompt, response).rstrip()
+        msgs = [{"role": m["role"], "content": m["content"] or ""} for m in prompt]
+        if len(msgs) == 1 and msgs[0]["role"] == "user":
+            body = msgs[0]["content"]
+        else:
+            body = "\n\n".join(f"{m['role'].title()}: {m['content']}" for m in msgs)
+        specials = lambda ids: "".join(self.tok.convert_ids_to_tokens(ids))  # noqa: E731
+        tail_special = self.tail_ids[len(self.encode(self.suffix_text)):] if self.suffix_text else self.tail_ids
+        return specials(self.head_ids) + self.head_text + body + self.mid_text + response + self.suffix_text + \
+            specials(tail_special)
 
     def describe(self) -> dict:
         return {"template": "chat" if self.chat else "plain", "head": self.head_text,
@@ -292,6 +334,8 @@ def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_leng
         chosen_len=pl.col("chosen_ids").list.len().cast(pl.Int32),
         rejected_len=pl.col("rejected_ids").list.len().cast(pl.Int32),
         prompt_len=(pl.col("_kb") + pl.when(pl.col("_has_head")).then(H).otherwise(0)).cast(pl.Int32),
+        # the responses' own length before any cut: what length bias and length control are measured in
+        chosen_response_tokens=lc, rejected_response_tokens=lr,
     )
 
 
@@ -328,7 +372,8 @@ def renderer(tok, rs: RenderSettings, what: str = "max_length") -> Renderer:
 
 def tokenize_pairs(pairs: pl.DataFrame, tok, rs: RenderSettings, r=None, num_proc: int = 1) -> pl.DataFrame:
     """Canonical pairs (prompt, chosen, rejected, ...) -> the same frame plus chosen_ids / rejected_ids (truncated to
-    max_length the tokenize stage's way), truncated, and the response token counts before truncation."""
+    max_length the tokenize stage's way), their lengths, truncated, prompt_len, and chosen_response_tokens /
+    rejected_response_tokens (the responses' token counts before truncation)."""
     r = r or renderer(tok, rs)
     enc = ParallelEncoder(tok, num_proc)
     try:
@@ -338,13 +383,13 @@ def tokenize_pairs(pairs: pl.DataFrame, tok, rs: RenderSettings, r=None, num_pro
             if chunk.height == 0:
                 continue
             t = tokenize_frame(chunk, r, enc, rs.max_length)
-            parts.append(t.with_columns(_resp_c=pl.col("_c").list.len().cast(pl.Int32),
-                                        _resp_r=pl.col("_r").list.len().cast(pl.Int32))
-                         .drop([c for c in t.columns if c.startswith("_") and c not in ("_resp_c", "_resp_r")]))
+            parts.append(t.drop([c for c in t.columns if c.startswith("_")]))
     finally:
         enc.close()
     if not parts:
-        return pairs.with_columns(chosen_ids=pl.lit(None, pl.List(pl.Int32)), rejected_ids=pl.lit(None, pl.List(pl.Int32)),
-                                  truncated=pl.lit(None, pl.Boolean), _resp_c=pl.lit(None, pl.Int32),
-                                  _resp_r=pl.lit(None, pl.Int32))
+        return pairs.with_columns(chosen_ids=pl.lit(None, IDS), rejected_ids=pl.lit(None, IDS),
+                                  truncated=pl.lit(None, pl.Boolean), chosen_len=pl.lit(None, pl.Int32),
+                                  rejected_len=pl.lit(None, pl.Int32), prompt_len=pl.lit(None, pl.Int32),
+                                  chosen_response_tokens=pl.lit(None, pl.Int32),
+                                  rejected_response_tokens=pl.lit(None, pl.Int32))
     return pl.concat(parts)

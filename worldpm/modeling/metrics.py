@@ -17,6 +17,16 @@ Conventions, used everywhere in worldpm's evaluation:
   math-prm's count is upweighted to 984 = 6 x 164 so that math and the six code subsets weigh one half each.
   Two deliberate differences: a section with no subset present is left out (RewardBench reports 0), and a tie
   counts half here (RewardBench's per-pair result is chosen > rejected, a tie counts 0).
+* Confidence intervals are 95%. An accuracy's is the Wilson score interval of (sum of per-pair outcomes, n), ties
+  counting half a success. Length-controlled accuracy (LC) is the mean of the accuracy on the pairs whose chosen
+  response is longer and on those whose chosen response is shorter (pairs of equal length are left out), so a
+  model that only rewards length scores 0.5 whatever the mix of the set; its interval is LC +- z * sqrt(v_l + v_s)
+  / 2 with v = p~(1 - p~) / (n + z^2), p~ = (x + z^2 / 2) / (n + z^2) per part (Agresti-Coull), clipped to [0, 1].
+  The margin/length correlation is Pearson's r between r_chosen - r_rejected and len_chosen - len_rejected over
+  the pairs with both lengths known; its interval is Fisher's tanh(atanh(r) +- z / sqrt(n - 3)).
+* The length rule ("the longer response wins") is scored on the same pairs: 1 when the chosen one is longer, 0
+  when it is shorter, 0.5 for equal lengths; its LC accuracy is 0.5 by construction, so what tells a model from
+  it is the model's LC accuracy (above 0.5) and its correlation with length (near 0).
 """
 from __future__ import annotations
 
@@ -65,6 +75,7 @@ REWARDBENCH_SECTIONS: dict[str, list[str]] = {
 }
 
 NONE_KEY = "(none)"
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 
 
 def _arr(x: Iterable[float]) -> np.ndarray:
@@ -105,6 +116,45 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     e = np.exp(x[~pos])
     out[~pos] = e / (1.0 + e)
     return out
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> list[float] | None:
+    """95% Wilson score interval [lo, hi] of a proportion successes / n (successes may be fractional: ties count
+    half); None for n = 0."""
+    if n <= 0:
+        return None
+    p = min(max(successes / n, 0.0), 1.0)
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _ac_variance(successes: float, n: int, z: float = Z95) -> float:
+    """Agresti-Coull variance of a proportion: p~(1 - p~) / (n + z^2), p~ = (x + z^2/2) / (n + z^2)."""
+    nt = n + z * z
+    pt = (successes + z * z / 2) / nt
+    return pt * (1 - pt) / nt
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r; None with fewer than 3 points or a constant side."""
+    a, b = _arr(x), _arr(y)
+    if a.size < 3:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return _f(float((a * b).sum()) / den) if den > 0 else None
+
+
+def fisher_interval(r: float | None, n: int, z: float = Z95) -> list[float] | None:
+    """95% interval of a correlation r over n points: tanh(atanh(r) +- z / sqrt(n - 3)); None when n <= 3."""
+    if r is None or n <= 3:
+        return None
+    zr = math.atanh(min(max(r, -0.999999), 0.999999))
+    h = z / math.sqrt(n - 3)
+    return [math.tanh(zr - h), math.tanh(zr + h)]
 
 
 def calibration(chosen: Sequence[float], rejected: Sequence[float], bins: int = 10) -> tuple[float | None, list[dict]]:
@@ -187,15 +237,18 @@ def rewardbench_score(sections: dict[str, dict]) -> float | None:
     return _f(np.mean([sections[s]["accuracy"] for s in REWARDBENCH_SECTIONS]))
 
 
+def _lengths(x: Sequence[float | None]) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in x], dtype=np.float64)
+
+
 def length_bias(chosen_chars: Sequence[float | None], rejected_chars: Sequence[float | None],
                 correct: np.ndarray) -> dict[str, dict]:
     """Accuracy split by whether the chosen response is longer than the rejected one (in any length unit:
-    characters, or response tokens as the evaluate stage passes).
+    characters, or response tokens as the evaluate stage passes), each with n and its 95% Wilson interval.
 
     A reward model that mostly rewards length scores high on chosen_longer and low on chosen_shorter.
     Pairs of equal length, or without lengths, are counted under same_length / unknown."""
-    cc = np.asarray([np.nan if x is None else x for x in chosen_chars], dtype=np.float64)
-    rc = np.asarray([np.nan if x is None else x for x in rejected_chars], dtype=np.float64)
+    cc, rc = _lengths(chosen_chars), _lengths(rejected_chars)
     correct = np.asarray(correct, dtype=np.float64)
     known = ~(np.isnan(cc) | np.isnan(rc))
     masks = {
@@ -209,8 +262,58 @@ def length_bias(chosen_chars: Sequence[float | None], rejected_chars: Sequence[f
         n = int(m.sum())
         if name in ("same_length", "unknown") and n == 0:
             continue
-        out[name] = {"n": n, "accuracy": _f(correct[m].mean()) if n else None}
+        out[name] = {"n": n, "accuracy": _f(correct[m].mean()) if n else None,
+                     "ci": wilson_interval(float(correct[m].sum()), n)}
     return out
+
+
+def length_control(chosen: Sequence[float], rejected: Sequence[float], chosen_len: Sequence[float | None],
+                   rejected_len: Sequence[float | None]) -> dict:
+    """What a model learned beyond length (see the module doc): length-controlled accuracy, the correlation of
+    its margin with the length difference, how often it prefers the longer response, and the length rule's
+    accuracy on the same pairs, each with its n and 95% interval.
+
+    {"lc_accuracy", "lc_accuracy_ci", "lc_n": [n chosen longer, n chosen shorter],
+     "margin_length_corr", "margin_length_corr_ci", "corr_n",
+     "prefers_longer" (fraction of the pairs of unequal length where the higher reward goes to the longer
+     response; ties in reward count half), "length_rule_accuracy", "length_rule_accuracy_ci", "length_rule_n"}"""
+    c, r = _arr(chosen), _arr(rejected)
+    cl, rl = _lengths(chosen_len), _lengths(rejected_len)
+    correct = pair_correct(c, r)
+    known = ~(np.isnan(cl) | np.isnan(rl))
+    longer, shorter = known & (cl > rl), known & (cl < rl)
+    nl, ns = int(longer.sum()), int(shorter.sum())
+    out: dict = {"lc_accuracy": None, "lc_accuracy_ci": None, "lc_n": [nl, ns]}
+    if nl and ns:
+        xl, xs = float(correct[longer].sum()), float(correct[shorter].sum())
+        lc = (xl / nl + xs / ns) / 2
+        half = Z95 * math.sqrt(_ac_variance(xl, nl) + _ac_variance(xs, ns)) / 2
+        out.update(lc_accuracy=_f(lc), lc_accuracy_ci=[max(0.0, lc - half), min(1.0, lc + half)])
+    n_known = int(known.sum())
+    rho = pearson((c - r)[known], (cl - rl)[known])
+    out.update(margin_length_corr=rho, margin_length_corr_ci=fisher_interval(rho, n_known), corr_n=n_known)
+    unequal = longer | shorter
+    if unequal.any():
+        d, dl = (c - r)[unequal], (cl - rl)[unequal]
+        out["prefers_longer"] = _f(np.where(d == 0, 0.5, (np.sign(d) == np.sign(dl)).astype(np.float64)).mean())
+    else:
+        out["prefers_longer"] = None
+    rule = np.where(cl > rl, 1.0, np.where(cl == rl, 0.5, 0.0))[known]
+    out.update(length_rule_accuracy=_f(rule.mean()) if rule.size else None,
+               length_rule_accuracy_ci=wilson_interval(float(rule.sum()), int(rule.size)),
+               length_rule_n=int(rule.size))
+    return out
+
+
+def confidence_summary(chosen: Sequence[float], rejected: Sequence[float], low: float = 0.55) -> dict:
+    """How much the model claims, to read next to ECE: the mean confidence max(p, 1 - p) and the share of pairs
+    below ``low``. A model whose confidences all sit near 0.5 has a small ECE because it claims almost nothing."""
+    p = sigmoid(_arr(chosen) - _arr(rejected))
+    conf = np.maximum(p, 1.0 - p)
+    if not conf.size:
+        return {"confidence_mean": None, "confidence_below": low, "confidence_share_below": None}
+    return {"confidence_mean": _f(conf.mean()), "confidence_below": low,
+            "confidence_share_below": _f((conf < low).mean())}
 
 
 def summarize(chosen: Sequence[float], rejected: Sequence[float], *,
@@ -218,9 +321,13 @@ def summarize(chosen: Sequence[float], rejected: Sequence[float], *,
               subset: Sequence[str | None] | None = None, chosen_chars: Sequence[float | None] | None = None,
               rejected_chars: Sequence[float | None] | None = None, bins: int = 10,
               length_unit: str = "characters") -> dict:
-    """Every metric of one evaluation set (the object stored per set in the evaluate artifact's metrics.json).
+    """Every metric of one evaluation set (the object stored per set in the evaluate artifact's metrics.json):
+    n, accuracy and its 95% interval, ties, BT loss, the length_control keys (LC accuracy, margin/length
+    correlation, prefers_longer, the length rule; each with its interval and n), ECE with the confidence summary
+    and the reliability table (whose n per bin is the histogram of the confidences), reward statistics, accuracy
+    per source/domain/subset, RewardBench sections, and the length bias split.
 
-    ``chosen_chars`` / ``rejected_chars``: the response lengths for the length bias, in ``length_unit``."""
+    ``chosen_chars`` / ``rejected_chars``: the response lengths, in ``length_unit``."""
     c, r = _arr(chosen), _arr(rejected)
     if c.shape != r.shape:
         raise ValueError(f"chosen ({c.size}) and rejected ({r.size}) scores differ in length")
@@ -230,12 +337,17 @@ def summarize(chosen: Sequence[float], rejected: Sequence[float], *,
     none = [None] * n
     by_subset = group_accuracy(subset if subset is not None else none, correct)
     sections = section_scores({k: v["accuracy"] for k, v in by_subset.items()})
+    lens_c = chosen_chars if chosen_chars is not None else none
+    lens_r = rejected_chars if rejected_chars is not None else none
     out = {
         "n": n,
         "accuracy": accuracy(c, r),
+        "accuracy_ci": wilson_interval(float(correct.sum()), n),
         "ties": int((c == r).sum()),
         "bt_loss": bt_loss(c, r),
+        **length_control(c, r, lens_c, lens_r),
         "ece": ece,
+        **confidence_summary(c, r),
         "reliability": table,
         **reward_stats(c, r),
         "by_source": group_accuracy(source if source is not None else none, correct),
@@ -243,8 +355,7 @@ def summarize(chosen: Sequence[float], rejected: Sequence[float], *,
         "by_subset": by_subset,
         "sections": sections,
         "rewardbench_score": rewardbench_score(sections),
-        "length_bias": length_bias(chosen_chars if chosen_chars is not None else none,
-                                   rejected_chars if rejected_chars is not None else none, correct),
+        "length_bias": length_bias(lens_c, lens_r, correct),
         "length_unit": length_unit,
     }
     return out

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from worldpm.config import TrainConfig
 from worldpm.modeling import models, packing
+from worldpm.modeling.length import decorrelation_penalty
 
 
 class Objective(Protocol):
@@ -30,16 +31,25 @@ class Objective(Protocol):
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-            center_rewards_coef: float = 0.0) -> torch.Tensor:
-    """-logsigmoid(r_c - r_r [- margin]) in fp32, averaged over pairs, plus coef * mean((r_c + r_r)^2).
+            center_rewards_coef: float = 0.0, weight: torch.Tensor | None = None,
+            offset: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(weight * -logsigmoid(r_c - r_r [- margin] [+ offset])) in fp32, plus coef * mean((r_c + r_r)^2).
 
     The margin term (Llama-2 style) asks the gap to exceed the pair's preference strength; pairs without a margin
-    (nan) get 0. Reward centering (Eisenstein et al. 2023, TRL's center_rewards_coefficient) keeps rewards near 0."""
+    (nan) get 0. Reward centering (Eisenstein et al. 2023, TRL's center_rewards_coefficient) keeps rewards near 0.
+    ``weight`` (per pair, mean 1 over the split: length_balance reweight) and ``offset`` (per pair, a fixed expert's
+    logit added to the margin: length_debias poe) come from worldpm/modeling/length.py; both are per pair, so the
+    loss does not depend on how pairs are batched."""
     rc, rr = r_chosen.float(), r_rejected.float()
     diff = rc - rr
     if margin is not None:
         diff = diff - torch.nan_to_num(margin.float(), nan=0.0)
-    loss = -F.logsigmoid(diff).mean()
+    if offset is not None:
+        diff = diff + offset.to(diff.device).float()
+    per_pair = -F.logsigmoid(diff)
+    if weight is not None:
+        per_pair = per_pair * weight.to(diff.device).float()
+    loss = per_pair.mean()
     if center_rewards_coef:
         loss = loss + center_rewards_coef * ((rc + rr) ** 2).mean()
     return loss
@@ -53,6 +63,10 @@ class BradleyTerry:
     def __init__(self, t: TrainConfig):
         self.margin_in_loss = t.margin_in_loss
         self.center_rewards_coef = t.center_rewards_coef
+        # length_debias decorrelate: a penalty on the margin variance the length difference explains, per
+        # micro-batch (length.py); logged as length_penalty
+        self.decorrelate = t.length_debias_coef if t.length_debias == "decorrelate" else 0.0
+        self.extra_metrics = ("length_penalty",) if self.decorrelate else ()
 
     def build_model(self, mcfg, tokenizer, dtype=None, quantization_config=None, device_map=None, device=None):
         return models.build_reward_model(mcfg, tokenizer, dtype=dtype, quantization_config=quantization_config,
@@ -71,11 +85,19 @@ class BradleyTerry:
     def compute(self, model, batch):
         rc, rr = self.rewards(model, batch)
         margin = batch["margin"].to(rc.device) if self.margin_in_loss else None
-        loss = bt_loss(rc, rr, margin, self.center_rewards_coef)
+        loss = bt_loss(rc, rr, margin, self.center_rewards_coef, weight=batch.get("weight"),
+                       offset=batch.get("length_offset"))
+        extra = {}
+        if self.decorrelate and "length_diff" in batch:
+            penalty = decorrelation_penalty(rc.float() - rr.float(), batch["length_diff"])
+            loss = loss + self.decorrelate * penalty
+            extra["length_penalty"] = penalty.detach()
+        elif self.decorrelate:  # (the eval split carries no length_diff: nothing to penalise)
+            extra["length_penalty"] = torch.zeros((), device=rc.device)
         with torch.no_grad():
             diff = (rc.float() - rr.float())
             stats = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean(),
-                     "reward_chosen": rc.float().mean(), "reward_rejected": rr.float().mean()}
+                     "reward_chosen": rc.float().mean(), "reward_rejected": rr.float().mean(), **extra}
         return loss, stats
 
 

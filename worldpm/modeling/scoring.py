@@ -1,8 +1,9 @@
 """Scoring with a trained model: load a model folder, score token sequences and pairs, evaluate a set of pairs.
 
-What the evaluate stage, `worldpm evaluate` and `worldpm score` share. Pairs are rendered and cut by
-worldpm/data/render.py exactly as the tokenize stage does for training. A reward model (objective bt) scores a
-response with its head; a DPO policy with its implicit reward beta * (log pi(y|x) - log ref(y|x)) (``ImplicitReward``).
+What the evaluate stage, `worldpm evaluate` and `worldpm score` share. Pairs go through the training text path of
+worldpm/data/render.py: normalised as the normalise stage normalises training text (``prepare_pairs``), then rendered
+and cut exactly as the tokenize stage does. A reward model (objective bt) scores a response with its head; a DPO
+policy with its implicit reward beta * (log pi(y|x) - log ref(y|x)) (``ImplicitReward``).
 
 `evaluate_pairs` returns metrics.summarize of a set plus its predictions, one row per pair (PRED_SCHEMA): set,
 pair_id, source, domain, subset, chosen_score, rejected_score, margin (the label's), chosen_len / rejected_len
@@ -19,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from worldpm.data.render import RenderSettings, tokenize_pairs
+from worldpm.data.render import RenderSettings, normalize_pairs, text_settings, tokenize_pairs
 from worldpm.data.splits import token_arrays
 from worldpm.errors import StageError
 from worldpm.modeling import metrics as M
@@ -48,6 +49,20 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
     if (d / "model").is_dir() and not (d / "config.json").exists() and not (d / "adapter_config.json").exists():
         d = d / "model"
     return d
+
+
+def model_card(model_dir: str | Path) -> dict:
+    """The model folder's worldpm.json (what the train stage recorded: objective, reward token, pad token, and the
+    text path the model was trained with: ``text`` normalisation and ``render`` settings), or {} for a folder
+    worldpm did not write. A worldpm.json that is not JSON is an error naming it."""
+    f = resolve_model_dir(model_dir) / "worldpm.json"
+    if not f.is_file():
+        return {}
+    try:
+        card = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return card if isinstance(card, dict) else {}
 
 
 def load_model_dir(model_dir: str | Path, device: str | None = None, tokenizer_dir: str | Path | None = None):
@@ -143,20 +158,38 @@ def read_eval_file(path: str | Path, fmt: str = "auto", name: str | None = None)
     return pairs, rejects, info
 
 
+def prepare_pairs(pairs: pl.DataFrame, normalize_markup: bool) -> tuple[pl.DataFrame, dict]:
+    """Pairs read from outside the training data, normalised as the normalise stage normalises training text.
+
+    (normalised pairs, text info: render.text_settings + texts_changed, the number of prompt/chosen/rejected
+    texts the normalisation changed). Nothing is dropped: a benchmark keeps every pair, even one whose text
+    normalises to empty (the clean stage would reject it from training)."""
+    norm = normalize_pairs(pairs, normalize_markup)
+    changed = 0
+    if pairs.height:
+        msgs = lambda df: df["prompt"].list.eval(pl.element().struct.field("content")).list.join("\x03")  # noqa: E731
+        changed = int(msgs(pairs).ne_missing(msgs(norm)).sum() + pairs["chosen"].ne_missing(norm["chosen"]).sum()
+                      + pairs["rejected"].ne_missing(norm["rejected"]).sum())
+    return norm, {**text_settings(normalize_markup), "texts_changed": changed}
+
+
 def evaluate_pairs(model, tok, pad_id: int, pairs: pl.DataFrame, rs: RenderSettings, *, batch_size: int = 32,
                    bins: int = 10, set_name: str = "eval", log=None, device: str | None = None,
-                   num_proc: int = 1) -> tuple[dict, pl.DataFrame]:
-    """(metrics.summarize of the set + truncated count, predictions) for canonical pairs with optional subset."""
+                   num_proc: int = 1, normalize_markup: bool = True) -> tuple[dict, pl.DataFrame]:
+    """(metrics.summarize of the set + truncated count + text info, predictions) for canonical pairs with optional
+    subset, through the training text path (prepare_pairs, then render + tokenize)."""
+    pairs, text_info = prepare_pairs(pairs, normalize_markup)
     t = tokenize_pairs(pairs, tok, rs, num_proc=num_proc)
     if log is not None:
-        log.info("evaluate: %s: %d pairs tokenized (%d truncated to %d tokens)", set_name, t.height,
-                 int(t["truncated"].sum() or 0), rs.max_length)
+        log.info("evaluate: %s: %d pairs, %s normalisation changed %d texts, %d truncated to %d tokens", set_name,
+                 t.height, text_info["normalization"], text_info["texts_changed"], int(t["truncated"].sum() or 0),
+                 rs.max_length)
     c, r = score_pairs(model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), pad_id, batch_size,
                        log=log, label=set_name, device=device)
     if "subset" not in t.columns:
         t = t.with_columns(subset=pl.lit(None, pl.String))
-    preds = predictions(set_name, t, c, r, t["_resp_c"], t["_resp_r"])
-    return summarize_predictions(preds, bins), preds
+    preds = predictions(set_name, t, c, r, t["chosen_response_tokens"], t["rejected_response_tokens"])
+    return {**summarize_predictions(preds, bins), "text": text_info}, preds
 
 
 def predictions(set_name: str, t: pl.DataFrame, c: np.ndarray, r: np.ndarray, clen, rlen) -> pl.DataFrame:

@@ -183,14 +183,18 @@ def plot_eval_accuracy(metrics: dict, out: Path, formats: list[str]) -> list[str
 
 
 def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
+    """One panel per set: the reliability diagram with its ECE, and under it the histogram of the confidences (pairs
+    per bin): an ECE near 0 over confidences that all sit in the first bin says little."""
     sets = [(k, m) for k, m in metrics.items() if m.get("reliability") and m.get("n")]
     if not sets:
         return []
     cols = min(len(sets), 3)
     nrows = math.ceil(len(sets) / cols)
-    fig = _new_figure(4.2 * cols, 4.0 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
-    for ax, (name, m) in zip(axes, sets):
+    fig = _new_figure(4.2 * cols, 5.0 * nrows)
+    grid = fig.subplots(2 * nrows, cols, squeeze=False, height_ratios=[3, 1] * nrows)
+    axes = [grid[2 * (i // cols), i % cols] for i in range(nrows * cols)]
+    hist_axes = [grid[2 * (i // cols) + 1, i % cols] for i in range(nrows * cols)]
+    for ax, hx, (name, m) in zip(axes, hist_axes, sets):
         table = m["reliability"]
         lo = np.array([r["bin_lo"] for r in table])
         hi = np.array([r["bin_hi"] for r in table])
@@ -201,51 +205,77 @@ def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
                edgecolor="white", label="accuracy in bin")
         ax.plot([0.5, 1.0], [0.5, 1.0], color="black", lw=1, ls="--", label="perfect calibration")
         ax.plot(conf, acc, "o", color=_EPOCH, ms=4, label="(mean confidence, accuracy) of bin", clip_on=False, zorder=3)
-        for l, h, k in zip(lo, hi, n):
-            if k:
-                ax.text((l + h) / 2, 0.015, f"{k}", ha="center", va="bottom", fontsize=6, color="white")
         ax.set_xlim(0.5, 1.0)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("confidence max(p, 1-p), p = sigmoid(r_c - r_r)")
         ax.set_ylabel("fraction ranked right")
-        ece = m.get("ece")
-        ax.set_title(f"{name}: ECE {ece:.3f}" if ece is not None else name, fontsize=10)
+        ece, cm = m.get("ece"), m.get("confidence_mean")
+        title = f"{name} (n={m['n']}): ECE {ece:.3f}" if ece is not None else name
+        if cm is not None:
+            title += f", mean confidence {cm:.2f}"
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in axes[len(sets):]:
+        hx.bar(lo, n, width=hi - lo, align="edge", color="#969696", edgecolor="white")
+        for l, h, k in zip(lo, hi, n):
+            if k:
+                hx.text((l + h) / 2, k, f"{k}", ha="center", va="bottom", fontsize=6)
+        hx.set_xlim(0.5, 1.0)
+        hx.set_ylim(0, max(1, int(n.max())) * 1.3)
+        hx.set_xlabel("confidence max(p, 1-p), p = sigmoid(r_c - r_r)")
+        hx.set_ylabel("pairs", fontsize=8)
+        hx.tick_params(labelsize=7)
+    for ax in axes[len(sets):] + hist_axes[len(sets):]:
         ax.set_visible(False)
-    fig.suptitle("Reliability (white numbers: pairs per bin)", fontsize=11)
+    fig.suptitle("Reliability (top) and the confidences it rests on (bottom: pairs per bin)", fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     return _save(fig, out, "reliability", formats)
 
 
 def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
-    sets = [(k, m.get("length_bias") or {}) for k, m in metrics.items()]
-    sets = [(k, lb) for k, lb in sets if any(lb.get(c, {}).get("n") for c in ("chosen_longer", "chosen_shorter"))]
+    """Per set: accuracy on chosen-longer and chosen-shorter pairs (with 95% intervals) and their mean, the
+    length-controlled accuracy; the length rule's accuracy on the same pairs as a marker."""
+    sets = [(k, m.get("length_bias") or {}, m) for k, m in metrics.items()]
+    sets = [(k, lb, m) for k, lb, m in sets if any(lb.get(c, {}).get("n") for c in ("chosen_longer", "chosen_shorter"))]
     if not sets:
         return []
-    fig = _new_figure(max(5.0, 1.6 * len(sets) + 2), 4.0)
+    fig = _new_figure(max(6.0, 2.2 * len(sets) + 2), 4.2)
     ax = fig.add_subplot()
     x = np.arange(len(sets))
-    width = 0.38
-    for j, (cat, color, label) in enumerate((("chosen_longer", _SMOOTH, "chosen longer"),
-                                             ("chosen_shorter", _EPOCH, "chosen shorter"))):
-        vals = [lb.get(cat, {}).get("accuracy") for _, lb in sets]
-        ns = [lb.get(cat, {}).get("n", 0) for _, lb in sets]
-        xs = x + (j - 0.5) * width
-        ax.bar(xs, [np.nan if v is None else v for v in vals], width=width, color=color, label=label)
+    width = 0.26
+    bars = (("chosen_longer", _SMOOTH, "chosen longer"), ("chosen_shorter", _EPOCH, "chosen shorter"),
+            ("lc", "#238b45", "length-controlled (mean of the two)"))
+    for j, (cat, color, label) in enumerate(bars):
+        if cat == "lc":
+            vals = [m.get("lc_accuracy") for _, _, m in sets]
+            cis = [m.get("lc_accuracy_ci") for _, _, m in sets]
+            ns = [sum(m.get("lc_n") or [0, 0]) for _, _, m in sets]
+        else:
+            vals = [lb.get(cat, {}).get("accuracy") for _, lb, _ in sets]
+            cis = [lb.get(cat, {}).get("ci") for _, lb, _ in sets]
+            ns = [lb.get(cat, {}).get("n", 0) for _, lb, _ in sets]
+        xs = x + (j - 1) * width
+        ys = np.array([np.nan if v is None else v for v in vals])
+        err = np.array([[0.0, 0.0] if (c is None or v is None) else [v - c[0], c[1] - v] for v, c in zip(vals, cis)]).T
+        ax.bar(xs, ys, width=width, color=color, label=label, yerr=err, capsize=2, error_kw={"lw": 0.8})
         for xi, v, k in zip(xs, vals, ns):
             if v is not None:
-                ax.text(xi, v + 0.015, f"{100 * v:.0f}%\nn={k}", ha="center", fontsize=7)
+                ax.text(xi, 0.02, f"{100 * v:.0f}%\nn={k}", ha="center", fontsize=6, color="white")
+    rule = [m.get("length_rule_accuracy") for _, _, m in sets]
+    ax.plot(x, [np.nan if v is None else v for v in rule], "D", color="black", ms=5,
+            label="length rule (longer wins): accuracy")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
-    units = sorted({metrics[k].get("length_unit") or "characters" for k, _ in sets})
-    ax.set_xticks(x, [k for k, _ in sets])
-    ax.set_xlabel(f"evaluation set (length in {' / '.join(units)})")
+    units = sorted({m.get("length_unit") or "characters" for _, _, m in sets})
+    labels = []
+    for k, _, m in sets:
+        corr = m.get("margin_length_corr")
+        labels.append(k + ("" if corr is None else f"\ncorr(margin, dlen) {corr:+.2f}"))
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlabel(f"evaluation set (length in {' / '.join(units)}); bars: accuracy with 95% intervals")
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("accuracy")
-    ax.set_title("Length bias: accuracy by which response is longer")
+    ax.set_title("Length: what the model learned beyond \"the longer answer wins\"")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, ncols=3)
+    ax.legend(loc="upper right", fontsize=7, ncols=2)
     return _save(fig, out, "length_bias", formats)
 
 

@@ -4,7 +4,11 @@
   accuracy and BT loss, accuracy per eval set, status). It lives outside the content-addressed store on purpose:
   it is a log of runs, not a function of one run's inputs.
 * ``check_regression`` / ``after_evaluate``: a run whose test accuracy falls more than ``evaluate.regression_delta``
-  below the previous successful run fails (``evaluate.on_regression: fail``) or warns (``warn``).
+  below the previous successful run fails (``evaluate.on_regression: fail``) or warns (``warn``), but only when the
+  difference is outside both runs' 95% confidence intervals (this run's accuracy below the previous run's interval
+  and the previous accuracy above this run's): a drop that either run's sampling noise explains is reported as
+  such, not as a regression. Intervals are the metrics' Wilson intervals (or computed from n and the accuracy); a
+  run that recorded no n has no interval, and then the delta alone decides (said in the message).
 """
 from __future__ import annotations
 
@@ -59,8 +63,11 @@ def history_entry(metrics: dict, evaluate_key: str | None, status: str = "ok") -
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "evaluate_key": evaluate_key,
         "test_accuracy": test.get("accuracy"),
+        "test_accuracy_ci": _interval(test.get("accuracy"), test.get("n"), test.get("accuracy_ci")),
         "test_bt_loss": test.get("bt_loss"),
         "test_n": test.get("n"),
+        "test_lc_accuracy": test.get("lc_accuracy"),
+        "test_margin_length_corr": test.get("margin_length_corr"),
         "eval_sets": {k: v.get("accuracy") for k, v in metrics.items() if k != "test"},
         "status": status,
     }
@@ -77,16 +84,35 @@ def append_history(path: str | Path, entry: dict) -> None:
         f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
 
 
+def _interval(acc: float | None, n: int | None, ci: list | None = None) -> list[float] | None:
+    """A run's 95% interval of its test accuracy: the recorded one, else Wilson's from (accuracy, n), else None."""
+    if ci:
+        return [float(ci[0]), float(ci[1])]
+    if acc is None or not n:
+        return None
+    from worldpm.modeling.metrics import wilson_interval
+
+    return wilson_interval(float(acc) * int(n), int(n))
+
+
+def _fmt_ci(ci: list[float] | None, n: int | None) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}], n={n}" if ci else f"no interval, n={n if n else 'unknown'}"
+
+
 def check_regression(history_path: str | Path, metrics: dict, delta: float | None,
-                     mode: str = "warn") -> tuple[bool, str]:
-    """(ok, message): not ok when test accuracy is more than ``delta`` below the previous successful run's.
+                     mode: str = "warn", min_pairs: int = 0) -> tuple[bool, str]:
+    """(ok, message): not ok when test accuracy is more than ``delta`` below the previous successful run's AND the
+    two accuracies are each outside the other run's 95% interval (see the module doc). Runs whose test split has
+    fewer than ``min_pairs`` pairs (shard.min_split_pairs) are not compared at all: even 1.0 against 0.0 on 2 pairs
+    each is outside both (Wilson or exact) intervals, yet a two-sample test of it is nowhere near significant.
 
     The previous successful run is the newest history entry whose status is not "failed" and that has a test
     accuracy. ``delta`` None turns the guard off. ``mode`` (fail | warn) only words the message: the caller
     decides what to do with a regression."""
     if mode not in ("fail", "warn"):
         raise ValueError(f"on_regression must be fail or warn, got {mode!r}")
-    acc = (metrics.get("test") or {}).get("accuracy")
+    test = metrics.get("test") or {}
+    acc = test.get("accuracy")
     if delta is None:
         return True, "regression guard off (evaluate.regression_delta is null)"
     if acc is None:
@@ -97,13 +123,25 @@ def check_regression(history_path: str | Path, metrics: dict, delta: float | Non
         return True, f"regression guard: first run in {history_path}; test accuracy {acc:.4f}"
     before = float(prev["test_accuracy"])
     drop = before - acc
-    if drop > delta:
-        action = "failing the run" if mode == "fail" else "warning only (evaluate.on_regression: warn)"
-        return False, (f"test accuracy regressed: {acc:.4f} now vs {before:.4f} in the previous successful run "
-                       f"({prev.get('time', '?')}, evaluate {prev.get('evaluate_key') or '?'}), a drop of "
-                       f"{drop:.4f} > evaluate.regression_delta {delta}; {action}")
-    return True, (f"regression guard: test accuracy {acc:.4f} vs {before:.4f} in the previous successful run "
-                  f"(allowed drop {delta})")
+    now_ci = _interval(acc, test.get("n"), test.get("accuracy_ci"))
+    prev_ci = _interval(before, prev.get("test_n"), prev.get("test_accuracy_ci"))
+    where = (f"{acc:.4f} now ({_fmt_ci(now_ci, test.get('n'))}) vs {before:.4f} in the previous successful run "
+             f"({_fmt_ci(prev_ci, prev.get('test_n'))}; {prev.get('time', '?')}, evaluate "
+             f"{prev.get('evaluate_key') or '?'})")
+    if drop <= delta:
+        return True, f"regression guard: test accuracy {where}; allowed drop {delta}"
+    few = [n for n in (test.get("n"), prev.get("test_n")) if n is not None and n < min_pairs]
+    if few:
+        return True, (f"regression guard: test accuracy {where}: not compared, a test split of {min(few)} pairs is "
+                      f"under shard.min_split_pairs {min_pairs}")
+    if now_ci and prev_ci and not (acc < prev_ci[0] and before > now_ci[1]):
+        return True, (f"regression guard: test accuracy {where}: a drop of {drop:.4f} > evaluate.regression_delta "
+                      f"{delta}, but within the runs' 95% intervals (sampling noise explains it); not a regression")
+    action = "failing the run" if mode == "fail" else "warning only (evaluate.on_regression: warn)"
+    basis = "outside both runs' 95% intervals" if now_ci and prev_ci else \
+        "compared on the delta alone: a run without n has no interval"
+    return False, (f"test accuracy regressed: {where}, a drop of {drop:.4f} > evaluate.regression_delta {delta}, "
+                   f"{basis}; {action}")
 
 
 def after_evaluate(cfg, evaluate_ref, log: logging.Logger | logging.LoggerAdapter | None = None) -> None:
@@ -118,7 +156,8 @@ def after_evaluate(cfg, evaluate_ref, log: logging.Logger | logging.LoggerAdapte
         raise StageError(f"after_evaluate: no metrics.json in the evaluate artifact {path}")
     metrics = json.loads(mfile.read_text())
     hpath = history_path(cfg)
-    ok, message = check_regression(hpath, metrics, cfg.evaluate.regression_delta, cfg.evaluate.on_regression)
+    ok, message = check_regression(hpath, metrics, cfg.evaluate.regression_delta, cfg.evaluate.on_regression,
+                                   min_pairs=cfg.shard.min_split_pairs)
     fail = not ok and cfg.evaluate.on_regression == "fail"
     status = "ok" if ok else ("failed" if fail else "warned")
     append_history(hpath, history_entry(metrics, key, status))

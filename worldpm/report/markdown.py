@@ -45,7 +45,7 @@ def render_report(*, name: str, clean_report: dict | None, train_summary: dict |
     """The Markdown report of one run.
 
     ``images``: {figure id: relative file name} of the PNGs written next to report.md (loss,
-    train_accuracy_margin, eval_accuracy, reliability, length_bias). ``digests``: {stage: content digest} of
+    train_accuracy_margin, eval_accuracy, reliability (with the confidence histogram), length_bias). ``digests``: {stage: content digest} of
     the inputs, so a reader can tell which artifacts the report describes."""
     out: list[str] = [f"# worldpm run report: {name}", ""]
     if digests:
@@ -99,15 +99,34 @@ def _training(train_summary: dict | None, images: dict[str, str]) -> list[str]:
     return out
 
 
+def _ci(ci: list | None) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _pct_ci(x: float | None, ci: list | None) -> str:
+    return "-" if x is None else _pct(x) + _ci(ci)
+
+
 def _evaluation(metrics: dict, images: dict[str, str], max_group_rows: int) -> list[str]:
-    out = [ACCURACY_NOTE + " BT loss is the mean of -log sigmoid(r_chosen - r_rejected).", ""]
+    out = [ACCURACY_NOTE + " BT loss is the mean of -log sigmoid(r_chosen - r_rejected). Brackets: 95% intervals "
+           "(Wilson for accuracies). LC accuracy is length-controlled (see Length); the length rule is \"the longer "
+           "response wins\" on the same pairs.", ""]
     rows = []
     for set_name, m in metrics.items():
-        rows.append([set_name, m.get("n"), m.get("ties"), m.get("truncated"), _pct(m.get("accuracy")),
-                     m.get("bt_loss"), m.get("ece"), _mean_std(m.get("chosen_mean"), m.get("chosen_std")),
+        rows.append([set_name, m.get("n"), m.get("ties"), m.get("truncated"),
+                     _pct_ci(m.get("accuracy"), m.get("accuracy_ci")),
+                     _pct_ci(m.get("lc_accuracy"), m.get("lc_accuracy_ci")),
+                     _pct(m.get("length_rule_accuracy")), m.get("bt_loss"), m.get("ece"),
+                     _mean_std(m.get("chosen_mean"), m.get("chosen_std")),
                      _mean_std(m.get("rejected_mean"), m.get("rejected_std")), m.get("margin_mean")])
-    out += [_table(["set", "pairs", "ties", "truncated", "accuracy", "BT loss", "ECE", "chosen reward",
-                    "rejected reward", "mean margin"], rows), ""]
+    out += [_table(["set", "pairs", "ties", "truncated", "accuracy", "LC accuracy", "length rule", "BT loss", "ECE",
+                    "chosen reward", "rejected reward", "mean margin"], rows), ""]
+    texts = {k: m["text"] for k, m in metrics.items() if m.get("text")}
+    if texts:
+        out += ["Text path: " + "; ".join(
+            f"{k}: {t.get('normalization', '?')} normalisation"
+            + (f" by {t['by']}" if t.get("by") else f", {t.get('texts_changed', 0):,} texts changed")
+            for k, t in texts.items()) + " (eval text is normalised as the training text was).", ""]
     if "eval_accuracy" in images:
         out += [f"![Accuracy per set and subset]({images['eval_accuracy']})", ""]
     for set_name, m in metrics.items():
@@ -148,16 +167,25 @@ def _set_details(set_name: str, m: dict, max_group_rows: int) -> list[str]:
 
 def _length_bias(metrics: dict, images: dict[str, str]) -> list[str]:
     units = sorted({m.get("length_unit") or "characters" for m in metrics.values()})
-    out = ["## Length bias", "",
-           f"Accuracy on the pairs where the chosen response is longer (in {' / '.join(units)}) than the rejected "
-           "one, and where it is shorter. A reward model that mostly rewards length is right on the first and wrong "
-           "on the second.", ""]
+    out = ["## Length", "",
+           f"Lengths in {' / '.join(units)} before truncation. A reward model that mostly rewards length is right on "
+           "the pairs whose chosen response is longer and wrong on the others. Length-controlled (LC) accuracy is the "
+           "mean of the two, so the length rule (\"the longer response wins\") scores 50% on it whatever the set; "
+           "corr is the Pearson correlation of the reward margin with the length difference (0: no linear trace of "
+           "length). Brackets: 95% intervals.", ""]
     rows = []
     for set_name, m in metrics.items():
         lb = m.get("length_bias") or {}
-        rows.append([set_name] + [f"{_pct(lb[k]['accuracy'])} (n={lb[k]['n']:,})" if k in lb else "-"
-                                  for k in ("chosen_longer", "chosen_shorter", "same_length")])
-    out += [_table(["set", "chosen longer", "chosen shorter", "same length"], rows), ""]
+        corr, cci = m.get("margin_length_corr"), m.get("margin_length_corr_ci")
+        rows.append([set_name] + [f"{_pct_ci(lb[k]['accuracy'], lb[k].get('ci'))} (n={lb[k]['n']:,})" if k in lb
+                                  else "-" for k in ("chosen_longer", "chosen_shorter")]
+                    + [_pct_ci(m.get("lc_accuracy"), m.get("lc_accuracy_ci")),
+                       "-" if corr is None else f"{corr:+.3f}" + (f" [{cci[0]:+.2f}, {cci[1]:+.2f}]" if cci else ""),
+                       _pct(m.get("prefers_longer")),
+                       _pct_ci(m.get("length_rule_accuracy"), m.get("length_rule_accuracy_ci")),
+                       _pct_ci(m.get("accuracy"), m.get("accuracy_ci"))])
+    out += [_table(["set", "chosen longer", "chosen shorter", "LC accuracy", "corr(margin, length diff)",
+                    "prefers longer", "length rule accuracy", "model accuracy"], rows), ""]
     if "length_bias" in images:
         out += [f"![Length bias]({images['length_bias']})", ""]
     return out
@@ -174,7 +202,14 @@ def _calibration(metrics: dict, images: dict[str, str]) -> list[str]:
         table = m.get("reliability") or []
         if not table:
             continue
-        out += [f"{set_name} (ECE {_num(m.get('ece'))}):", "",
+        share, low = m.get("confidence_share_below"), m.get("confidence_below", 0.55)
+        note = ""
+        if m.get("confidence_mean") is not None:
+            note = (f", mean confidence {m['confidence_mean']:.3f}, {_pct(share)} of pairs below {low}"
+                    + ("; near-uninformative: the small ECE says the model claims almost nothing"
+                       if (share or 0) >= 0.9 else ""))
+        out += [f"{set_name} (n={m.get('n')}, ECE {_num(m.get('ece'))}{note}); the pairs column is the histogram of "
+                "the confidences:", "",
                 _table(["confidence bin", "pairs", "mean confidence", "accuracy"],
                        [[f"{r['bin_lo']:.2f}-{r['bin_hi']:.2f}", r["n"], r["confidence"], r["accuracy"]]
                         for r in table]), ""]

@@ -20,6 +20,10 @@ from worldpm.data.splits import flat_ids
 from worldpm.modeling import models, packing
 
 
+class PairDataError(ValueError):
+    """A tokenized split or its reference log-probs that cannot be used (one line naming the file)."""
+
+
 @dataclass
 class PairData:
     pair_ids: list[str]
@@ -31,9 +35,45 @@ class PairData:
     prompt_len: np.ndarray | None = None     # int32 [n]: tokens before the response (tokenize), for DPO
     ref_chosen: np.ndarray | None = None     # float64 [n]: cached reference log-probs (ref_logps stage), DPO
     ref_rejected: np.ndarray | None = None
+    # length control (worldpm/modeling/length.py): response tokens before truncation, and per-pair numbers the
+    # BT loss reads (None: off)
+    chosen_tokens: np.ndarray | None = None  # int32 [n]
+    rejected_tokens: np.ndarray | None = None
+    weight: np.ndarray | None = None         # float32 [n], mean 1: length_balance reweight
+    length_diff: np.ndarray | None = None    # float32 [n]: log(1 + L_chosen) - log(1 + L_rejected)
+    length_offset: np.ndarray | None = None  # float32 [n]: the fixed length expert's logit (length_debias poe)
 
     def __len__(self) -> int:
         return len(self.pair_ids)
+
+    def subset(self, idx: np.ndarray) -> "PairData":
+        """The pairs at `idx` (in that order), every per-pair field cut alike."""
+        idx = np.asarray(idx, dtype=np.int64)
+
+        def ids(side: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            off, flat = side
+            lens = (off[idx + 1] - off[idx]).astype(np.int64)
+            new_off = np.zeros(len(idx) + 1, dtype=np.int64)
+            np.cumsum(lens, out=new_off[1:])
+            parts = [flat[off[i]:off[i + 1]] for i in idx]
+            return new_off, (np.concatenate(parts) if parts else flat[:0]).astype(flat.dtype, copy=False)
+
+        def cut(a):
+            return None if a is None else a[idx]
+        return PairData(
+            pair_ids=[self.pair_ids[i] for i in idx], chosen=ids(self.chosen), rejected=ids(self.rejected),
+            chosen_len=self.chosen_len[idx], rejected_len=self.rejected_len[idx], margin=self.margin[idx],
+            prompt_len=cut(self.prompt_len), ref_chosen=cut(self.ref_chosen), ref_rejected=cut(self.ref_rejected),
+            chosen_tokens=cut(self.chosen_tokens), rejected_tokens=cut(self.rejected_tokens), weight=cut(self.weight),
+            length_diff=cut(self.length_diff), length_offset=cut(self.length_offset))
+
+    def response_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen, rejected) response tokens before truncation (never the lengths as cut: after a cut at
+        max_length both sides of a long pair look equally long)."""
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise PairDataError("this tokenized split has no chosen_response_tokens / rejected_response_tokens (a "
+                                "tokenize artifact from before length control); rerun tokenize")
+        return self.chosen_tokens, self.rejected_tokens
 
     @property
     def pair_len(self) -> np.ndarray:
@@ -45,17 +85,16 @@ class PairData:
         return flat[off[i]:off[i + 1]]
 
 
-class PairDataError(ValueError):
-    """A tokenized split or its reference log-probs that cannot be used (one line naming the file)."""
-
-
 def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
     """A tokenized split; with ``ref_path`` (the ref_logps stage's <split>.parquet, DPO) its cached reference
     log-probs joined on pair_id. The reference rows are in the split's order (ref_logps writes them so), which is
     checked pair by pair, as is the number of response tokens each side was summed over."""
     cols = ["pair_id", "chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
-    has_prompt_len = "prompt_len" in pl.read_parquet_schema(path)
-    df = pl.read_parquet(path, columns=cols + (["prompt_len"] if has_prompt_len else []))
+    schema = pl.read_parquet_schema(path)
+    has_prompt_len = "prompt_len" in schema
+    has_tokens = "chosen_response_tokens" in schema and "rejected_response_tokens" in schema
+    df = pl.read_parquet(path, columns=cols + (["prompt_len"] if has_prompt_len else [])
+                         + (["chosen_response_tokens", "rejected_response_tokens"] if has_tokens else []))
     prompt_len = df["prompt_len"].to_numpy().astype(np.int32) if has_prompt_len else None
     ref_c = ref_r = None
     if ref_path is not None:
@@ -83,6 +122,8 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
         rejected_len=df["rejected_len"].to_numpy().astype(np.int32),
         margin=df["margin"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32),
         prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
+        chosen_tokens=df["chosen_response_tokens"].to_numpy().astype(np.int32) if has_tokens else None,
+        rejected_tokens=df["rejected_response_tokens"].to_numpy().astype(np.int32) if has_tokens else None,
     )
 
 
@@ -255,6 +296,9 @@ def pair_fields(data: PairData, idx: list[int]) -> dict:
     if data.ref_chosen is not None:
         batch["ref_chosen_logps"] = torch.from_numpy(data.ref_chosen[idx].copy())
         batch["ref_rejected_logps"] = torch.from_numpy(data.ref_rejected[idx].copy())
+    for key in ("weight", "length_diff", "length_offset"):  # length control (bt), per pair
+        if getattr(data, key) is not None:
+            batch[key] = torch.from_numpy(getattr(data, key)[idx].copy())
     return batch
 
 

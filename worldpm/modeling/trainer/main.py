@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from worldpm.modeling import length as length_control
 from worldpm.modeling.objectives import build_objective
 from worldpm.modeling.trainer import guard, save, setup
 from worldpm.modeling.trainer.evaluate import evaluate_split
@@ -111,6 +112,11 @@ def run(A) -> int:
     if len(train) == 0:
         raise TrainingStop(f"{A.data_dir / 'train.parquet'}: no training pairs (the train split is empty: see the "
                            "shard stage's splits and the clean stage's report)")
+    length_info = None
+    if objective.name == "bt" and (t.length_balance != "none" or t.length_debias != "none"):
+        train, length_info = length_control.apply(train, t.length_balance, t.length_debias, t.length_debias_coef,
+                                                  t.seed)
+        say(f"length control: {json.dumps(length_info)}")
 
     marks["data"] = time.time()
     model = setup.setup_model(objective, A.model, tokenizer, accelerator, t.gradient_checkpointing, A.precision)
@@ -171,7 +177,7 @@ def run(A) -> int:
             "tokens_per_s": round(slog.run_tokens / max(train_seconds, 1e-9), 1),
             "pairs_per_s": round(slog.run_pairs / max(train_seconds, 1e-9), 2),
             "peak_memory_gb": round(peak, 3),
-            "final": slog.last, "eval": eval_metrics,
+            "final": slog.last, "eval": eval_metrics, "length_control": length_info,
         }
         (A.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         say(f"saved {A.out / 'model'} ({plan.total_steps - start_step} steps in {hms(elapsed)})")
