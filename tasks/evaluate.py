@@ -62,7 +62,8 @@ def stage_config(cfg: PipelineConfig) -> dict:
         # how eval-set text is rendered and cut: the tokenize stage's settings (its output may not change when
         # these do, e.g. a larger max_length with no long pair, so they are part of this key too)
         "render": {"max_length": t.max_length, "plain_template": t.plain_template, "system_prompt": t.system_prompt},
-        # how eval-set text is normalised: clean.normalize_markup, the normalise stage's setting, so eval text is training text
+        # how eval-set text is normalised: clean.normalize_markup, the normalise stage's setting, so eval text is
+        # training text
         "text": {"normalize_markup": cfg.clean.normalize_markup},
     }
     if cfg.train.objective == "dpo":  # only then: a BT evaluation's key does not move with DPO settings

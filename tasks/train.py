@@ -63,7 +63,8 @@ def stage_config(cfg: PipelineConfig) -> dict:
     if cfg.model.name_or_path == "minilm" and not cfg.model.from_config:
         backbone["minilm_package"] = minilm_version()
     # the text path the model is trained on, recorded in model/worldpm.json so that `worldpm score` / `evaluate`
-    # (and anyone downstream) feed it text the same way: the clean stage's normalisation (here, in the key) and
+    # (and anyone downstream) feed it text the same way: the normalise stage's setting (clean.normalize_markup,
+    # here in the key) and
     # the template + cut (the tokenize artifact's manifest, which its digest already covers)
     text = {"normalize_markup": cfg.clean.normalize_markup}
     return {"model": cfg.model.model_dump(mode="json"), "train": t, "backbone": backbone, "text": text,

@@ -336,8 +336,8 @@ def test_score_decoder_with_chat_template_reads_the_end_marker(tmp_path, monkeyp
 
 # ---- one text path: eval text is normalised, rendered and cut exactly as training text ------------------------------
 def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, tiny_dir, capsys):
-    """The raw HTML of a StackExchange dump, once as training data (download -> clean -> shard -> tokenize, all of it
-    in the test split) and once as an eval set of the same run and through `worldpm evaluate`: every pair that clean
+    """The raw HTML of a StackExchange dump, once as training data (download -> normalise -> clean -> shard -> tokenize,
+    most of it in the test split) and once as an eval set of the same run and through `worldpm evaluate`: every pair that clean
     kept gets the same scores and lengths on all three paths, so eval text is normalised, templated and cut as the
     training text was. Scoring the raw text instead gives other scores (the check has teeth)."""
     src = shared_data / "stack-exchange-preferences" / "coffee.stackexchange.com.jsonl"
@@ -345,7 +345,7 @@ def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, ti
     cfg_path.write_text(
         "name: text-path\nartifacts_dir: artifacts\n"
         f"sources: [{{kind: local, path: {src}, name: coffee, max_pairs_per_question: 2}}]\n"
-        "shard: {train: 0.0, eval: 0.0, test: 1.0}\n"
+        "shard: {train: 0.2, eval: 0.0, test: 0.8}\n"
         "tokenize: {max_length: 96, num_proc: 1}\n"
         f"evaluate: {{batch_size: 16, eval_sets: [{{name: coffee, path: {src}}}]}}\n")
     cfg = load_config(cfg_path)

@@ -73,7 +73,7 @@ def test_until_shard_then_cache_then_clean_tweak(worldpm_cli, se_config, tmp_pat
     listing = json.loads(worldpm_cli("artifacts", "list", "--config", str(se_config), "--json").stdout)
     assert sum(1 for r in listing if r["stage"] == "clean") == 3
     shown = json.loads(worldpm_cli("artifacts", "show", f"clean/{clean['key']}", "--config", str(se_config)).stdout)
-    assert shown["rows_in"] == report["rows_in"] and shown["upstream"]["download"]["digest"]
+    assert shown["rows_in"] == report["rows_in"] and shown["upstream"]["normalise"]["digest"]
     worldpm_cli("artifacts", "gc", "--config", str(se_config), "--set", "clean.chosen.max_chars=1500")
     listing = json.loads(worldpm_cli("artifacts", "list", "--config", str(se_config), "--json").stdout)
     assert sorted(r["stage"] for r in listing) == ["clean", "download", "normalise", "shard"]
@@ -139,7 +139,8 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
     s2.write_text(yaml.safe_dump({"artifacts_dir": "store", "sources": [{"kind": "local", "path": str(coffee)}]}))
     cfg2 = load_config(s2)
     store = ArtifactStore(cfg2.artifacts_dir)
-    download = PIPELINE.execute("download", cfg2, {}, store)  # s2's download: committed, nothing else yet
+    download = PIPELINE.execute("download", cfg2, {}, store)  # s2's download and normalise: committed, nothing
+    PIPELINE.execute("normalise", cfg2, {"download": download.ref}, store)  # else yet (clean's key needs normalise's)
     clean_key = next(r["key"] for r in pipeline_status(PIPELINE, cfg2) if r["stage"] == "clean")
 
     # the run reaches clean and waits there (this test holds clean's key lock, as a concurrent run would): the
@@ -167,7 +168,7 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
             raise
     assert run.wait(timeout=600) == 0, err_log.read_text()[-3000:]
     lines = out_log.read_text().splitlines()
-    assert [ln.split()[1] for ln in lines[:4]] == ["cached", "ran", "ran", "ran"]  # download, normalise, clean, shard
+    assert [ln.split()[1] for ln in lines[:4]] == ["cached", "cached", "ran", "ran"]  # download, normalise, clean, shard
     # the run has ended: now gc removes what s1 does not use (all of s2's artifacts)
     gc = worldpm_cli("artifacts", "gc", "--config", str(s1))
     assert "removed 4 folder(s)" in gc.stdout and not Path(download.path).exists()

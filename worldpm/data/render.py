@@ -4,8 +4,9 @@
 The text path has three steps, the same at training and at scoring:
 1. normalisation (`normalize_pairs`): the normalise stage's, worldpm/data/text.py ``normalize_pairs`` on the prompt
    contents, chosen and rejected (clean.normalize_markup true: HTML/Markdown residue, or false: line endings and
-   control characters only). Training text goes through it in the normalise stage; every text scored outside the training data (eval
-   sets, `worldpm evaluate`, `worldpm score`) goes through it here, with the setting the model was trained with.
+   control characters only). Training text goes through it in the normalise stage; every text scored outside the
+   training data (eval sets, `worldpm evaluate`, `worldpm score`) goes through it here, with the setting the model
+   was trained with.
 2. the template (`Renderer`), 3. tokenizing and the cut (`tokenize_frame`), described below.
 
 Layout of one sequence (chosen or rejected), built from four parts:
