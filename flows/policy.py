@@ -8,7 +8,8 @@ anything runs:
 
 * ``config_path`` is the served config (``worldpm serve --config``); a run cannot name another file;
 * each of its ``overrides`` that is not one of serve's own ``--set`` entries must match a glob of
-  ``serve.allowed_overrides`` in the served config, and must not touch NEVER (whatever the list says);
+  ``serve.allowed_overrides`` in the served config, and must not touch NEVER (whatever the list says); the run
+  then has serve's ``--set`` entries followed by its own (``effective_overrides``);
 * ``sources`` needs ``sources`` in the list; each must be a hub id or a path inside the project (the served
   config's folder);
 * the config that results must keep artifacts_dir, trust_remote_code and accelerate_args as served, and every
@@ -107,6 +108,13 @@ def _paths(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def effective_overrides(served: Served, overrides: list[str] | None) -> list[str]:
+    """What a deployment run runs with: the served --set entries, then the run's own (a run's `overrides` parameter
+    replaces the deployment's default list in Prefect, so without this a run that sets one threshold would drop
+    every entry serve was started with)."""
+    return list(served.overrides) + [o for o in overrides or [] if o not in served.overrides]
+
+
 def check_run(served: Served, config_path: str | None, overrides: list[str] | None,
               sources: list[str] | None) -> None:
     """ConfigError (one line, naming the parameter) unless a deployment run's parameters are allowed."""
@@ -135,7 +143,7 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
             d = source_from_cli(s)
             if d["kind"] == "local" and not _inside(d["path"], root):
                 raise ConfigError(f"{where}: source {s!r} is outside the project folder {root}")
-    cfg = load_config(config_path, overrides or [], sources or None)
+    cfg = load_config(config_path, effective_overrides(served, overrides), sources or None)
     if cfg.artifacts_dir != base.artifacts_dir:
         raise ConfigError(f"{where} may not move artifacts_dir (to {cfg.artifacts_dir})")
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:

@@ -63,6 +63,7 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     served = policy.served_run()
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
         policy.check_run(served, config_path, overrides, sources)
+        overrides = policy.effective_overrides(served, overrides)
     cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     results = run_pipeline(cfg, until=until, only=only, start=start, force=force)

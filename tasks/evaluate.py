@@ -37,7 +37,8 @@ from typing import Any
 import polars as pl
 
 from worldpm.config import PipelineConfig, dpo_reference
-from worldpm.data.render import RenderSettings, text_settings, tokenize_pairs
+from worldpm.data.render import RenderSettings, tokenize_pairs
+from worldpm.data.text import text_settings
 from worldpm.data.splits import read_split
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef, file_digest

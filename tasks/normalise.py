@@ -35,6 +35,9 @@ from worldpm.store import ArtifactRef
 CONFIG_SECTION = "clean"  # its setting lives in pipeline.yaml's clean: section (status names it clean.<key>)
 ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
 PART_ROWS = ROW_GROUP     # pairs a file of pairs/ (one row group), normalised in memory at once
+# what this stage reads of the download artifact: the pairs, not sources.json (a hub source's resolved revision
+# moves with every commit to the dataset repo, even when its data files do not) nor rejects.parquet
+INPUT_FILES = {"download": ("pairs/*.parquet",)}
 
 
 def stage_config(cfg: PipelineConfig) -> dict:

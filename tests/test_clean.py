@@ -340,6 +340,21 @@ def test_status_says_which_part_would_rerun_and_why(tmp_path, se_paired):
     assert st["clean"]["status"] == "would run" and "after normalise" in st["clean"]["why"]
 
 
+def test_normalise_keys_on_the_downloaded_pairs_not_on_the_sources_note(tmp_path, se_paired):
+    """A new hub revision with the same data files (sources.json differs, pairs do not) must not renormalise."""
+    frame = se_canonical(se_paired).head(50)
+    store = ArtifactStore(tmp_path)
+    keys = []
+    for i, revision in enumerate(("aaaa", "bbbb")):
+        tmp = store.new_tmp("download", f"dl{i}")
+        (tmp / "pairs").mkdir()
+        frame.write_parquet(tmp / "pairs" / "00000-se.parquet", compression="zstd")
+        (tmp / "sources.json").write_text(json.dumps([{"resolved_revision": revision}]))
+        dl = store.commit("download", f"dl{i}", tmp, {"rows_in": 50, "rows_out": 50, "rows_rejected": 0})
+        keys.append(pipeline.resolve("normalise", load_config(None), {"download": dl})[0])
+    assert keys[0] == keys[1]
+
+
 def test_normalize_markup_off_keeps_the_markup(tmp_path, se_paired):
     df = se_canonical(se_paired).head(50).with_columns(chosen=pl.lit("<p>a &amp; b</p>\r\n") + pl.col("chosen"))
     store = ArtifactStore(tmp_path)

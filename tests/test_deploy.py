@@ -155,6 +155,24 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         check_run(served, str(cfg), [], ["owner/dataset"])
 
 
+def test_a_deployment_run_keeps_the_served_set_entries_and_adds_its_own(tmp_path):
+    """A run's `overrides` parameter replaces the deployment's default list in Prefect: the run still has serve's
+    --set entries (an artifacts_dir moved by serve is not "moved by the run"), followed by its own."""
+    from flows.policy import Served, check_run, effective_overrides
+    from worldpm.config import load_config
+
+    (tmp_path / "project").mkdir()
+    cfg = _write_config(tmp_path / "project" / "pipeline.yaml", {"name": "served"})
+    store = str(tmp_path / "project" / "store")
+    served = Served(str(cfg), [f"artifacts_dir={store}", "train.lr=1e-5"])
+    check_run(served, str(cfg), ["clean.min_margin=1"], None)  # was refused: "may not move artifacts_dir"
+    run = load_config(str(cfg), effective_overrides(served, ["clean.min_margin=1"]))
+    assert run.artifacts_dir == store and run.train.lr == 1e-5 and run.clean.min_margin == 1
+    # the run's own entry of a served key comes last (it wins), and serve's entries are not repeated
+    assert effective_overrides(served, ["train.lr=2e-5", "train.lr=1e-5"]) == [
+        f"artifacts_dir={store}", "train.lr=1e-5", "train.lr=2e-5"]
+
+
 # ---- slow: served deployments against a real server ------------------------------------------------------------
 def _tiny_config(tmp_path: Path, se_paired: Path) -> Path:
     """The coffee StackExchange pairs (129) and settings that keep every available stage tiny."""

@@ -125,7 +125,7 @@ def test_the_loading_contract(exported):
 def test_trl_grpo_path_gives_worldpm_scores(exported, tmp_path):
     """GRPO's reward call on the texts worldpm renders (render.Renderer.full_text after the recorded
     normalisation, special tokens written out) gives `worldpm score`'s scores, for an encoder and a decoder."""
-    from worldpm.data.render import normalize_pairs
+    from worldpm.data.text import normalize_frame
     from worldpm.data.schema import MESSAGE
     import polars as pl
 
@@ -137,7 +137,7 @@ def test_trl_grpo_path_gives_worldpm_scores(exported, tmp_path):
     frame = pl.DataFrame({"prompt": [[{"role": "user", "content": x["prompt"]}] for x in ROWS],
                           "chosen": [x["response"] for x in ROWS], "rejected": [""] * len(ROWS)},
                          schema={"prompt": pl.List(MESSAGE), "chosen": pl.String, "rejected": pl.String})
-    norm = normalize_pairs(frame, card["text"]["normalize_markup"])
+    norm = normalize_frame(frame, card["text"]["normalize_markup"])
     assert "<b>" not in norm["prompt"][2][0]["content"]  # the HTML row was normalised as training text is
     texts = [r.full_text(p, c) for p, c in zip(norm["prompt"].to_list(), norm["chosen"].to_list())]
     np.testing.assert_allclose(grpo_rewards(model, tok, texts), ours, rtol=1e-4, atol=1e-5)
@@ -148,7 +148,8 @@ def test_trl_ppo_path_gives_worldpm_scores(exports, tmp_path):
     no `score` and is no PPO reward model) on worldpm's token ids gives `worldpm score`'s scores; with trl
     installed, trl's own get_reward agrees."""
     d = exports["decoder"]
-    from worldpm.data.render import normalize_pairs, tokenize_pairs
+    from worldpm.data.render import tokenize_pairs
+    from worldpm.data.text import normalize_frame
     from worldpm.data.schema import MESSAGE
     import polars as pl
 
@@ -158,7 +159,7 @@ def test_trl_ppo_path_gives_worldpm_scores(exports, tmp_path):
     frame = pl.DataFrame({"prompt": [[{"role": "user", "content": x["prompt"]}] for x in ROWS],
                           "chosen": [x["response"] for x in ROWS], "rejected": [""] * len(ROWS)},
                          schema={"prompt": pl.List(MESSAGE), "chosen": pl.String, "rejected": pl.String})
-    t = tokenize_pairs(normalize_pairs(frame, True), tok, RenderSettings.of({**card["render"], "max_length": MAX_LENGTH}))
+    t = tokenize_pairs(normalize_frame(frame, True), tok, RenderSettings.of({**card["render"], "max_length": MAX_LENGTH}))
     assert not t["truncated"].any()
     # PPO batches queries of one context length: score one row at a time, its prompt as the context
     for i, (ids, plen) in enumerate(zip(t["chosen_ids"].to_list(), t["prompt_len"].to_list())):

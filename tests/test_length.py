@@ -104,6 +104,10 @@ def test_length_options_are_validated():
         load_config(None, ["train.objective=dpo", "train.length_debias=poe"])
     t = load_config(None, ["train.length_debias=decorrelate", "train.length_debias_coef=2"]).train
     assert BradleyTerry(t).extra_metrics == ("length_penalty",)
+    # a moment of each micro-batch: not with token-budget micro-batches (long pairs come a few at a time)
+    with pytest.raises(ConfigError, match="decorrelate needs micro-batches of a fixed number of pairs"):
+        load_config(None, ["train.length_debias=decorrelate", "train.max_tokens_per_batch=4096"])
+    load_config(None, ["train.length_debias=poe", "train.max_tokens_per_batch=4096"])
 
 
 @pytest.mark.parametrize("opts", [("train.length_balance=reweight", "train.length_debias=poe"),

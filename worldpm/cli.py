@@ -5,7 +5,7 @@
     worldpm status [--config FILE] [--json]
     worldpm artifacts list|show|gc|verify
     worldpm evaluate --model DIR --data FILE       worldpm score --model DIR [FILE]
-    worldpm serve | server
+    worldpm serve | server | server status | server stop
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
 Errors in the config, the command line or the input are printed as one line and the exit status is 2 (config or

@@ -224,7 +224,8 @@ def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
 
 @_stdout_is_ours
 def cmd_score(args, stdout) -> int:
-    from worldpm.data.render import NORMALIZERS, normalize_pairs, renderer, tokenize_pairs
+    from worldpm.data.render import renderer, tokenize_pairs
+    from worldpm.data.text import NORMALIZERS, normalize_frame
     from worldpm.modeling.scoring import load_model_dir, model_card, score_pairs, score_sequences
 
     df, name = _read_rows(args)
@@ -258,7 +259,7 @@ def cmd_score(args, stdout) -> int:
             bad = frame.select(pl.arg_where(pl.col("prompt").is_null() | (pl.col("prompt").list.len() == 0)))
             if bad.height:
                 raise StageError(f"{name}: row {total + bad.item(0, 0) + 1}: empty or missing prompt")
-            t = tokenize_pairs(normalize_pairs(frame, markup), tok, rs, r=r)
+            t = tokenize_pairs(normalize_frame(frame, markup), tok, rs, r=r)
             if mode == "pair":
                 c, rj = score_pairs(model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), pad_id,
                                     args.batch_size, device=args.device)

@@ -236,6 +236,12 @@ class TrainConfig(Strict):
         if self.objective != "bt" and (self.length_balance != "none" or self.length_debias != "none"):
             raise ValueError("length_balance / length_debias apply to objective bt (the reward model); set them "
                              "to none for dpo")
+        if self.length_debias == "decorrelate" and self.max_tokens_per_batch is not None:
+            # the penalty is a per-micro-batch moment: token-budget micro-batches of long pairs hold 1-4 pairs
+            # (under 3 pairs it is 0; with few pairs its expected size grows as 1/pairs, whatever the correlation)
+            raise ValueError("length_debias decorrelate needs micro-batches of a fixed number of pairs "
+                             "(train.batch_size): unset train.max_tokens_per_batch, or use length_debias poe or "
+                             "length_balance")
         return self
 
 

@@ -2,11 +2,11 @@
 `worldpm evaluate` and `worldpm score`, so a text is cut and templated identically at training and at scoring.
 
 The text path has three steps, the same at training and at scoring:
-1. normalisation (`normalize_pairs`): the normalise stage's, worldpm/data/text.py ``normalize_pairs`` on the prompt
-   contents, chosen and rejected (clean.normalize_markup true: HTML/Markdown residue, or false: line endings and
-   control characters only). Training text goes through it in the normalise stage; every text scored outside the
-   training data (eval sets, `worldpm evaluate`, `worldpm score`) goes through it here, with the setting the model
-   was trained with.
+1. normalisation: the normalise stage's, worldpm/data/text.py ``normalize_pairs`` on the prompt contents, chosen
+   and rejected (clean.normalize_markup true: HTML/Markdown residue, or false: line endings and control characters
+   only). Training text goes through it in the normalise stage; every text scored outside the training data (eval
+   sets, `worldpm evaluate`, `worldpm score`) goes through ``text.normalize_frame``, the same function, with the
+   setting the model was trained with. (Not imported here: a rule change must not change tokenize's key.)
 2. the template (`Renderer`), 3. tokenizing and the cut (`tokenize_frame`), described below.
 
 Layout of one sequence (chosen or rejected), built from four parts:
@@ -39,30 +39,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from worldpm.data import text as _text
 from worldpm.errors import StageError
 
 _U = "WORLDPMUSERSENTINEL"
 _A = "WORLDPMASSISTANTSENTINEL"
 
 IDS = pl.List(pl.Int32)
-
-
-# ---- normalisation --------------------------------------------------------------------------------------------------
-NORMALIZERS = {True: "markup", False: "light"}
-
-
-def normalize_pairs(frame: pl.DataFrame | pl.LazyFrame, normalize_markup: bool) -> pl.DataFrame:
-    """The normalise stage's normalisation (text.normalize_pairs, the one implementation) of the message contents
-    of `prompt`, `chosen` and `rejected` (roles and other columns untouched), collected."""
-    lf = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
-    return _text.normalize_pairs(lf, markup=normalize_markup).collect()
-
-
-def text_settings(normalize_markup: bool) -> dict:
-    """What a scorer records about step 1 (metrics.json, worldpm.json)."""
-    return {"normalize_markup": bool(normalize_markup), "normalization": NORMALIZERS[bool(normalize_markup)],
-            "function": "worldpm.data.text.normalize_columns" if normalize_markup else "worldpm.data.text.light_text"}
 
 
 # ---- the template -----------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ def _root(ref: ArtifactRef | str | Path) -> Path:
 
 
 def pair_files(ref: ArtifactRef | str | Path) -> list[Path]:
-    """The canonical pair files of a download artifact (pairs/*.parquet), sorted."""
+    """The canonical pair files of a download or normalise artifact (pairs/*.parquet), sorted."""
     return sorted((_root(ref) / "pairs").glob("*.parquet"))
 
 
 def scan_pairs(ref: ArtifactRef | str | Path) -> pl.LazyFrame:
-    """A download artifact's pairs as one lazy frame."""
+    """A download or normalise artifact's pairs as one lazy frame."""
     files = pair_files(ref)
     if not files:
         raise StageError(f"the download artifact {_root(ref)} has no pairs/*.parquet")

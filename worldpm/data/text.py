@@ -2,6 +2,7 @@
 
 Public (the one text path: the normalise stage writes what these return, and evaluation texts go through them too):
     normalize_pairs(lf, markup=True)   the canonical pair table: prompt message contents, chosen, rejected
+    normalize_frame(frame, markup)     the same, collected: for texts scored outside the training data
     normalize_columns(lf, columns, prompt=None)   the given String columns and the message-list column `prompt`
     normalize_series(s)                 one String Series
     light_text(expr)                    what `clean.normalize_markup: false` does instead: line endings, control
@@ -382,6 +383,22 @@ def normalize_pairs(lf: pl.LazyFrame, markup: bool = True) -> pl.LazyFrame:
         chosen=light_text(pl.col("chosen")),
         rejected=light_text(pl.col("rejected")),
     )
+
+
+NORMALIZERS = {True: "markup", False: "light"}
+
+
+def normalize_frame(frame: pl.DataFrame | pl.LazyFrame, markup: bool) -> pl.DataFrame:
+    """normalize_pairs on pairs from outside the training data (eval sets, `worldpm evaluate`, `worldpm score`),
+    collected: the one implementation, so eval text is normalised exactly as the normalise stage's."""
+    lf = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
+    return normalize_pairs(lf, markup=markup).collect()
+
+
+def text_settings(markup: bool) -> dict:
+    """What a scorer records about the normalisation (metrics.json, worldpm.json)."""
+    return {"normalize_markup": bool(markup), "normalization": NORMALIZERS[bool(markup)],
+            "function": "worldpm.data.text.normalize_columns" if markup else "worldpm.data.text.light_text"}
 
 
 def canonical_text(text: pl.Expr) -> pl.Expr:

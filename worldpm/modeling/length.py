@@ -2,9 +2,10 @@
 
 Preference data rewards length: in StackExchange pairs the better-voted answer is the longer one about two times in
 three, and a Bradley-Terry model learns that shortcut first (the margin of the MiniLM preset correlated 0.83 with
-the length difference). Two kinds of remedy, each a train option (pipeline.yaml `train:`), each independent of how
-pairs are batched (a per-pair number computed once when the split is loaded, or a function of a batch's rewards
-and lengths):
+the length difference). Two kinds of remedy, each a train option (pipeline.yaml `train:`): a per-pair number
+computed once when the split is loaded (independent of how pairs are batched), or, for ``decorrelate``, a function
+of a micro-batch's rewards and lengths (so it needs micro-batches of train.batch_size pairs: it is refused with
+train.max_tokens_per_batch, whose micro-batches of long pairs hold a few pairs each):
 
 * ``length_balance`` acts on the data, so chosen-longer and chosen-shorter pairs weigh the same:
   - ``reweight``: every pair keeps its place, with weight n / (2 n_class) for the two classes chosen-longer and

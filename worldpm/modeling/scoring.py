@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from worldpm.data.render import RenderSettings, normalize_pairs, text_settings, tokenize_pairs
+from worldpm.data.render import RenderSettings, tokenize_pairs
+from worldpm.data.text import normalize_frame, text_settings
 from worldpm.data.splits import token_arrays
 from worldpm.errors import StageError
 from worldpm.modeling import metrics as M
@@ -161,10 +162,10 @@ def read_eval_file(path: str | Path, fmt: str = "auto", name: str | None = None)
 def prepare_pairs(pairs: pl.DataFrame, normalize_markup: bool) -> tuple[pl.DataFrame, dict]:
     """Pairs read from outside the training data, normalised as the normalise stage normalises training text.
 
-    (normalised pairs, text info: render.text_settings + texts_changed, the number of prompt/chosen/rejected
+    (normalised pairs, text info: text.text_settings + texts_changed, the number of prompt/chosen/rejected
     texts the normalisation changed). Nothing is dropped: a benchmark keeps every pair, even one whose text
     normalises to empty (the clean stage would reject it from training)."""
-    norm = normalize_pairs(pairs, normalize_markup)
+    norm = normalize_frame(pairs, normalize_markup)
     changed = 0
     if pairs.height:
         msgs = lambda df: df["prompt"].list.eval(pl.element().struct.field("content")).list.join("\x03")  # noqa: E731
