@@ -131,7 +131,7 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     probe = ("import json, tasks; from worldpm import engine; "
              "print(json.dumps({s.name: engine.code_version(s) for s in tasks.PIPELINE}))")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
 
     def versions() -> dict[str, str]:
         import json
@@ -156,3 +156,17 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
     with open(tmp_path / "worldpm" / "errors.py", "a") as f:
         f.write("\n# edited\n")
     assert versions() == after_step
+    # the import lists are memoised across processes (~/.cache/worldpm/imports.json): a new import in a file
+    # is still seen by the next process, and it brings the imported file into the stage's version
+    assert (tmp_path / "cache" / "worldpm" / "imports.json").is_file()
+    with open(tmp_path / "worldpm" / "data" / "measures.py", "a") as f:  # not imported by plot so far
+        f.write("\n# edited\n")
+    after_measures = versions()
+    assert after_measures["plot"] == after_step["plot"]
+    with open(tmp_path / "tasks" / "plot.py", "a") as f:
+        f.write("\n\ndef _late():\n    from worldpm.data import measures  # noqa: F401\n")
+    after_import = versions()
+    assert {s for s in base if after_measures[s] != after_import[s]} == {"plot"}
+    with open(tmp_path / "worldpm" / "data" / "measures.py", "a") as f:
+        f.write("\n# edited again\n")
+    assert versions()["plot"] != after_import["plot"]
