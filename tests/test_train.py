@@ -108,6 +108,46 @@ def test_token_budget_micro_batches_fit_and_cover_the_epoch():
         PairBatchSampler(np.maximum(c, r), 8, max_tokens=300, packed_cost=c + r)
 
 
+def test_the_eval_split_keeps_the_token_budget(tokenized):
+    """train.max_tokens_per_batch is the memory limit of training; the eval split scored at its end keeps it too
+    (it used to take batch_size pairs whatever their length), and still scores every pair once."""
+    import contextlib
+
+    from worldpm.modeling.trainer.data import Layout
+    from worldpm.modeling.trainer.evaluate import evaluate_split
+
+    _, ref, _ = tokenized
+    data = load_pairs(Path(ref.path) / "train.parquet")
+
+    class Acc:
+        device, num_processes, process_index = torch.device("cpu"), 1, 0
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def reduce(self, t, reduction):
+            return t
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def compute(self, model, batch):
+            # what the budget counts: real tokens packed, 2 x pairs x the longest side padded
+            self.batches.append((batch["n_pairs"], int(batch["tokens"] if "seq_last" in batch else
+                                                       batch["padded_tokens"])))
+            return torch.tensor(0.5), {"accuracy": torch.tensor(1.0)}
+
+    for layout in (Layout(packed=True, row_tokens=0), Layout(packed=False)):
+        rec = Recorder()
+        out = evaluate_split(torch.nn.Linear(1, 1), rec, data, Acc(), 0, 32, 0, layout, max_tokens=512)
+        assert out["pairs"] == len(data) == sum(n for n, _ in rec.batches)
+        assert all(tokens <= 512 for _, tokens in rec.batches) and len(rec.batches) > len(data) / 32
+        rec = Recorder()
+        evaluate_split(torch.nn.Linear(1, 1), rec, data, Acc(), 0, 32, 0, layout)  # no budget: 32 pairs a batch
+        assert [n for n, _ in rec.batches][:-1] == [32] * (len(rec.batches) - 1)
+
+
 @pytest.mark.parametrize("procs,accum", [(1, 4), (2, 2), (4, 1)])
 def test_step_plan_gives_every_process_its_share_and_each_pair_once_an_epoch(procs, accum):
     lengths = np.random.default_rng(0).integers(5, 500, size=1003)

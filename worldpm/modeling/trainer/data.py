@@ -127,6 +127,32 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
     )
 
 
+def cut_micro_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
+                      packed_cost: np.ndarray | None = None) -> list[np.ndarray]:
+    """`order` cut into consecutive micro-batches: of ``batch_size`` pairs, or with ``max_tokens`` as many pairs as
+    fit in the budget (packed: a pair costs ``packed_cost``, its real tokens; padded: n pairs cost 2 n x the longest
+    side, ``lengths``). A pair over the budget on its own is a micro-batch of one."""
+    if max_tokens is None:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    budget, out, start = max_tokens, [], 0
+    if packed_cost is not None:
+        used = 0
+        for j, c in enumerate(packed_cost[order].tolist()):
+            if used + c > budget and j > start:
+                out.append(order[start:j])
+                start, used = j, 0
+            used += c
+    else:  # padded: n pairs x 2 sides x the longest side of the micro-batch
+        longest = 0
+        for j, L in enumerate(lengths[order].tolist()):
+            longest = max(longest, L)
+            if 2 * (j - start + 1) * longest > budget and j > start:
+                out.append(order[start:j])
+                start, longest = j, L
+    out.append(order[start:])
+    return out
+
+
 class PairBatchSampler:
     """The micro-batches of an epoch (pair indices, over all processes), grouped by length, deterministic in
     (seed, epoch).
@@ -166,26 +192,7 @@ class PairBatchSampler:
         self.epoch = epoch
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
-        if self.max_tokens is None:
-            bs = self.batch_size
-            return [order[s:s + bs] for s in range(0, len(order), bs)]
-        budget, out, start = self.max_tokens, [], 0
-        if self.packed_cost is not None:
-            used = 0
-            for j, c in enumerate(self.packed_cost[order].tolist()):
-                if used + c > budget and j > start:
-                    out.append(order[start:j])
-                    start, used = j, 0
-                used += c
-        else:  # padded: n pairs x 2 sides x the longest side of the micro-batch
-            longest = 0
-            for j, L in enumerate(self.lengths[order].tolist()):
-                longest = max(longest, L)
-                if 2 * (j - start + 1) * longest > budget and j > start:
-                    out.append(order[start:j])
-                    start, longest = j, L
-        out.append(order[start:])
-        return out
+        return cut_micro_batches(order, self.lengths, self.batch_size, self.max_tokens, self.packed_cost)
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch in self._cache:

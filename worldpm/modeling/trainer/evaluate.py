@@ -6,16 +6,18 @@ import math
 import numpy as np
 import torch
 
-from worldpm.modeling.trainer.data import collate_pairs
+from worldpm.modeling.trainer.data import collate_pairs, cut_micro_batches
 
 
 @torch.no_grad()
 def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, max_pairs: int,
-                   layout=None) -> dict | None:
+                   layout=None, max_tokens: int | None = None) -> dict | None:
     """{pairs, loss, accuracy} of the first max_pairs pairs of `data` (0: all), or None without pairs.
 
-    Every pair once: contiguous length-sorted batches, batch i on process i % P (no wrap-around duplicates). Works
-    under ZeRO-3: every process runs every forward (a process with fewer batches reruns its first, uncounted)."""
+    Every pair once: contiguous length-sorted batches of ``bs`` pairs, or of ``max_tokens`` tokens as in training
+    (train.max_tokens_per_batch: the memory limit holds here too), batch i on process i % P (no wrap-around
+    duplicates). Works under ZeRO-3: every process runs every forward (a process with fewer batches reruns its
+    first, uncounted)."""
     if data is None:
         return None
     n = len(data) if not max_pairs else min(len(data), max_pairs)
@@ -23,7 +25,9 @@ def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, ma
         return None
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     order = np.argsort(-data.pair_len[:n], kind="stable")
-    batches = [order[s:s + bs] for s in range(0, n, bs)]
+    packed = layout is not None and layout.packed
+    cost = (data.chosen_len[:n].astype(np.int64) + data.rejected_len[:n]) if packed else None
+    batches = cut_micro_batches(order, data.pair_len[:n], bs, max_tokens, cost)
     P, r = accelerator.num_processes, accelerator.process_index
     mine = batches[r::P]
     rounds = math.ceil(len(batches) / P)

@@ -156,7 +156,7 @@ def run(A) -> int:
 
     eval_data = load_split("eval") if (A.data_dir / "eval.parquet").exists() else None
     eval_metrics = evaluate_split(model, objective, eval_data, accelerator, tokenizer.pad_token_id, t.batch_size,
-                                  t.eval_max_pairs, layout)
+                                  t.eval_max_pairs, layout, t.max_tokens_per_batch)
     if eval_metrics:
         say(f"eval: {eval_metrics['pairs']} pairs, loss {eval_metrics['loss']:.4f}, accuracy "
             f"{eval_metrics['accuracy']:.3f}")
