@@ -276,8 +276,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the deployments worldpm/full (nightly) and worldpm/clean against PREFECT_API_URL",
         description="Register the deployments worldpm/full (the whole DAG on pipeline.yaml's schedule.cron in "
-                    "schedule.timezone) and worldpm/clean (download, normalise, clean) with the Prefect API and run their "
-                    "flow runs here until Ctrl-C. One run at a time per deployment. Trigger one with "
+                    "schedule.timezone) and worldpm/clean (download, normalise, clean) with the Prefect API and run "
+                    "their flow runs here until Ctrl-C. One run at a time per deployment. Trigger one with "
                     "`prefect deployment run worldpm/full --watch`.")
     _add_common(p)
     p.set_defaults(func=_serve_cmd)
