@@ -338,8 +338,9 @@ def test_score_decoder_with_chat_template_reads_the_end_marker(tmp_path, monkeyp
 def test_eval_sets_and_cli_take_the_training_text_path(tmp_path, shared_data, tiny_dir, capsys):
     """The raw HTML of a StackExchange dump, once as training data (download -> normalise -> clean -> shard ->
     tokenize, most of it in the test split) and once as an eval set of the same run and through `worldpm evaluate`:
-    every pair that clean kept gets the same scores and lengths on all three paths, so eval text is normalised, templated and cut as the
-    training text was. Scoring the raw text instead gives other scores (the check has teeth)."""
+    every pair that clean kept gets the same scores and lengths on all three paths, so eval text is normalised,
+    templated and cut as the training text was. Scoring the raw text instead gives other scores (the check has
+    teeth)."""
     src = shared_data / "stack-exchange-preferences" / "coffee.stackexchange.com.jsonl"
     cfg_path = tmp_path / "pipeline.yaml"
     cfg_path.write_text(
