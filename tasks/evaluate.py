@@ -153,6 +153,9 @@ def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
     same model on the same data: nothing new to record, so this runs only after a new artifact."""
     from worldpm.report.history import after_evaluate
 
+    root = Path(ref.path).parents[1]  # the store the artifact went to (<root>/evaluate/<key>): its history, even
+    if Path(cfg.artifacts_dir).resolve() != root.resolve():  # when a caller hands the engine another store
+        cfg = cfg.model_copy(update={"artifacts_dir": str(root)})
     after_evaluate(cfg, ref, log)
 
 

@@ -226,6 +226,19 @@ def staged(tmp_path_factory, se_paired, tiny_dir):
     return cfg, cfg_path, store, {"tokenize": tokenize, "train": train, "ref_logps": ref}
 
 
+def test_the_history_goes_beside_the_store_the_evaluation_went_to(staged, tmp_path):
+    """A caller that hands the engine a store other than cfg.artifacts_dir (a test, a benchmark) gets the run's
+    history line beside that store, never in cfg.artifacts_dir (a relative default there once put test runs into
+    the checkout's artifacts/history and the regression guard compared a user's run with them)."""
+    cfg, _, store, inputs = staged
+    elsewhere = tmp_path / "elsewhere"
+    other = cfg.model_copy(update={"artifacts_dir": str(elsewhere),  # no eval sets: a key of its own
+                                   "evaluate": cfg.evaluate.model_copy(update={"eval_sets": []})})
+    res = pipeline.execute("evaluate", other, inputs, store, log=LOG)
+    assert res.status == "ran" and not elsewhere.exists()
+    assert (store.root / "history" / "eval-test.jsonl").is_file()
+
+
 def test_stage_scores_test_split_and_eval_sets(staged, tiny_dir):
     cfg, _, store, inputs = staged
     res = pipeline.execute("evaluate", cfg, inputs, store, log=LOG)
