@@ -290,7 +290,8 @@ DEPLOYMENT_OVERRIDES = [
     "train.epochs", "train.max_steps", "train.batch_size", "train.max_tokens_per_batch", "train.gradient_checkpointing",
     "train.grad_accum", "train.lr", "train.weight_decay",
     "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
-    "train.timeout_s", "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
+    "train.timeout_s", "train.length_balance", "train.length_debias", "train.length_debias_coef",
+    "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
 ]
 
 
