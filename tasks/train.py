@@ -64,8 +64,7 @@ def stage_config(cfg: PipelineConfig) -> dict:
         backbone["minilm_package"] = minilm_version()
     # the text path the model is trained on, recorded in model/worldpm.json so that `worldpm score` / `evaluate`
     # (and anyone downstream) feed it text the same way: the normalise stage's setting (clean.normalize_markup,
-    # here in the key) and
-    # the template + cut (the tokenize artifact's manifest, which its digest already covers)
+    # here in the key) and the template + cut (the tokenize artifact's manifest, which its digest already covers)
     text = {"normalize_markup": cfg.clean.normalize_markup}
     return {"model": cfg.model.model_dump(mode="json"), "train": t, "backbone": backbone, "text": text,
             "runtime": runtime}
@@ -73,7 +72,8 @@ def stage_config(cfg: PipelineConfig) -> dict:
 
 def record_text_path(model_dir: Path, text: dict | None, render: dict | None) -> None:
     """Add the text path (normalisation + render settings) to the model folder's worldpm.json. (Written here, not
-    through worldpm/data/render.py: importing it would make every edit of the renderer retrain.)"""
+    with worldpm/data/text.py's text_settings: importing it would make every edit of a normalisation rule
+    retrain.)"""
     card_path = model_dir / "worldpm.json"
     if text is None or not card_path.is_file():
         return
@@ -305,13 +305,14 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     args_path.write_text(json.dumps(args, indent=2))
     (work / "failure.json").unlink(missing_ok=True)
     extra = list(t.get("accelerate_args") or [])
+    threads = str(max(1, len(os.sched_getaffinity(0)) // nproc))  # CPU: the cores shared out over the processes
     if not gpus:  # said explicitly, or accelerate warns that it picked a default
-        extra = ["--num_cpu_threads_per_process", str(max(1, len(os.sched_getaffinity(0)) // nproc))] + extra
+        extra = ["--num_cpu_threads_per_process", threads] + extra
     cmd = launch_command(acfg_path, args_path, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if not gpus:
-        # torchrun sets OMP_NUM_THREADS=1 for each worker unless told: the cores shared out instead
-        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+        # torchrun sets OMP_NUM_THREADS=1 for each worker unless told
+        env.setdefault("OMP_NUM_THREADS", threads)
         if t["deepspeed"]["enabled"]:
             env["DS_ACCELERATOR"] = "cpu"
     log.info("train: %s on %s, %d process(es), precision %s%s", t["objective"],

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from worldpm.modeling import varlen
+
 MINILM = "minilm"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -148,8 +150,6 @@ def build_reward_model(mcfg: Any, tokenizer, dtype: torch.dtype | None = None,
 def register_attention(attn: str | None) -> None:
     """Make worldpm's own attention implementation (varlen.py: packed sequences through torch's varlen flash
     attention) known to transformers before a model asks for it."""
-    from worldpm.modeling import varlen
-
     if attn == varlen.NAME:
         varlen.register()
 
@@ -312,7 +312,7 @@ def forward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     rightmost non-pad token and so works with either side); position_ids from the mask keep a left-padded row's
     positions equal to the row alone."""
     cfg = config_of(model)
-    if is_encoder(cfg) or getattr(cfg, "_attn_implementation", None) == "worldpm_varlen":
+    if is_encoder(cfg) or getattr(cfg, "_attn_implementation", None) == varlen.NAME:
         # encoders read the first token; varlen attention reads a padded row as one causal sequence (varlen.py)
         input_ids, attention_mask = to_right_padding(input_ids, attention_mask)
         position_ids = None  # right padding: the default positions 0..L-1 are the real ones

@@ -87,16 +87,17 @@ class BradleyTerry:
         margin = batch["margin"].to(rc.device) if self.margin_in_loss else None
         loss = bt_loss(rc, rr, margin, self.center_rewards_coef, weight=batch.get("weight"),
                        offset=batch.get("length_offset"))
+        diff = rc.float() - rr.float()
         extra = {}
         if self.decorrelate and "length_diff" in batch:
-            penalty = decorrelation_penalty(rc.float() - rr.float(), batch["length_diff"])
+            penalty = decorrelation_penalty(diff, batch["length_diff"])
             loss = loss + self.decorrelate * penalty
             extra["length_penalty"] = penalty.detach()
         elif self.decorrelate:  # (the eval split carries no length_diff: nothing to penalise)
             extra["length_penalty"] = torch.zeros((), device=rc.device)
         with torch.no_grad():
-            diff = (rc.float() - rr.float())
-            stats = {"accuracy": (diff > 0).float().mean(), "margin": diff.mean(),
+            d = diff.detach()
+            stats = {"accuracy": (d > 0).float().mean(), "margin": d.mean(),
                      "reward_chosen": rc.float().mean(), "reward_rejected": rr.float().mean(), **extra}
         return loss, stats
 

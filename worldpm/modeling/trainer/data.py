@@ -52,11 +52,12 @@ class PairData:
 
         def ids(side: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
             off, flat = side
-            lens = (off[idx + 1] - off[idx]).astype(np.int64)
+            starts = off[idx].astype(np.int64)
+            lens = off[idx + 1].astype(np.int64) - starts
             new_off = np.zeros(len(idx) + 1, dtype=np.int64)
             np.cumsum(lens, out=new_off[1:])
-            parts = [flat[off[i]:off[i + 1]] for i in idx]
-            return new_off, (np.concatenate(parts) if parts else flat[:0]).astype(flat.dtype, copy=False)
+            # token p of the new flat array is token p - new_off[j] of pair j: one gather, no loop over pairs
+            return new_off, flat[np.repeat(starts - new_off[:-1], lens) + np.arange(new_off[-1])]
 
         def cut(a):
             return None if a is None else a[idx]
@@ -79,6 +80,11 @@ class PairData:
     def pair_len(self) -> np.ndarray:
         """What a pair costs in a batch: its longer side (both sides are padded to the batch's longest)."""
         return np.maximum(self.chosen_len, self.rejected_len)
+
+    @property
+    def packed_len(self) -> np.ndarray:
+        """What a pair costs in a packed batch: the real tokens of both sides (int64)."""
+        return self.chosen_len.astype(np.int64) + self.rejected_len
 
     def seq(self, side: str, i: int) -> np.ndarray:
         off, flat = self.chosen if side == "chosen" else self.rejected
@@ -185,11 +191,7 @@ class PairBatchSampler:
                 raise ValueError(f"train.max_tokens_per_batch {max_tokens} is below the {worst} tokens of the longest "
                                  f"pair (chosen + rejected{'' if self.packed_cost is not None else ', padded'}): "
                                  f"raise it to at least {worst} or lower tokenize.max_length")
-        self.epoch = 0
         self._cache: dict[int, list[np.ndarray]] = {}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
         return cut_micro_batches(order, self.lengths, self.batch_size, self.max_tokens, self.packed_cost)
@@ -218,13 +220,6 @@ class PairBatchSampler:
             self._cache.pop(min(self._cache))
         self._cache[epoch] = batches
         return batches
-
-    def __len__(self) -> int:
-        return len(self.global_batches(self.epoch))
-
-    def __iter__(self):
-        for b in self.global_batches(self.epoch):
-            yield b.tolist()
 
 
 @dataclass

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from worldpm.modeling.trainer.data import collate_pairs, cut_micro_batches
+from worldpm.modeling.trainer.step import to_device
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, ma
     pad_multiple = 8 if accelerator.device.type == "cuda" else None
     order = np.argsort(-data.pair_len[:n], kind="stable")
     packed = layout is not None and layout.packed
-    cost = (data.chosen_len[:n].astype(np.int64) + data.rejected_len[:n]) if packed else None
+    cost = data.packed_len[:n] if packed else None
     batches = cut_micro_batches(order, data.pair_len[:n], bs, max_tokens, cost)
     P, r = accelerator.num_processes, accelerator.process_index
     mine = batches[r::P]
@@ -40,7 +41,7 @@ def evaluate_split(model, objective, data, accelerator, pad_id: int, bs: int, ma
         batch = (layout.collate(data, idx, pad_id) if layout is not None
                  else collate_pairs(data, idx, pad_id, pad_to_multiple_of=pad_multiple))
         batch.pop("pair_ids")
-        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             loss, stats = objective.compute(model, batch)
         if real:

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from worldpm.config import ModelConfig, TrainConfig
@@ -103,7 +102,7 @@ def plan(train: PairData, t: TrainConfig, accelerator, packed: bool) -> StepPlan
     accumulation (data.StepPlan)."""
     sampler = PairBatchSampler(train.pair_len, t.batch_size, seed=t.seed, group_by_length=t.group_by_length,
                                window=t.length_group_window, max_tokens=t.max_tokens_per_batch,
-                               packed_cost=(train.chosen_len.astype(np.int64) + train.rejected_len) if packed else None)
+                               packed_cost=train.packed_len if packed else None)
     return StepPlan(sampler, accelerator.num_processes, t.grad_accum, t.epochs, t.max_steps,
                     rank=accelerator.process_index)
 

@@ -39,20 +39,15 @@ class OutOfMemory(TrainingStop):
     pass
 
 
-def check_finite(loss: torch.Tensor, step: int, pair_ids: list[str]) -> None:
-    """A nan/inf loss stops the run, naming the step and the pairs: never masked, never skipped."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteLoss(nonfinite_message(float(loss), step, pair_ids))
-
-
 def nonfinite_message(value: float, step: int, pair_ids: list[str]) -> str:
     shown = ", ".join(pair_ids[:16]) + (f" ... ({len(pair_ids)} pairs)" if len(pair_ids) > 16 else "")
     return f"non-finite loss ({value}) at step {step}; pair ids: {shown}"
 
 
 class FiniteGuard:
-    """The losses since the last check, kept on the device, with their steps and pair ids on the host. ``check``
-    costs one all-reduce and one copy: it runs at log lines and before checkpoints, not per step."""
+    """A nan/inf loss stops the run, naming the step and the pairs: never masked, never skipped. The losses since
+    the last check are kept on the device, with their steps and pair ids on the host; ``check`` costs one
+    all-reduce and one copy: it runs at log lines and before checkpoints, not per step."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
