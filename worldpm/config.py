@@ -29,7 +29,11 @@ SOURCE_FORMATS = (
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and every float is finite: `.inf` epochs or a `.nan` threshold would pass every
+    comparison a bound makes (nan) or none (inf) and fail, or silently reject everything, far from the config. A
+    key that means "no limit" says so with null, never with .inf."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(Strict):
