@@ -71,3 +71,48 @@ def test_infinite_or_nan_numbers_are_refused_by_validation(capsys, monkeypatch, 
 
     with pytest.raises(ConfigError, match=f"`{key}`: Input should be a finite number"):
         check_run(Served(None), None, [override], None)
+
+
+# ---- 3, 4, 10: command-line numbers are checked as the config key they stand for ----------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random-initialised BERT reward model with MiniLM's tokenizer, saved as the train stage saves one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from worldpm.modeling import models
+
+    tok = models.load_tokenizer(str(models.minilm_dir()))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=1, pad_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("size", ["-1", "0"])
+@pytest.mark.parametrize("command", ["evaluate", "score"])
+def test_a_batch_size_below_one_is_refused_as_evaluate_batch_size_would_be(tiny_dir, capsys, command, size):
+    """`--batch-size -1` exited 0 with accuracy 48% (rewards ~2.7e33, scores ~1e-41: np.empty's leftovers, no batch
+    was scored); `--batch-size 0` raised ZeroDivisionError. A usage error now, like `evaluate.batch_size: 0`."""
+    data = ["--data", str(RB)] if command == "evaluate" else [str(RB)]
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--model", str(tiny_dir), *data, "--batch-size", size], pipeline=PIPELINE,
+                 run_flow=no_flow)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"worldpm {command}: error: argument --batch-size: input should be "
+                                            f"greater than or equal to 1, got {size!r} (as evaluate.batch_size in "
+                                            "pipeline.yaml)")
+
+
+def test_the_scorer_itself_refuses_a_batch_size_below_one(tiny_dir):
+    """Below the CLI too: a caller of the library gets an error, not np.empty's leftovers as rewards."""
+    from worldpm.modeling.scoring import load_model_dir, score_sequences
+
+    model, tok, pad_id = load_model_dir(str(tiny_dir), device="cpu")
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {size}"):
+            score_sequences(model, [[101, 2000, 102]], pad_id, size, device="cpu")
