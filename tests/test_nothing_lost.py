@@ -116,3 +116,21 @@ def test_the_scorer_itself_refuses_a_batch_size_below_one(tiny_dir):
     for size in (0, -1):
         with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {size}"):
             score_sequences(model, [[101, 2000, 102]], pad_id, size, device="cpu")
+
+
+# ---- 13: a model without a reward head: the one line, and nothing before it -------------------------------------
+@pytest.mark.parametrize("command", ["evaluate", "score"])
+def test_a_model_without_a_reward_head_is_refused_in_one_line_and_nothing_else(tmp_path, command):
+    """The refusal was right, but transformers printed its load report (a MISSING table, ~10 lines) and a progress
+    bar before it. The console script, as a user runs it: stderr is the one line."""
+    from worldpm.modeling.models import minilm_dir
+
+    plain = minilm_dir()
+    data = ["--data", str(RB)] if command == "evaluate" else [str(RB)]
+    p = subprocess.run([WORLDPM, command, "--model", str(plain), *data], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and p.stdout == ""
+    assert only_line(p.stderr) == (
+        f"worldpm: {plain} is not a trained reward model: its checkpoint has no classifier.bias, classifier.weight, "
+        "which would be initialised at random; give a model trained as a reward model (worldpm's train artifact, "
+        "or a sequence-classification checkpoint with num_labels=1)")
