@@ -134,3 +134,166 @@ def test_a_model_without_a_reward_head_is_refused_in_one_line_and_nothing_else(t
         f"worldpm: {plain} is not a trained reward model: its checkpoint has no classifier.bias, classifier.weight, "
         "which would be initialised at random; give a model trained as a reward model (worldpm's train artifact, "
         "or a sequence-classification checkpoint with num_labels=1)")
+
+
+# ---- a store with real artifacts: the demo data up to tokenize, once a module, copied per test -------------------
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    """A project folder (pipeline.yaml with artifacts_dir: artifacts) whose store holds download .. tokenize of the
+    demo data, and a second tokenize artifact (max_length 128) that the config does not use."""
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("staged")
+    cfg_path = write_config(root / "pipeline.yaml", {"artifacts_dir": "artifacts"})
+    cfg = load_config(cfg_path)
+    PIPELINE.run(cfg, ArtifactStore(cfg.artifacts_dir), until="tokenize")
+    other = load_config(cfg_path, ["tokenize.max_length=128"])
+    PIPELINE.run(other, ArtifactStore(other.artifacts_dir), until="tokenize")
+    return root
+
+
+def project(staged: Path, tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A copy of the staged project: (its pipeline.yaml, {stage: the folder of the artifact the config uses})."""
+    from worldpm.config import load_config
+    from worldpm.status import pipeline_status
+
+    dst = tmp_path / "project"
+    shutil.copytree(staged, dst)
+    cfg = load_config(dst / "pipeline.yaml")
+    rows = pipeline_status(PIPELINE, cfg)
+    return dst / "pipeline.yaml", {r["stage"]: Path(r["why"].removeprefix("cached at ")) for r in rows
+                                   if r["status"] == "cached"}
+
+
+def run_direct(cfg_path: Path, *overrides: str, until: str = "tokenize") -> dict[str, str]:
+    """The pipeline through the engine (no Prefect): {stage: ran|cached}."""
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactStore
+
+    cfg = load_config(cfg_path, list(overrides))
+    return {r["stage"]: r["status"] for r in PIPELINE.run(cfg, ArtifactStore(cfg.artifacts_dir), until=until)}
+
+
+# ---- 1: gc keeps what it cannot prove unused --------------------------------------------------------------------
+def test_gc_keeps_the_artifacts_below_a_stage_that_would_rerun(staged, tmp_path, capsys):
+    """`gc --set clean.min_margin=-1000` deleted shard, tokenize and train: their keys wait for clean's new output,
+    and gc took "not computable yet" for "unused". clean's output is byte-identical (no margin is that low), so the
+    next run gets the same keys back: it must find them cached. What gc can prove unused (a tokenize artifact of
+    another max_length, clean's artifact of the old threshold) still goes."""
+    cfg_path, used = project(staged, tmp_path)
+    store = cfg_path.parent / "artifacts"
+    unused_tokenize = [p for p in (store / "tokenize").iterdir() if not p.name.startswith(".")
+                       and p.is_dir() and p != used["tokenize"]]
+    assert len(unused_tokenize) == 1
+    code, out, err = worldpm(capsys, "artifacts", "gc", "--config", str(cfg_path), "--set", "clean.min_margin=-1000")
+    assert code == 0, err
+    assert used["shard"].is_dir() and used["tokenize"].is_dir()
+    assert not unused_tokenize[0].exists() and not used["clean"].exists()
+    kept = next(line for line in out.splitlines() if line.startswith("kept 2 artifact(s) of shard, tokenize that "))
+    assert "may still use: their keys wait for the output of clean, which would run first" in kept
+    assert f"shard/{used['shard'].name}" in kept and f"tokenize/{used['tokenize'].name}" in kept
+    assert run_direct(cfg_path, "clean.min_margin=-1000") == {
+        "download": "cached", "normalise": "cached", "clean": "ran", "shard": "cached", "tokenize": "cached",
+        "ref_logps": "skipped", "train": "skipped", "evaluate": "skipped", "plot": "skipped"}
+
+
+# ---- 5, 6, 7: verify, status and run check an artifact the same way -----------------------------------------------
+def test_verify_names_an_artifact_whose_manifest_cannot_be_read(staged, tmp_path, capsys):
+    """`artifacts verify` said "7 ok, 0 damaged" with one manifest.json unreadable, and never named it: it listed
+    artifacts by their manifests. It is damaged, named, and set aside (kept, not deleted) unless --dry-run."""
+    cfg_path, used = project(staged, tmp_path)
+    broken = used["shard"]
+    (broken / "manifest.json").write_text('{"stage": "shard", "key": ')
+    code, out, err = worldpm(capsys, "artifacts", "verify", "--config", str(cfg_path), "--dry-run")
+    assert code == 1 and broken.is_dir()
+    assert f"shard/{broken.name}  DAMAGED: its manifest.json is not valid JSON (Expecting value, line 1)" in out
+    assert "verified 6 artifact(s): 5 ok, 1 damaged" in out
+    assert only_line(err) == (f"worldpm: artifacts verify: 1 damaged artifact(s), first shard/{broken.name}: its "
+                              "manifest.json is not valid JSON (Expecting value, line 1)")
+    code, out, _ = worldpm(capsys, "artifacts", "verify", "--config", str(cfg_path))
+    aside = list(broken.parent.glob(f".bad-{broken.name}-*"))
+    assert code == 1 and not broken.exists() and len(aside) == 1
+    assert f"set aside {broken} as {aside[0].name}" in out
+    assert "its manifest.json is not valid JSON" in (aside[0] / "SET_ASIDE.txt").read_text()
+
+
+def test_status_calls_a_truncated_artifact_damaged_as_run_would(staged, tmp_path, capsys):
+    """`status` called an artifact with a truncated pairs.parquet "cached"; `run` then found it damaged and rebuilt
+    it. status applies run's checks, and changes nothing."""
+    cfg_path, used = project(staged, tmp_path)
+    pairs = used["clean"] / "pairs.parquet"
+    size = pairs.stat().st_size
+    with open(pairs, "r+b") as f:
+        f.truncate(size // 2)
+    code, out, _ = worldpm(capsys, "status", "--config", str(cfg_path))
+    rows = {line.split()[0]: line.split(None, 3)[1:] for line in out.splitlines()}
+    assert code == 0 and rows["download"][0] == "cached" and rows["normalise"][0] == "cached"
+    assert rows["clean"][:2] == ["damaged", used["clean"].name]
+    assert rows["clean"][2] == (f"the cached artifact {used['clean']} is damaged (pairs.parquet has {size // 2} bytes, "
+                                f"its manifest says {size}): the next run sets it aside and rebuilds it")
+    assert rows["shard"][0] == "would" and "after clean" in rows["shard"][2]
+    assert pairs.stat().st_size == size // 2  # status moved nothing
+    assert run_direct(cfg_path, until="clean")["clean"] == "ran"
+
+
+def test_status_checks_the_content_of_what_a_stage_that_would_run_reads(staged, tmp_path, capsys):
+    """Run checks the files a stage reads against their sha256 before it runs; status does too: a same-size change
+    in clean's pairs.parquet, with shard about to run (its config changed), is damage status names."""
+    cfg_path, used = project(staged, tmp_path)
+    pairs = used["clean"] / "pairs.parquet"
+    data = bytearray(pairs.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pairs.write_bytes(bytes(data))
+    code, out, _ = worldpm(capsys, "status", "--config", str(cfg_path))
+    assert code == 0 and "clean      cached" in out  # nobody reads it now: sizes are all a lookup checks
+    code, out, _ = worldpm(capsys, "status", "--config", str(cfg_path), "--set", "shard.salt=other")
+    clean = next(line for line in out.splitlines() if line.startswith("clean "))
+    assert code == 0 and clean.split()[1] == "damaged"
+    assert clean.endswith("is damaged (pairs.parquet: its content (sha256) differs from its manifest): shard reads "
+                          "it, so the next run sets it aside and rebuilds it first")
+
+
+@pytest.mark.parametrize("damage", ["broken", "missing"])
+def test_a_cached_artifact_without_a_readable_manifest_is_set_aside_and_rebuilt(staged, tmp_path, caplog, damage):
+    """A broken or missing manifest.json made the next run rerun the stage and then fail in commit (~210 lines, 3
+    tracebacks: commit's "final exists" branch deleted the fresh output, then renamed it); the damaged folder was
+    deleted. Now the lookup names it and sets it aside, and the stage is rebuilt; its output is byte-identical, so
+    what follows stays cached."""
+    cfg_path, used = project(staged, tmp_path)
+    clean = used["clean"]
+    if damage == "broken":
+        (clean / "manifest.json").write_text("{not json")
+    else:
+        (clean / "manifest.json").unlink()
+    with caplog.at_level("WARNING"):
+        statuses = run_direct(cfg_path)
+    assert statuses["clean"] == "ran" and statuses["shard"] == "cached" and statuses["tokenize"] == "cached"
+    aside = list(clean.parent.glob(f".bad-{clean.name}-*"))
+    assert len(aside) == 1 and (clean / "manifest.json").is_file()
+    problem = "its manifest.json is not valid JSON (Expecting property name enclosed in double quotes, line 1)" \
+        if damage == "broken" else "its manifest.json is missing"
+    assert (f"clean: the cached artifact {clean} is damaged ({problem}): set aside as {aside[0].name}; it is rebuilt"
+            in caplog.messages)
+
+
+def test_commit_never_deletes_the_fresh_output(tmp_path):
+    """The store level of case 7: a folder at the key without a readable manifest is set aside, and the new
+    artifact takes its place; a sound one of the same key (a concurrent run won) is kept and ours dropped."""
+    from worldpm.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    key = "0" * 20
+    final = store.path("clean", key)
+    final.mkdir(parents=True)
+    (final / "half.parquet").write_bytes(b"x")  # no manifest
+    tmp = store.new_tmp("clean", key)
+    (tmp / "pairs.parquet").write_bytes(b"new")
+    ref = store.commit("clean", key, tmp, {})
+    assert (final / "pairs.parquet").read_bytes() == b"new" and store.find("clean", key) == ref
+    aside = list(final.parent.glob(f".bad-{key}-*"))
+    assert len(aside) == 1 and (aside[0] / "half.parquet").is_file()
+    tmp = store.new_tmp("clean", key)
+    (tmp / "pairs.parquet").write_bytes(b"later")
+    assert store.commit("clean", key, tmp, {}) == ref and not tmp.exists()
+    assert (final / "pairs.parquet").read_bytes() == b"new"

@@ -148,11 +148,12 @@ def cmd_artifacts(args) -> int:
         from worldpm.status import referenced_keys
 
         keep: set[tuple[str, str]] = set()
+        said: list[str] = []
         configs = [(path or "the built-in defaults", cfg)] + [
             (c, load_config(str(Path(c).resolve()))) for c in (args.keep_config or [])]
         for origin, c in configs:
             try:
-                keep |= referenced_keys(args.pipeline, c, origin)
+                keep |= referenced_keys(args.pipeline, c, origin, said)
             except StageError as e:
                 raise StageError(f"artifacts gc: {e}; nothing was removed (gc keeps what a config uses, so it must "
                                  "resolve every stage: fix the cause, or gc with a config that resolves)") from None
@@ -162,6 +163,8 @@ def cmd_artifacts(args) -> int:
             print(f"{verb} {p}")
         for p in plan.foreign:
             print(f"left alone {p} (not a worldpm artifact)")
+        for line in said:
+            print(line)
         print(f"{verb} {len(plan.removed)} folder(s); kept {len(keep)} artifact(s) the config(s) reference"
               + (f"; left {len(plan.foreign)} folder(s) that are not worldpm's" if plan.foreign else ""))
         return 0
@@ -177,23 +180,25 @@ def _verify(store, args) -> int:
     from worldpm.store import ArtifactRef
 
     if args.ref:
-        mans = [_find(store, args.ref, args.pipeline.names)]
+        mans, broken = [_find(store, args.ref, args.pipeline.names)], []
     else:
-        mans = [m for s in args.pipeline.names for m in store.manifests(s) if not args.stage or s == args.stage]
-    refs = [ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")) for m in mans]
+        stages = [s for s in args.pipeline.names if not args.stage or s == args.stage]
+        mans = [m for s in stages for m in store.manifests(s)]
+        broken = [b for s in stages for b in store.damaged_folders(s)]  # no manifest to list them by
+    checks = [(ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")), None) for m in mans] + broken
     bad: list[tuple[ArtifactRef, str]] = []
-    for i, ref in enumerate(refs, 1):
-        problem = store.verify(ref, deep=True)
-        print(f"[{i}/{len(refs)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
+    for i, (ref, known) in enumerate(checks, 1):
+        problem = known or store.verify(ref, deep=True)
+        print(f"[{i}/{len(checks)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
               flush=True)
         if problem is not None:
             bad.append((ref, problem))
     if bad and not args.dry_run:
         with store.exclusive(f"artifacts verify (found {len(bad)} damaged artifact(s), not set aside)"):
             for ref, problem in bad:
-                if Path(ref.path).is_dir() and store.verify(ref, deep=True) is not None:
+                if os.path.lexists(ref.path) and store.verify(ref, deep=True) is not None:
                     print(f"set aside {ref.path} as {store.set_aside(ref, problem).name}: the next run rebuilds it")
-    print(f"verified {len(refs)} artifact(s): {len(refs) - len(bad)} ok, {len(bad)} damaged")
+    print(f"verified {len(checks)} artifact(s): {len(checks) - len(bad)} ok, {len(bad)} damaged")
     if bad:
         raise StageError(f"artifacts verify: {len(bad)} damaged artifact(s), first {bad[0][0].stage}/{bad[0][0].key}: "
                          f"{bad[0][1]}")
