@@ -40,7 +40,7 @@ from worldpm.config import PipelineConfig, dpo_reference
 from worldpm.data.render import RenderSettings, tokenize_pairs
 from worldpm.data.text import text_settings
 from worldpm.data.splits import read_split
-from worldpm.errors import StageError
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef, file_digest
 
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
@@ -71,6 +71,14 @@ def stage_config(cfg: PipelineConfig) -> dict:
         out["dpo"] = {"beta": cfg.train.beta, "logp_average": cfg.train.logp_average,
                       "reference": dpo_reference(cfg), "precision": cfg.train.precision}
     return out
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Before a run starts: the test split is what this stage scores (the engine's preflight)."""
+    if cfg.shard.test == 0:
+        raise ConfigError("evaluate scores the test split, and shard.test is 0: give shard.test a fraction above 0 "
+                          "(shard.train + shard.eval + shard.test = 1), or stop the run before evaluate (--until "
+                          "train)")
 
 
 def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:

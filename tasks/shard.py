@@ -14,7 +14,7 @@ import xxhash
 
 from worldpm.config import PipelineConfig
 from worldpm.data.splits import SPLITS
-from worldpm.errors import StageError
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef
 
 INPUT_FILES = {"clean": ("pairs.parquet",)}  # not report.json: its rule settings change with every threshold
@@ -69,6 +69,13 @@ def check_no_empty_split(splits: dict[str, dict], fractions: dict[str, float], r
             log.warning("%s", msg)
         else:
             raise StageError(msg)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Before a run starts: a train split with pairs in it is what every later stage is for (the engine's preflight)."""
+    if cfg.shard.train == 0:
+        raise ConfigError("shard.train is 0: no pair would go to the train split; give it a fraction (shard.train + "
+                          "shard.eval + shard.test = 1)")
 
 
 def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:

@@ -297,3 +297,26 @@ def test_commit_never_deletes_the_fresh_output(tmp_path):
     (tmp / "pairs.parquet").write_bytes(b"later")
     assert store.commit("clean", key, tmp, {}) == ref and not tmp.exists()
     assert (final / "pairs.parquet").read_bytes() == b"new"
+
+
+# ---- 18: a split a selected stage needs is checked before any stage runs -----------------------------------------
+def test_a_config_without_a_test_split_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    """shard.test: 0 was refused only by evaluate, after download .. train had run (minutes to hours). The run
+    refuses it at once (the flow never starts), and so does the engine itself (deployment runs, direct callers),
+    before the first stage writes anything; a run that stops before evaluate is fine."""
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactStore
+
+    monkeypatch.chdir(tmp_path)
+    splits = ["--set", "shard.test=0", "--set", "shard.train=0.9"]
+    code, _, err = worldpm(capsys, "run", *splits)
+    assert code == 2 and only_line(err) == (
+        "worldpm: config error: evaluate scores the test split, and shard.test is 0: give shard.test a fraction above "
+        "0 (shard.train + shard.eval + shard.test = 1), or stop the run before evaluate (--until train)")
+    code, _, err = worldpm(capsys, "run", "--set", "shard.train=0", "--set", "shard.test=0.9", "--until", "shard")
+    assert code == 2 and "shard.train is 0: no pair would go to the train split" in only_line(err)
+    cfg = load_config(None, [f"artifacts_dir={tmp_path / 'store'}", "shard.test=0", "shard.train=0.9"])
+    with pytest.raises(ConfigError, match="evaluate scores the test split, and shard.test is 0"):
+        PIPELINE.run(cfg, ArtifactStore(cfg.artifacts_dir))
+    assert not (tmp_path / "store").exists()
+    assert PIPELINE.preflight(cfg, until="train")[-1] == "train"

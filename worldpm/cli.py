@@ -58,7 +58,8 @@ def cmd_run(args) -> int:
     path, cfg = _load(args)  # validate before Prefect starts: a typo fails in milliseconds
     if args.until and args.only:
         raise ConfigError("--until and --only cannot be combined")
-    args.pipeline.select(until=args.until, only=args.only, start=args.start)  # --from after --until: exit 2, now
+    # --from after --until, or a split a selected stage needs set to 0: exit 2 now, before Prefect and any stage
+    args.pipeline.preflight(cfg, until=args.until, only=args.only, start=args.start)
     if not args.verbose:
         quiet_expected_tracebacks()
     results = args.run_flow(

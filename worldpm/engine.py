@@ -21,6 +21,9 @@ and their edges: the DAG, written once):
                                                 the whole artifact)
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
+    preflight(cfg)                              ConfigError when the config cannot work for this stage (evaluate
+                                                without a test split): checked for every stage a run selects,
+                                                before any stage runs
 
 The engine knows stages only through the `Pipeline` it is handed: nothing in worldpm/ imports tasks/ or flows/.
 """
@@ -108,6 +111,17 @@ class Pipeline:
                 todo.extend(self[u].upstream)
         return [s for s in self.names if s in seen]
 
+    def preflight(self, cfg: PipelineConfig, until: str | None = None, only: str | None = None,
+                  start: str | None = None) -> list[str]:
+        """The stages a run with these options runs, after each one's `preflight(cfg)`: what a stage needs of the
+        config (a split) fails here, before the stages above it spend minutes, not when the stage is reached."""
+        _, to_run = self.select(until=until, only=only, start=start)
+        for name in to_run:
+            check = getattr(self[name].module, "preflight", None)
+            if check is not None:
+                check(cfg)
+        return to_run
+
     def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
         """The key and stage config of stage `name` (see `resolve`)."""
         return resolve(self[name], cfg, inputs)
@@ -148,6 +162,7 @@ class Pipeline:
         force_set = set(force or [])
         for f in force_set:
             self[f]  # an unknown stage is a one-line error before anything runs
+        self.preflight(cfg, until=until, only=only, start=start)
         from_cache, to_run = self.select(until=until, only=only, start=start)
 
         def direct(name: str, inputs: dict[str, ArtifactRef], force_it: bool, cache_only: bool) -> StageResult:
