@@ -320,3 +320,34 @@ def test_a_config_without_a_test_split_is_refused_before_any_stage_runs(tmp_path
         PIPELINE.run(cfg, ArtifactStore(cfg.artifacts_dir))
     assert not (tmp_path / "store").exists()
     assert PIPELINE.preflight(cfg, until="train")[-1] == "train"
+
+
+# ---- 16: a missing path is not quietly taken for a hub dataset -------------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+@pytest.mark.parametrize("command", ["run", "status"])
+def test_a_missing_path_fails_at_once_naming_both_readings(tmp_path, capsys, monkeypatch, hub, command):
+    """`--source mydata/pairs` with no such folder became the hub dataset mydata/pairs: ~10 s of retries, then only
+    "cannot reach the hub". Now one try (no network in tests: HF_HUB_OFFLINE, or an endpoint where nothing listens)
+    and a config error naming the path that is missing and the hub id that cannot be looked up; no stage runs."""
+    monkeypatch.chdir(tmp_path)
+    if hub == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        why = "as a hub dataset id it cannot be looked up: HF_HUB_OFFLINE is set; fix the path, or unset " \
+              "HF_HUB_OFFLINE and write --source hf://mydata/pairs"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+        why = "the Hugging Face hub cannot be asked about a dataset mydata/pairs (ConnectError); fix the path, or " \
+              "once the hub is reachable write --source hf://mydata/pairs"
+    code, out, err = worldpm(capsys, command, "--source", "mydata/pairs")
+    assert code == 2 and out == ""
+    assert only_line(err) == f"worldpm: config error: --source 'mydata/pairs': no file or folder 'mydata/pairs' in " \
+                             f"{tmp_path}, and {why}"

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
@@ -38,8 +39,43 @@ def _config_path(arg: str | None) -> str | None:
 
 def _load(args) -> tuple[str | None, PipelineConfig]:
     path = _config_path(getattr(args, "config", None))
-    cfg = load_config(path, getattr(args, "set", None) or [], getattr(args, "source", None) or None)
+    sources = getattr(args, "source", None) or None
+    cfg = load_config(path, getattr(args, "set", None) or [], sources)
+    for text in sources or []:
+        _check_hub_reading(text)
     return path, cfg
+
+
+def _check_hub_reading(text: str) -> None:
+    """`--source mydata/pairs` with no ./mydata/pairs: a path that is missing, or a hub dataset id. One question to
+    the hub (a single try, no retries) tells; when it cannot answer, or says there is no such dataset, the source is
+    a ConfigError naming both readings, before anything runs. `hf://owner/name` skips this (no doubt)."""
+    from worldpm.config import hub_reading_only, source_from_cli
+
+    if not hub_reading_only(text):
+        return
+    d = source_from_cli(text)
+    here = f"no file or folder {text!r} in {Path.cwd()}"
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        if re.fullmatch(r"[0-9a-f]{40}", d.get("revision") or ""):
+            return  # a pinned commit can come from the hub cache offline; the download stage says if it cannot
+        raise ConfigError(f"--source {text!r}: {here}, and as a hub dataset id it cannot be looked up: "
+                          "HF_HUB_OFFLINE is set; fix the path, or unset HF_HUB_OFFLINE and write --source "
+                          f"hf://{text}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(d["repo_id"], revision=d.get("revision"), timeout=10)
+    except GatedRepoError:
+        return  # it exists
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ConfigError(f"--source {text!r}: {here}, and the hub has no dataset {text} ({type(e).__name__}): fix "
+                          "the path") from None
+    except Exception as e:  # no network, a timeout, an id the hub refuses: the hub cannot say it exists
+        raise ConfigError(f"--source {text!r}: {here}, and the Hugging Face hub cannot be asked about a dataset "
+                          f"{text} ({type(e).__name__}); fix the path, or once the hub is reachable write --source "
+                          f"hf://{text}") from None
 
 
 def _print_results(results: list[dict], stream=sys.stdout) -> None:
@@ -244,7 +280,8 @@ def _config_args(p: argparse.ArgumentParser, sources: bool = True) -> None:
     if sources:
         p.add_argument("--source", action="append", metavar="PATH_OR_HUB_ID",
                        help="replaces the configured sources: a file, directory or glob (format detected), or a hub "
-                            "dataset id owner/name[@revision]; repeatable")
+                            "dataset id owner/name[@revision] (hf://owner/name when a folder of that name could be "
+                            "meant; a missing path is refused at once); repeatable")
 
 
 def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],

@@ -434,6 +434,14 @@ def _looks_like_a_path(text: str) -> bool:
     return "/" in head and bool(first) and Path(first).is_dir()
 
 
+def hub_reading_only(text: str) -> bool:
+    """`--source TEXT` became a hub dataset although TEXT might have meant a path: it has no `hf://`, and nothing
+    exists at that path. The CLI asks the hub once before anything runs (worldpm/cli.py), so a mistyped path fails
+    at once, naming both readings, instead of after a download stage's retries."""
+    return not text.startswith("hf://") and text != "demo" and not Path(text).exists() \
+        and source_from_cli(text)["kind"] == "hf"
+
+
 def source_from_cli(text: str) -> dict:
     """`--source PATH_OR_HUB_ID`: an existing path (or glob) is local, `owner/name` that is no path is an hf repo."""
     if text == "demo":
