@@ -10,6 +10,7 @@ that a selected stage needs is checked before anything runs (18).
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -351,3 +352,67 @@ def test_a_missing_path_fails_at_once_naming_both_readings(tmp_path, capsys, mon
     assert code == 2 and out == ""
     assert only_line(err) == f"worldpm: config error: --source 'mydata/pairs': no file or folder 'mydata/pairs' in " \
                              f"{tmp_path}, and {why}"
+
+
+# ---- 2: a deployment run reads inside its project, through globs and symlinks too -----------------------------------
+@pytest.fixture
+def linked_project(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A served project whose data/shared is a real symlink to a folder outside it, holding secret.jsonl."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "the secret", "rejected": "r"}) + "\n")
+    project = tmp_path / "project"
+    (project / "data" / "own").mkdir(parents=True)
+    (project / "data" / "own" / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "mine", "rejected": "r"}) + "\n")
+    (project / "data" / "shared").symlink_to(outside, target_is_directory=True)
+    write_config(project / "pipeline.yaml", {"artifacts_dir": "artifacts"})
+    monkeypatch.chdir(project)  # where `worldpm serve` runs
+    return project, outside
+
+
+def test_a_deployment_run_cannot_read_outside_the_project_through_a_glob(linked_project):
+    """`--param sources='["data/share*/secret.jsonl"]'` read a file outside the project: the policy checked the
+    pattern as text (inside), the reader expanded it through the link. It is refused, naming where it resolves to;
+    so is the same glob given as a `sources` override."""
+    from flows.policy import Served, check_run
+
+    project, outside = linked_project
+    cfg = str(project / "pipeline.yaml")
+    served = Served(cfg)
+    secret = project / "data" / "shared" / "secret.jsonl"
+    refused = f"reads {secret}, which resolves to {outside / 'secret.jsonl'}, outside the project folder {project}"
+    with pytest.raises(ConfigError) as e:
+        check_run(served, cfg, [], ["data/share*/secret.jsonl"])
+    assert str(e.value) == (f"a deployment run (worldpm serve): sources.0.path "
+                            f"'{project / 'data/share*/secret.jsonl'}' {refused}")
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_run(served, cfg, ['sources=[{kind: local, path: "data/sh*/*.jsonl"}]'], None)
+    check_run(served, cfg, [], ["data/ow*/pairs.jsonl"])  # a glob that stays inside is fine
+    check_run(served, cfg, [], ["data"])  # a folder source is walked without following links to folders:
+    from worldpm.data.sources import local_files
+
+    assert local_files(str(project / "data")) == [project / "data" / "own" / "pairs.jsonl"]
+
+
+def test_a_deployment_run_checks_what_it_reads_where_it_opens_it(linked_project, tmp_path):
+    """The read-time half: under the roots a served run reads within (the flow sets them), the download stage
+    refuses a file that resolves outside, as it would if the link appeared after the policy's check; without them
+    (a run from the terminal, the user's own authority) the same source reads."""
+    from flows.policy import Served, read_roots
+    from worldpm.config import load_config
+    from worldpm.data.sources import read_root
+    from worldpm.errors import StageError
+    from worldpm.store import ArtifactStore
+
+    project, outside = linked_project
+    cfg = load_config(project / "pipeline.yaml", [], ["data/share*/secret.jsonl"])
+    store = ArtifactStore(cfg.artifacts_dir)
+    with read_root(read_roots(Served(str(project / "pipeline.yaml")))):
+        with pytest.raises(StageError) as e:
+            PIPELINE.run(cfg, store, until="download")
+    assert str(e.value) == (f"download: {project / 'data/shared/secret.jsonl'} (from {project}/data/share*/secret"
+                            f".jsonl) resolves to {outside / 'secret.jsonl'}, outside {project}: this run may read "
+                            "only files inside it (a deployment run reads inside its project)")
+    assert "WORLDPM_READ_ROOT" not in os.environ
+    assert [r["status"] for r in PIPELINE.run(cfg, store, until="download")][0] == "ran"
