@@ -416,3 +416,107 @@ def test_a_deployment_run_checks_what_it_reads_where_it_opens_it(linked_project,
                             "only files inside it (a deployment run reads inside its project)")
     assert "WORLDPM_READ_ROOT" not in os.environ
     assert [r["status"] for r in PIPELINE.run(cfg, store, until="download")][0] == "ran"
+
+
+# ---- 8: a full disk is one line naming the stage, the place and what to do; the full log is in a file -------------
+class FullDiskStore:
+    """The write error injected at the store, for machines where no small filesystem can be mounted: every new
+    output folder's manifest.json is a link to /dev/full, whose writes fail with ENOSPC (the kernel's own error)."""
+
+    def __new__(cls, root):
+        from worldpm.store import ArtifactStore
+
+        class _Store(ArtifactStore):
+            def new_tmp(self, stage, key):
+                tmp = super().new_tmp(stage, key)
+                (tmp / "manifest.json").symlink_to("/dev/full")
+                return tmp
+
+        return _Store(root)
+
+
+def test_a_full_disk_is_one_line_with_the_log_kept_injected(tmp_path, capsys, monkeypatch):
+    """Always runs (no root needed). A full disk ended in polars' ComputeError or an OSError from commit and ~250
+    lines of tracebacks. Now: DiskFull naming the stage, the store's device and what to do; nothing committed, the
+    unfinished output removed; the CLI adds the run's log file, which holds the tracebacks; a rerun with space
+    works."""
+    from worldpm.config import load_config
+    from worldpm.errors import DiskFull
+    from worldpm.store import ArtifactStore
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [f"artifacts_dir={tmp_path / 'store'}"])
+    store = FullDiskStore(cfg.artifacts_dir)
+    with pytest.raises(DiskFull) as e:
+        PIPELINE.run(cfg, store, until="download")
+    assert str(e.value).startswith(f"download: the disk is full (no space left on the device of {store.root}, ")
+    assert str(e.value).endswith(" free): nothing was committed and its unfinished output is removed; free space "
+                                 "there (`worldpm artifacts gc` removes what the config does not use) or set "
+                                 "artifacts_dir to a larger disk, then run again: the stages before download are "
+                                 "cached")
+    assert [p.name for p in (store.root / "download").iterdir() if not p.name.endswith(".lock")] == \
+        [f".work-{p.name[6:]}" for p in (store.root / "download").glob(".work-*")]  # no .tmp-, no artifact
+
+    code = cli.main(["run", "--until", "download"], pipeline=PIPELINE,
+                    run_flow=lambda **p: PIPELINE.run(cfg, FullDiskStore(cfg.artifacts_dir), until=p["until"]))
+    err = capsys.readouterr().err
+    logs = sorted((tmp_path / ".worldpm" / "logs").glob("run-*.log"))
+    assert code == 1 and len(logs) == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"worldpm: download: the disk is full (no space left on the device of {store.root}, ")
+    assert line.endswith(f"(full log: {logs[0]}; `worldpm run --verbose` prints it here)")
+    assert [r["status"] for r in PIPELINE.run(cfg, ArtifactStore(cfg.artifacts_dir), until="download")][0] == "ran"
+
+
+def test_a_library_reports_a_full_disk_in_text_and_it_is_recognised(tmp_path):
+    """polars says "No space left on device" inside a ComputeError (no errno): disk_full finds it, as it finds the
+    OSError of a plain write, both from real writes to /dev/full."""
+    import polars as pl
+
+    from worldpm.errors import disk_full
+
+    with pytest.raises(pl.exceptions.ComputeError) as e:
+        pl.DataFrame({"a": list(range(100_000))}).write_parquet("/dev/full")
+    assert disk_full(e.value) is e.value
+    with pytest.raises(OSError) as e2:
+        with open("/dev/full", "w") as f:
+            f.write("x" * 10)
+    assert disk_full(e2.value) is e2.value
+    assert disk_full(ValueError("no space for a name")) is None
+
+
+def _mount_tmpfs(path: Path, size: str) -> str | None:
+    """Mount a small tmpfs at `path`; None when it worked, else why not (no root, no mount(8), a container)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "mounting a tmpfs needs root and mount(8)"
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    return None if p.returncode == 0 else f"mount -t tmpfs failed: {p.stderr.strip()}"
+
+
+def test_a_full_disk_is_one_line_on_a_real_small_filesystem(worldpm_cli, tmp_path):
+    """The real thing where a tmpfs can be mounted (root): artifacts_dir on a 150 KB filesystem, `worldpm run`
+    through the console script and Prefect. download fits, normalise does not."""
+    store = tmp_path / "store"
+    why = _mount_tmpfs(store, "150k")
+    if why is not None:
+        pytest.skip(f"{why}; test_a_full_disk_is_one_line_with_the_log_kept_injected covers the same path")
+    try:
+        write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
+        p = worldpm_cli("run", "--until", "clean", check=False)
+        logs = sorted((tmp_path / ".worldpm" / "logs").glob("run-*.log"))
+        assert p.returncode == 1 and "Traceback" not in p.stderr and len(logs) == 1
+        line = p.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"worldpm: normalise: the disk is full (no space left on the device of {store}, ")
+        assert line.endswith("then run again: the stages before normalise are cached (full log: "
+                             f"{logs[0]}; `worldpm run --verbose` prints it here)")
+        assert "No space left on device" in logs[0].read_text() and "Traceback" in logs[0].read_text()
+        assert len([d for d in (store / "download").iterdir() if (d / "manifest.json").is_file()]) == 1
+        assert not [d for d in (store / "normalise").iterdir() if d.name.startswith(".tmp-")
+                    or (d / "manifest.json").exists()]
+        loud = worldpm_cli("run", "--until", "clean", "--verbose", check=False)
+        assert loud.returncode == 1 and "Traceback" in loud.stderr
+        assert loud.stderr.strip().splitlines()[-1].startswith("worldpm: normalise: the disk is full")
+    finally:
+        subprocess.run(["umount", str(store)], check=False)

@@ -17,17 +17,19 @@ are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Pre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from worldpm.config import PipelineConfig, load_config
 from worldpm.engine import Pipeline
-from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, StageError
+from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, NeedsTheLog, StageError, disk_full, free_space
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -98,10 +100,11 @@ def cmd_run(args) -> int:
     args.pipeline.preflight(cfg, until=args.until, only=args.only, start=args.start)
     if not args.verbose:
         quiet_expected_tracebacks()
-    results = args.run_flow(
-        config_path=path, overrides=args.set or [], sources=args.source or None,
-        until=args.until, only=args.only, start=args.start, force=args.force or [],
-    )
+    with keep_run_log():
+        results = args.run_flow(
+            config_path=path, overrides=args.set or [], sources=args.source or None,
+            until=args.until, only=args.only, start=args.start, force=args.force or [],
+        )
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -128,6 +131,68 @@ class _NoTracebackFor(logging.Formatter):
             return self.inner.format(record)
         finally:
             record.exc_info, record.exc_text = saved
+
+
+# ---- the run's full log -------------------------------------------------------------------------------------------
+RUN_LOGS = Path(".worldpm") / "logs"  # under the folder `worldpm run` runs in, beside the background server's home
+KEEP_RUN_LOGS = 20
+run_log: Path | None = None  # this process's, once keep_run_log() has opened it
+
+
+class RunLogHandler(logging.FileHandler):
+    """Everything the run logs (every stage's lines, Prefect's, each traceback in full) into the run's log file.
+    A write that fails (the disk that is full may be this one) is dropped without the stdlib's "--- Logging error
+    ---" report on the terminal."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setLevel(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def keep_run_log(folder: Path | None = None) -> Iterator[Path | None]:
+    """Within: the run's full log goes to .worldpm/logs/run-<time>-<pid>.log (the newest KEEP_RUN_LOGS are kept):
+    the terminal shows one line per failure, the file keeps what led to it. A failure whose cause is outside the
+    input (NeedsTheLog: a full disk, the Prefect server gone) names this file; `--verbose` prints the tracebacks on
+    the terminal as well."""
+    global run_log
+    folder = (folder or Path.cwd() / RUN_LOGS).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        old = sorted(folder.glob("run-*.log"))
+        for f in old[: max(0, len(old) - KEEP_RUN_LOGS + 1)]:
+            f.unlink(missing_ok=True)
+    except OSError:  # a read-only or full folder: the run goes on without its file
+        yield None
+        return
+    run_log = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = RunLogHandler(run_log)
+    root = logging.getLogger()
+    root.addHandler(handler)
+
+    def note(level: int, msg: str, *args, exc: BaseException | None = None) -> None:
+        handler.handle(logging.LogRecord("worldpm", level, __file__, 0, msg, args,
+                                         (type(exc), exc, exc.__traceback__) if exc is not None else None))
+
+    note(logging.INFO, "worldpm %s (in %s)", " ".join(sys.argv[1:]), Path.cwd())
+    try:
+        yield run_log
+    except BaseException as e:  # what ended the run, in full (the terminal gets its one line)
+        note(logging.ERROR, "the run ended: %s: %s", type(e).__name__, e, exc=e)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _with_log(message: str) -> str:
+    if run_log is None or not run_log.is_file():
+        return message
+    return f"{message} (full log: {run_log}; `worldpm run --verbose` prints it here)"
 
 
 def quiet_expected_tracebacks() -> None:
@@ -360,7 +425,14 @@ def main(argv: list[str] | None = None, *, pipeline: Pipeline, run_flow: Callabl
         print(f"worldpm: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except StageError as e:
-        print(f"worldpm: {e}", file=sys.stderr)
+        print(f"worldpm: {_with_log(str(e)) if isinstance(e, NeedsTheLog) else e}", file=sys.stderr)
+        return EXIT_STAGE
+    except OSError as e:  # outside any stage (the run's lock note, a report): a full disk is still one line
+        if disk_full(e) is None:
+            raise
+        place = e.filename or Path.cwd()
+        why = f"the disk is full (no space left on the device of {place}, {free_space(place)} free): free space there"
+        print(f"worldpm: {_with_log(why + ' and run again')}", file=sys.stderr)
         return EXIT_STAGE
     except KeyboardInterrupt:
         print("worldpm: interrupted", file=sys.stderr)

@@ -45,7 +45,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterable
 
 from worldpm.config import PipelineConfig
-from worldpm.errors import ConfigError, StageError
+from worldpm.errors import ConfigError, DiskFull, StageError, disk_full, free_space
 from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
 
 
@@ -468,25 +468,37 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
                 return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
             for stale in store.clear_stale_tmp(name, key):
                 log.warning("%s: removed the unfinished output of an earlier run: %s", name, stale)
-            tmp = store.new_tmp(name, key)
-            log.info("%s: running (key %s)", name, key)
-            upstream = {u: inputs[u] for u in stage.upstream}
+            tmp = None
             try:
+                tmp = store.new_tmp(name, key)
+                log.info("%s: running (key %s)", name, key)
+                upstream = {u: inputs[u] for u in stage.upstream}
                 stats = stage.module.run(scfg, upstream, tmp, log, store.work_dir(name, key)) or {}
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            seconds = time.perf_counter() - t0
-            _check_counts(name, stats)
-            manifest = {
-                "pipeline": cfg.name,
-                "code_version": code_version(stage),
-                "config": scfg,
-                "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)} for u, ref in upstream.items()},
-                "seconds": round(seconds, 3),
-                **stats,
-            }
-            ref = store.commit(name, key, tmp, manifest, replace=force)
+                seconds = time.perf_counter() - t0
+                _check_counts(name, stats)
+                manifest = {
+                    "pipeline": cfg.name,
+                    "code_version": code_version(stage),
+                    "config": scfg,
+                    "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)}
+                                 for u, ref in upstream.items()},
+                    "seconds": round(seconds, 3),
+                    **stats,
+                }
+                ref = store.commit(name, key, tmp, manifest, replace=force)
+            except BaseException as e:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                full = disk_full(e)
+                if full is None:
+                    raise
+                place = getattr(full, "filename", None)  # a file of its own output: name the store
+                place = place if place and not Path(place).resolve().is_relative_to(store.root) else store.root
+                raise DiskFull(
+                    f"{name}: the disk is full (no space left on the device of {place}, {free_space(place)} free): "
+                    f"nothing was committed and its unfinished output is removed; free space there (`worldpm "
+                    f"artifacts gc` removes what the config does not use) or set artifacts_dir to a larger disk, "
+                    f"then run again: the stages before {name} are cached") from e
             store.drop_work_dir(name, key)
     log.info("%s: done in %.1fs -> %s", name, seconds, ref.path)
     hook = getattr(stage.module, "after_commit", None)
