@@ -378,7 +378,8 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {stage, key, status: ran|cached|skipped, path, seconds}")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line)")
+                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line; "
+                        "the full log is kept in .worldpm/logs/ either way)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="which stages are cached for the current config, which would run, and why")
