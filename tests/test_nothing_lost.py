@@ -520,3 +520,172 @@ def test_a_full_disk_is_one_line_on_a_real_small_filesystem(worldpm_cli, tmp_pat
         assert loud.stderr.strip().splitlines()[-1].startswith("worldpm: normalise: the disk is full")
     finally:
         subprocess.run(["umount", str(store)], check=False)
+
+
+# ---- 9, 14, 15: the Prefect server a run uses, losing it, and a run whose process died ---------------------------
+def _env_without_api(tmp_path: Path, port: int) -> dict:
+    """A `worldpm run` that picks its own server: no PREFECT_API_URL, a client PREFECT_HOME of its own, the
+    background server's preferred port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "WORLDPM_BACKGROUND_SERVER")}
+    env.update(WORLDPM_PREFECT_PORT=str(port), PREFECT_HOME=str(tmp_path / "client-home"))
+    return env
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 600):
+    """Poll until predicate() is truthy (a hang guard, not a timing assertion): its value."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.returncode}\n{proc.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail(f"no {what} in {limit:.0f}s")
+
+
+def _running_flow_run(api: str | None, config: Path):
+    """The id of the flow run of `config` that the server at `api` shows Running, or None (None too while there is no
+    server to ask)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if api is None:
+        return None
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+            runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["RUNNING"]))))
+    except Exception:  # not up yet
+        return None
+    return next((str(r.id) for r in runs if r.parameters.get("config_path") == str(config)), None)
+
+
+def _flow_run(api: str, run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        return c.read_flow_run(run_id)
+
+
+def test_a_run_does_not_adopt_another_folders_server_and_says_which_it_uses(prefect_api_url, tmp_path):
+    """Without PREFECT_API_URL, a run used any server answering on 127.0.0.1:4200, another folder's too (its runs
+    in that folder's database; the run stalled when that server went). Here the session's server, started with
+    another PREFECT_HOME, answers on the preferred port: the run says so, starts this folder's own, says its URL
+    and PREFECT_HOME, and runs there."""
+    from flows import server
+
+    port = int(prefect_api_url.rsplit(":", 1)[1].split("/")[0])
+    write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
+    env = _env_without_api(tmp_path, port)
+    try:
+        p = subprocess.run([WORLDPM, "run", "--until", "download"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+        rec = server.read_record(tmp_path / ".worldpm" / "prefect")
+        assert p.returncode == 0 and rec is not None, p.stderr
+        assert not rec.url.startswith(f"http://127.0.0.1:{port}/")
+        lines = p.stderr.splitlines()
+        assert (f"worldpm: a Prefect server answers on http://127.0.0.1:{port}, but not this folder's (it keeps its "
+                f"runs in its own PREFECT_HOME, and goes when its owner stops it): this run starts this folder's own "
+                f"on port {rec.url.split(':')[2].split('/')[0]}; to use that one, set PREFECT_API_URL="
+                f"http://127.0.0.1:{port}/api") in lines
+        assert f"PREFECT_HOME {tmp_path / '.worldpm' / 'prefect'}]" in p.stderr
+        assert f"View at {rec.ui}/runs/flow-run/" in p.stderr  # the run is in this folder's server
+    finally:
+        subprocess.run([WORLDPM, "server", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+
+
+def test_a_lost_prefect_server_ends_the_run_in_one_line_and_the_next_run_marks_it_crashed(tmp_path):
+    """The background server SIGKILLed during a run: Prefect's client retried for 4-5 minutes, printing httpx
+    tracebacks and "Error logging to API", and never a worldpm line. Now the stage in progress finishes and is
+    committed, no stage starts after it, and the run ends with one line naming the server, what finished and what
+    to do, plus its log file. The flow run it leaves Running is marked Crashed by the next run (case 14)."""
+    import signal as sig
+
+    from flows import server
+    from worldpm.store import ArtifactStore
+
+    write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
+    env = _env_without_api(tmp_path, _closed_port())
+    env["WORLDPM_API_WATCH_S"] = "1"
+    notes = tmp_path / "store" / ".flow-runs"
+    proc = subprocess.Popen([WORLDPM, "run", "--until", "tokenize"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        home = tmp_path / ".worldpm" / "prefect"
+        run_id = _wait_for(lambda: _running_flow_run(getattr(server.read_record(home), "url", None),
+                                                     tmp_path / "pipeline.yaml"), proc, "running flow run")
+        rec = server.read_record(home)
+        os.killpg(rec.pid, sig.SIGKILL)  # the server, mid-run
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = sorted((tmp_path / ".worldpm" / "logs").glob("run-*.log"))
+    assert proc.returncode == 1 and out == "" and len(logs) == 1
+    assert "Traceback" not in err and "Error logging to API" not in err and "httpx" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"worldpm: lost the background Prefect server at {rec.url} during ")
+    assert " (it stopped answering: stopped or killed?): download, " in last
+    assert last.endswith("finished and cached; run again (`worldpm run` starts a new background server; `worldpm "
+                         "server status` says what runs): what finished is a cache hit (full log: "
+                         f"{logs[0]}; `worldpm run --verbose` prints it here)")
+    finished = last.split("killed?): ")[1].split(" finished and cached")[0].split(", ")
+    store = ArtifactStore(tmp_path / "store")
+    for stage in ("download", "normalise", "clean", "shard", "tokenize"):  # committed and whole, or not there
+        folders = [d for d in (store.root / stage).glob("*") if d.is_dir()] if (store.root / stage).is_dir() else []
+        assert not [d for d in folders if d.name.startswith(".tmp-")]
+        committed = [d for d in folders if not d.name.startswith(".")]
+        assert len(committed) == (1 if stage in finished else 0), (stage, finished)
+        for d in committed:
+            assert store.check(stage, d.name)[1] is None
+    try:
+        again = subprocess.run([WORLDPM, "run", "--until", "download"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=600)
+        rec2 = server.read_record(tmp_path / ".worldpm" / "prefect")
+        assert again.returncode == 0, again.stderr
+        state = _flow_run(rec2.url, run_id).state
+        assert state.type.value == "CRASHED" and state.message.startswith(
+            f"the worldpm process that ran it (pid {proc.pid} on ")
+        assert not notes.exists() or not list(notes.glob("*.json"))
+    finally:
+        subprocess.run([WORLDPM, "server", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+
+
+def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_run(prefect_api_url, worldpm_cli, tmp_path):
+    """`worldpm run` SIGKILLed mid-run left its flow run "Running" on the server forever. The next run of the same
+    store marks it Crashed, naming the process that died."""
+    import signal as sig
+
+    write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
+    notes = tmp_path / "store" / ".flow-runs"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+    proc = subprocess.Popen([WORLDPM, "run", "--until", "tokenize"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        run_id = _wait_for(lambda: _running_flow_run(prefect_api_url, tmp_path / "pipeline.yaml"), proc,
+                           "running flow run")
+        proc.send_signal(sig.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _flow_run(prefect_api_url, run_id).state.type.value == "RUNNING"  # what it stayed, for good
+    import socket
+    import time
+
+    note = notes / f"{run_id}.json"
+    started = json.loads(note.read_text())["started"] if note.exists() else 0  # the note the killed run left
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    p = worldpm_cli("run", "--until", "download")
+    state = _flow_run(prefect_api_url, run_id).state
+    assert state.type.value == "CRASHED", state
+    assert state.message == (
+        f"the worldpm process that ran it (pid {proc.pid} on {socket.gethostname()}, started {started}) died "
+        "without ending it (killed?); marked Crashed by the next run of this store")
+    assert f"its process (pid {proc.pid}) died without ending it; marked Crashed" in p.stderr
+    assert not list(notes.glob("*.json"))

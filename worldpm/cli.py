@@ -100,11 +100,17 @@ def cmd_run(args) -> int:
     args.pipeline.preflight(cfg, until=args.until, only=args.only, start=args.start)
     if not args.verbose:
         quiet_expected_tracebacks()
-    with keep_run_log():
-        results = args.run_flow(
-            config_path=path, overrides=args.set or [], sources=args.source or None,
-            until=args.until, only=args.only, start=args.start, force=args.force or [],
-        )
+    # Without --verbose, a handler that cannot write (Prefect's API log worker when the server has gone: "--- Error
+    # logging to API ---" after every batch) says nothing on the terminal; the run's log file keeps the run.
+    raise_before, logging.raiseExceptions = logging.raiseExceptions, bool(args.verbose)
+    try:
+        with keep_run_log():
+            results = args.run_flow(
+                config_path=path, overrides=args.set or [], sources=args.source or None,
+                until=args.until, only=args.only, start=args.start, force=args.force or [],
+            )
+    finally:
+        logging.raiseExceptions = raise_before
     if args.json:
         print(json.dumps(results, indent=2))
     else:

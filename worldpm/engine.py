@@ -451,9 +451,49 @@ def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -
     return key, scfg
 
 
+# What this process is doing, for a watcher that must not stop it mid-stage (flows/cli.py stops a run whose Prefect
+# server is gone only between stages, so a stage that was running is committed, not lost).
+_activity_lock = threading.Lock()
+_running: dict[str, int] = {}
+_done: list[str] = []
+
+
+_hold = threading.Event()
+
+
+def activity() -> tuple[list[str], list[str]]:
+    """(the stages executing now, the stages executed to their end: run and committed, or cached) in this process."""
+    with _activity_lock:
+        return [n for n, c in _running.items() if c], list(_done)
+
+
+def hold_new_stages() -> None:
+    """From now on no stage starts in this process (`execute` waits at its door): the process is about to end, and
+    the stages executing now are let finish (flows/cli.py, when the Prefect server is gone)."""
+    _hold.set()
+
+
 def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
             force: bool = False, log: logging.Logger | logging.LoggerAdapter | None = None) -> StageResult:
     """Skip the stage if its key is committed (unless forced); otherwise run it and commit atomically."""
+    with _activity_lock:
+        held = _hold.is_set()
+        if not held:
+            _running[stage.name] = _running.get(stage.name, 0) + 1
+    while held:  # the process ends without it (hold_new_stages)
+        time.sleep(3600)
+    try:
+        res = _execute(stage, cfg, inputs, store, force, log)
+    finally:
+        with _activity_lock:
+            _running[stage.name] -= 1
+    with _activity_lock:
+        _done.append(stage.name)
+    return res
+
+
+def _execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+             force: bool, log: logging.Logger | logging.LoggerAdapter | None) -> StageResult:
     name = stage.name
     log = log or logging.getLogger(f"worldpm.{name}")
     t0 = time.perf_counter()
