@@ -119,9 +119,10 @@ def cmd_run(args) -> int:
 
 
 class _NoTracebackFor(logging.Formatter):
-    """Wraps a console handler's formatter: a record carrying one of our one-line errors (StageError, ConfigError)
-    is printed without its traceback (Prefect logs each failed task and flow run with one); other exceptions, bugs,
-    keep theirs. The record itself is left as it was, so the Prefect API (the UI) still gets the traceback."""
+    """Wraps a console handler's formatter: a record carrying one of our one-line errors (StageError, ConfigError,
+    or a lost Prefect API: `_expected`) is printed without its traceback (Prefect logs each failed task and flow run
+    with one); other exceptions, bugs, keep theirs. The record itself is left as it was, so the Prefect API (the UI)
+    and the run's log file still get the traceback."""
 
     def __init__(self, inner: logging.Formatter | None):
         super().__init__()
@@ -129,7 +130,7 @@ class _NoTracebackFor(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, (StageError, ConfigError)):
+        if not _expected(exc):
             return self.inner.format(record)
         saved = record.exc_info, record.exc_text
         record.exc_info, record.exc_text = None, None
@@ -199,6 +200,15 @@ def _with_log(message: str) -> str:
     if run_log is None or not run_log.is_file():
         return message
     return f"{message} (full log: {run_log}; `worldpm run --verbose` prints it here)"
+
+
+def _expected(exc: BaseException | None) -> bool:
+    """One of our one-line errors, or the Prefect client failing to reach its server (httpx: a lost server ends the
+    run in one line of its own, flows/cli.py): printed without the traceback; the run's log file keeps it."""
+    if exc is None:
+        return False
+    return isinstance(exc, (StageError, ConfigError)) or any(
+        c.__module__.split(".")[0] in ("httpx", "httpcore") for c in type(exc).__mro__)
 
 
 def quiet_expected_tracebacks() -> None:
