@@ -15,7 +15,7 @@ from pathlib import Path
 from flows import deploy
 from tasks import PIPELINE
 from worldpm import cli
-from worldpm.errors import EXIT_STAGE, StageError
+from worldpm.errors import EXIT_STAGE, NeedsTheLog, StageError
 
 
 def run_flow(**params) -> list[dict]:
@@ -53,17 +53,37 @@ def run_flow(**params) -> list[dict]:
     finally:
         if watch is not None:
             watch.stop()
-        if note is not None:  # the flow call has returned or raised: Prefect has reported the run's final state
-            note.remove()
+        if note is not None and server.healthy(api):  # the flow call has returned or raised, and the server is
+            note.remove()  # there: Prefect has reported the final state (else the next run looks at it)
+
+
+class ApiLost(NeedsTheLog):
+    """The run's Prefect server stopped answering during the run."""
+
+
+def lost_message(url: str, ours: bool, during: str | None = None) -> str:
+    """The one line for a run whose Prefect server went away: the server, what finished (engine.activity), what to
+    do."""
+    from worldpm import engine
+
+    running, done = engine.activity()
+    if during is None:
+        during = running[0] if running else (f"the run, after {done[-1]}" if done else "the run, before any stage")
+    kept = f"{', '.join(dict.fromkeys(done))} finished and cached" if done else "no stage finished"
+    where = "the background Prefect server" if ours else "the Prefect server (PREFECT_API_URL)"
+    todo = ("run again (`worldpm run` starts a new background server; `worldpm server status` says what runs)"
+            if ours else "start it again (`worldpm server` or `prefect server start`) and run again")
+    return (f"lost {where} at {url} during {during} (it stopped answering: stopped or killed?): {kept}; {todo}: what "
+            "finished is a cache hit")
 
 
 def _unreachable(url: str | None) -> StageError:
-    """The one line for a Prefect API that does not answer: ours (`url`, gone: stopped, killed) or the user's."""
+    """The one line for a Prefect API that does not answer: ours (`url`: it answered when the run started, so it is
+    gone: stopped, killed) or the user's."""
     from prefect.settings import get_current_settings
 
     if url is not None:
-        return StageError(f"cannot reach the background Prefect server at {url} any more (stopped during the run?): "
-                          "`worldpm server status` says what runs; the next run starts it again")
+        return ApiLost(lost_message(url, ours=True))
     return StageError(f"cannot reach the Prefect API at {get_current_settings().api.url} (PREFECT_API_URL): start "
                       "the server (`worldpm server` or `prefect server start`), or unset PREFECT_API_URL to let "
                       "worldpm start one in the background")
@@ -195,8 +215,8 @@ class ApiWatch(threading.Thread):
         set_api_log_sink(lambda _log: None)  # nothing to send them to: no "Error logging to API" on the terminal
         logging.raiseExceptions = False
         engine.hold_new_stages()  # Prefect 3 starts task runs without the API: the next stage would start anyway
-        running, done = engine.activity()
-        during = running[0] if running else (f"the run, after {done[-1]}" if done else "the run, before any stage")
+        running, _ = engine.activity()
+        during = running[0] if running else None
         if running:
             print(f"worldpm: the Prefect server at {self.url} stopped answering; {', '.join(running)} goes on to its "
                   "end and is kept, then this run stops", file=sys.stderr, flush=True)
@@ -205,13 +225,7 @@ class ApiWatch(threading.Thread):
             running, _ = engine.activity()
         if self._stop.is_set():  # the run ended on its own meanwhile
             return
-        _, done = engine.activity()
-        kept = f"{', '.join(dict.fromkeys(done))} finished and cached" if done else "no stage finished"
-        where = ("the background Prefect server" if self.ours else "the Prefect server (PREFECT_API_URL)")
-        todo = ("run again (`worldpm run` starts a new background server; `worldpm server status` says what runs)"
-                if self.ours else "start it again (`worldpm server` or `prefect server start`) and run again")
-        msg = (f"lost {where} at {self.url} during {during} (it stopped answering: stopped or killed?): {kept}; "
-               f"{todo}: what finished is a cache hit")
+        msg = lost_message(self.url, self.ours, during)
         if cli.run_log is not None:
             with contextlib.suppress(OSError), open(cli.run_log, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR   worldpm: {msg}\n")
