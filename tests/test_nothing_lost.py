@@ -565,6 +565,22 @@ def _running_flow_run(api: str | None, config: Path):
     return next((str(r.id) for r in runs if r.parameters.get("config_path") == str(config)), None)
 
 
+def _stop_servers_of(project: Path, env: dict) -> None:
+    """After a test that starts background servers in `project`: `worldpm server stop`, and any Prefect server whose
+    PREFECT_HOME is the project's that the record no longer names (started, then replaced)."""
+    import signal as sig
+
+    subprocess.run([WORLDPM, "server", "stop"], cwd=project, env=env, capture_output=True, timeout=120)
+    home = f"PREFECT_HOME={project / '.worldpm' / 'prefect'}".encode()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                    home in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.killpg(int(pid), sig.SIGTERM)
+        except OSError:
+            continue
+
+
 def _flow_run(api: str, run_id: str):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -597,7 +613,7 @@ def test_a_run_does_not_adopt_another_folders_server_and_says_which_it_uses(pref
         assert f"PREFECT_HOME {tmp_path / '.worldpm' / 'prefect'}]" in p.stderr
         assert f"View at {rec.ui}/runs/flow-run/" in p.stderr  # the run is in this folder's server
     finally:
-        subprocess.run([WORLDPM, "server", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+        _stop_servers_of(tmp_path, env)
 
 
 def test_a_lost_prefect_server_ends_the_run_in_one_line_and_the_next_run_marks_it_crashed(tmp_path):
@@ -605,15 +621,22 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_and_the_next_run_marks_i
     tracebacks and "Error logging to API", and never a worldpm line. Now the stage in progress finishes and is
     committed, no stage starts after it, and the run ends with one line naming the server, what finished and what
     to do, plus its log file. The flow run it leaves Running is marked Crashed by the next run (case 14)."""
+    write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
+    env = _env_without_api(tmp_path, _closed_port())
+    env["WORLDPM_API_WATCH_S"] = "1"
+    notes = tmp_path / ".worldpm" / "runs"
+    try:
+        _a_lost_server_and_the_next_run(tmp_path, env, notes)
+    finally:
+        _stop_servers_of(tmp_path, env)
+
+
+def _a_lost_server_and_the_next_run(tmp_path: Path, env: dict, notes: Path) -> None:
     import signal as sig
 
     from flows import server
     from worldpm.store import ArtifactStore
 
-    write_config(tmp_path / "pipeline.yaml", {"artifacts_dir": "store"})
-    env = _env_without_api(tmp_path, _closed_port())
-    env["WORLDPM_API_WATCH_S"] = "1"
-    notes = tmp_path / ".worldpm" / "runs"
     proc = subprocess.Popen([WORLDPM, "run", "--until", "tokenize"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -644,18 +667,15 @@ def test_a_lost_prefect_server_ends_the_run_in_one_line_and_the_next_run_marks_i
         assert len(committed) == (1 if stage in finished else 0), (stage, finished)
         for d in committed:
             assert store.check(stage, d.name)[1] is None
-    try:
-        again = subprocess.run([WORLDPM, "run", "--until", "download"], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=600)
-        rec2 = server.read_record(tmp_path / ".worldpm" / "prefect")
-        assert again.returncode == 0, again.stderr
-        state = _flow_run(rec2.url, run_id).state
-        assert state.type.value == "CRASHED" and state.message.startswith(
-            f"the worldpm process that ran it (pid {proc.pid} on ")
-        assert f"its process (pid {proc.pid}) died without ending it; marked Crashed" in again.stderr
-        assert not notes.exists() or not list(notes.glob("*.json"))
-    finally:
-        subprocess.run([WORLDPM, "server", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    again = subprocess.run([WORLDPM, "run", "--until", "download"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    rec2 = server.read_record(tmp_path / ".worldpm" / "prefect")
+    assert again.returncode == 0, again.stderr
+    state = _flow_run(rec2.url, run_id).state
+    assert state.type.value == "CRASHED" and state.message.startswith(
+        f"the worldpm process that ran it (pid {proc.pid} on ")
+    assert f"its process (pid {proc.pid}) died without ending it; marked Crashed" in again.stderr
+    assert not notes.exists() or not list(notes.glob("*.json"))
 
 
 def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_run(prefect_api_url, worldpm_cli, tmp_path):
