@@ -17,6 +17,7 @@ from worldpm.data.textpath import TextPath
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.modeling.trainer import launch
+from worldpm.modeling.trainer.args import TrainerArgs
 from worldpm.store import ArtifactRef, file_digest
 
 
@@ -48,7 +49,7 @@ def stage_config(cfg: PipelineConfig) -> TrainStageConfig:
 
 
 def trainer_args(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], out: Path, work: Path,
-                 gpus: int = 0) -> launch.TrainerArgs:
+                 gpus: int = 0) -> TrainerArgs:
     """The recipe's arguments for this stage's inputs (checked: a train split, DPO's reference log-probs)."""
     data_dir = Path(inputs["tokenize"].path)
     if not (data_dir / "train.parquet").is_file():
@@ -60,9 +61,9 @@ def trainer_args(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], out: Pa
     if lora.enabled and lora.quantize_4bit and not gpus:
         raise StageError("train: model.lora.quantize_4bit (QLoRA, 4-bit NF4 through bitsandbytes) needs a CUDA GPU "
                          "and none is visible; set model.lora.quantize_4bit=false to train LoRA in full precision")
-    return launch.TrainerArgs(model=scfg.model, train=scfg.train, text=scfg.text, data_dir=data_dir,
-                              ref_dir=Path(ref.path), out=out, work=work,
-                              precision=launch.resolve_precision(scfg.train.precision, gpus), cpu=not gpus)
+    return TrainerArgs(model=scfg.model, train=scfg.train, text=scfg.text, data_dir=data_dir,
+                       ref_dir=Path(ref.path), out=out, work=work,
+                       precision=launch.resolve_precision(scfg.train.precision, gpus), cpu=not gpus)
 
 
 def run(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:

@@ -61,8 +61,10 @@ def train_inputs(store, tok_ref) -> dict:
 
 
 def tiny_cfg(*extra: str):
-    """A tiny random BERT trained a few steps of 4 pairs, a line and a checkpoint often."""
-    return load_config(None, [f"model.from_config={TINY_BERT}", "train.batch_size=4", "train.max_steps=6",
+    """A tiny random BERT trained a few steps of 4 pairs, a line and a checkpoint often, on the `tokenized`
+    fixture's split (max_length 64: the text path the trainer records is that of its tokenize artifact)."""
+    return load_config(None, [f"model.from_config={TINY_BERT}", "tokenize.max_length=64", "train.batch_size=4",
+                              "train.max_steps=6",
                               "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
                               "train.eval_max_pairs=16", *extra])
 

@@ -26,8 +26,8 @@ def run_download(tmp_path, sources: list[str], *overrides: str):
 
 
 def test_demo_is_deterministic_and_offline():
-    a, b = demo.generate(200, seed=1), demo.generate(200, seed=1)
-    assert a.equals(b) and not a.equals(demo.generate(200, seed=2))
+    a, b = demo.generate(200, seed=1, max_pairs_per_question=3), demo.generate(200, seed=1, max_pairs_per_question=3)
+    assert a.equals(b) and not a.equals(demo.generate(200, seed=2, max_pairs_per_question=3))
     assert (a["margin"] > 0).all() and a["group_id"].n_unique() == 200  # every question gives a pair
     assert (a["margin"] == a["chosen_score"] - a["rejected_score"]).all()
     assert a.group_by("group_id").len()["len"].max() <= 3

@@ -133,7 +133,7 @@ def test_training_with_length_control_records_what_it_did(tokenized, opts):
         assert lc["poe"]["beta"] == pytest.approx(L.fit_length_expert(L.log_length_diff(ct, rt), w), abs=1e-5)
     # the model folder records the text path it was trained on (what `worldpm score` / `evaluate` then follow)
     card = json.loads((out / "model" / "worldpm.json").read_text())
-    assert card["text"] == {"normalize_markup": True, "normalization": "markup"}
+    assert card["text"]["normalize_markup"] is True and card["text"]["normalization"] == "markup"
     assert card["render"]["max_length"] == 64 and card["render"]["plain_template"] == "{prompt}\n\n{response}"
     # the exported model is the plain reward head: one output, nothing to strip at scoring
     cfgj = json.loads((out / "model" / "config.json").read_text())

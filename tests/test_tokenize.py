@@ -92,7 +92,7 @@ def test_a_split_that_drop_empties_stops_tokenize_naming_the_rule(shard_ref):
                                          r"tokenize.max_length=160 tokens and tokenize.overlength=drop removed it"):
         run_tokenize(store, shard, "tokenize.max_length=160", "tokenize.overlength=drop")
     assert not list((store.root / "tokenize").glob("*/manifest.json")) or all(
-        json.loads(p.read_text())["config"]["max_length"] != 160
+        json.loads(p.read_text())["config"]["tokenize"]["max_length"] != 160
         for p in (store.root / "tokenize").glob("*/manifest.json"))
 
 

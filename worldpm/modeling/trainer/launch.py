@@ -1,6 +1,6 @@
 """Starting the training recipe the standard way, `accelerate launch`, and supervising it.
 
-* ``TrainerArgs``: the recipe's one argument, written here once (``<work>/launch/args.json``) and read once by
+* the recipe's one argument (args.TrainerArgs) is written here once (``<work>/launch/args.json``) and read once by
   each training process (recipe.main).
 * the launch configuration: CPU (no GPU visible): one process, fp32; or train.num_processes CPU processes joined
   over gloo (how the multi-process path is tested without GPUs); with train.deepspeed.enabled, DeepSpeed's CPU
@@ -30,41 +30,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict
-
-from worldpm.config import ModelConfig, TrainConfig
-from worldpm.data.textpath import TextPath
+from worldpm.config import TrainConfig
 from worldpm.errors import StageError
+from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.procs import stop_group
-
-FAILURE = "failure.json"  # the recipe's root cause, for the stage's one-line error
-
-
-class TrainerArgs(BaseModel):
-    """What a training process is given: the typed model and train sections as pipeline.yaml has them, the text
-    path the model is trained on (recorded in its worldpm.json), and where things are."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: ModelConfig
-    train: TrainConfig
-    text: TextPath
-    data_dir: Path        # the tokenize artifact (its tokenizer/ is the model's tokenizer)
-    ref_dir: Path         # the ref_logps artifact (dpo: cached reference log-probs per split)
-    out: Path             # the artifact folder being written
-    work: Path            # the stage's per-key scratch folder (checkpoints, metrics so far; survives a crash)
-    precision: Literal["bf16", "fp32"]
-    cpu: bool = False     # no GPU: processes on the CPU (gloo), DeepSpeed through its CPU accelerator
-    launched_at: float | None = None  # time.time() when the stage started `accelerate launch` (startup timing)
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.data_dir / "tokenizer"
-
-    @classmethod
-    def read(cls, path: str | Path) -> "TrainerArgs":
-        return cls.model_validate_json(Path(path).read_text())
-
 
 # ---- the launch configuration ------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
     python -m accelerate.commands.launch --config_file accelerate.yaml \\
         -m worldpm.modeling.trainer.recipe --args-json ARGS.json
 
-(launch.py starts it so and writes ARGS.json, a launch.TrainerArgs; tests call ``train(args, callbacks)`` in
+(launch.py starts it so and writes ARGS.json, an args.TrainerArgs; tests call ``train(args, callbacks)`` in
 process.)
 
 * ``main``: first, the process dies with its launcher and holds its work folder (guard.py), so no trainer
@@ -49,7 +49,7 @@ from worldpm.modeling.objectives import build_objective
 from worldpm.modeling.trainer import guard, save
 from worldpm.modeling.trainer.data import (Layout, PairBatchSampler, PairData, StepPlan, cut_micro_batches,
                                            load_pairs)
-from worldpm.modeling.trainer.launch import FAILURE, TrainerArgs
+from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.modeling.trainer.step import (FiniteGuard, OutOfMemory, Prefetcher, StepLog, TrainingStop, hms,
                                            oom_message, to_device)
 
