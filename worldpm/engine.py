@@ -35,6 +35,7 @@ from types import ModuleType
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
 from worldpm.codeversion import code_version as _code_version
+from worldpm.codeversion import remember_loaded_sources
 from worldpm.config import PipelineConfig, StageConfig, key_dict
 from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
@@ -92,6 +93,7 @@ class Pipeline:
 
     def __init__(self, stages: Iterable[Stage]):
         self.stages = tuple(stages)
+        remember_loaded_sources()  # the stage modules are loaded: their code versions follow what was loaded
         self._by_name: dict[str, Stage] = {}
         for s in self.stages:
             if s.name in self._by_name:
