@@ -84,10 +84,6 @@ class Stage:
         return _code_version(self.name, self.module)
 
 
-def code_version(stage: Stage) -> str:
-    return stage.code_version
-
-
 class Pipeline:
     """The stages in a topological order; checked when built (an edge to a later or unknown stage is a bug)."""
 
