@@ -64,10 +64,10 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     served = policy.served_run()
     roots = None
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
-        policy.check_run(served, config_path, overrides, sources)
-        overrides = policy.effective_overrides(served, overrides)
+        cfg = policy.check_run(served, config_path, overrides, sources)
         roots = policy.read_roots(served)  # and data files are checked again where they are opened
-    cfg = load_config(config_path, overrides or [], sources or None)
+    else:
+        cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     with read_root(roots):
         results = run_pipeline(cfg, until=until, only=only, start=start, force=force)

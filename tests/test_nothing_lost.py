@@ -13,7 +13,6 @@ import json
 import re
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
