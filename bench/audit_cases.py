@@ -441,20 +441,18 @@ def c19(ctx: Ctx) -> Outcome:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"worldpm.modeling.trainer.main" in cmd and b"accelerate.commands.launch" not in cmd \
+            if b"worldpm.modeling.trainer.recipe" in cmd and b"accelerate.commands.launch" not in cmd \
                     and str(d).encode() in b" ".join(cmd):
                 trainer = int(pid)
         time.sleep(0.2)
     if trainer is None:
         proc.kill()
         return Outcome("n/a", "no trainer process was seen")
-    log = d / "store" / "train"
-    while time.monotonic() - t0 < 900 and proc.poll() is None:  # let it load the model and start
-        logs = list(log.glob(".work-*/launch/stderr.log"))
-        if logs and "Loading weights" in logs[0].read_text(errors="replace"):
+    while time.monotonic() - t0 < 900 and proc.poll() is None:  # let it load the model and start training
+        logs = list((d / ".worldpm" / "logs").glob("run-*.log"))
+        if logs and "training: " in logs[0].read_text(errors="replace"):
             break
         time.sleep(0.2)
-    time.sleep(1)
     os.kill(trainer, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

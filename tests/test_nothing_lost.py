@@ -710,3 +710,89 @@ def test_a_killed_runs_flow_run_is_marked_crashed_by_the_next_run(prefect_api_ur
         "without ending it (killed?); marked Crashed by the next run in this folder")
     assert f"its process (pid {proc.pid}) died without ending it; marked Crashed" in p.stderr
     assert not list(notes.glob("*.json"))
+
+
+# ---- 12, 19, and 8 in training: the trainer's failures are one line; its stderr is detail ------------------------
+@pytest.mark.launch
+def test_a_sigkilled_trainer_is_said_killed_with_no_unrelated_cause(tokenized):
+    """The trainer SIGKILLed (here by itself, after step 1, through a test callback): the line said "killed by
+    SIGKILL" and then, as its "cause", whatever its stderr said last (a transformers load report line, or the
+    launcher's bare "RuntimeError:"). A killed process writes no error: the line says it was killed, and where the
+    log is."""
+    from support import LOG, tiny_cfg, train_inputs
+    from worldpm.errors import StageError
+
+    store, ref, _ = tokenized
+    with pytest.raises(StageError) as e:
+        PIPELINE.execute("train", tiny_cfg("train.callbacks=[support:SigkillAfter1]"), train_inputs(store, ref),
+                         store, log=LOG)
+    msg = str(e.value)
+    log = msg.split("(full log: ")[1].rstrip(")")
+    assert msg == ("train: the training program was killed by SIGKILL (the OOM killer? lower "
+                   f"train.max_tokens_per_batch or train.batch_size) (full log: {log})")
+    assert Path(log).is_file()
+
+
+@pytest.mark.launch
+def test_a_full_disk_in_training_is_the_disk_full_line_injected(tokenized):
+    """Always runs: the trainer gets the kernel's ENOSPC in step 1 (a write to /dev/full, as a checkpoint on a full
+    disk gets it); the stage's line is the full-disk line, naming the store's device, not the trainer's stderr."""
+    from support import LOG, tiny_cfg, train_inputs
+    from worldpm.errors import DiskFull
+
+    store, ref, _ = tokenized
+    with pytest.raises(DiskFull) as e:
+        PIPELINE.execute("train", tiny_cfg("train.callbacks=[support:DiskFullAt1]"), train_inputs(store, ref),
+                         store, log=LOG)
+    assert str(e.value).startswith(f"train: the disk is full (no space left on the device of {store.root}, ")
+    assert "\n" not in str(e.value) and not list((store.root / "train").glob(".tmp-*"))
+
+
+def _trainer_project(staged: Path, tmp_path: Path) -> Path:
+    """The staged demo project (download .. tokenize done) in tmp_path/project."""
+    dst = tmp_path / "project"
+    shutil.copytree(staged, dst)
+    return dst
+
+
+def test_a_trainer_failure_is_its_one_line_and_its_stderr_only_with_verbose(staged, tmp_path, worldpm_cli):
+    """`train.max_tokens_per_batch=32` (below the longest pair): the right final line came after up to 25 lines of
+    trainer stderr, accelerate's CalledProcessError traceback among them. Now the terminal has the one line; the
+    stderr lines are in the run's log file, and on the terminal with --verbose."""
+    project = _trainer_project(staged, tmp_path)
+    p = worldpm_cli("run", "--until", "train", "--set", "train.max_tokens_per_batch=32", cwd=project, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "trainer stderr:" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("worldpm: train: the training program exited with 3: train.max_tokens_per_batch 32 is "
+                           "below the 294 tokens of the longest pair (chosen + rejected): raise it to at least 294 "
+                           "or lower tokenize.max_length (full log: ")
+    assert last.endswith("/launch/stderr.log)")
+    logs = sorted((project / ".worldpm" / "logs").glob("run-*.log"))
+    assert "trainer stderr: " in logs[-1].read_text()
+    loud = worldpm_cli("run", "--until", "train", "--set", "train.max_tokens_per_batch=32", "--verbose",
+                       cwd=project, check=False)
+    assert loud.returncode == 1 and "trainer stderr: " in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == last
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_training_is_one_line_on_a_real_small_filesystem(staged, tmp_path, worldpm_cli):
+    """Where a tmpfs can be mounted (root): the artifacts on 20 MB, the stages before train copied in (1.3 MB): the
+    model (~90 MB) does not fit. The terminal has the full-disk line, not the trainer's stderr."""
+    project = _trainer_project(staged, tmp_path)
+    kept = tmp_path / "store-before"
+    shutil.move(project / "artifacts", kept)
+    why = _mount_tmpfs(project / "artifacts", "20m")
+    if why is not None:
+        pytest.skip(f"{why}; test_a_full_disk_in_training_is_the_disk_full_line_injected covers the same path")
+    try:
+        shutil.copytree(kept, project / "artifacts", dirs_exist_ok=True)
+        p = worldpm_cli("run", "--until", "train", "--set", "train.max_steps=2", cwd=project, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr and "trainer stderr:" not in p.stderr, p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"worldpm: train: the disk is full (no space left on the device of "
+                               f"{project / 'artifacts'}, ")
+        assert "the stages before train are cached (full log: " in last
+        assert not list((project / "artifacts" / "train").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(project / "artifacts")], check=False)

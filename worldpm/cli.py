@@ -211,13 +211,23 @@ def _expected(exc: BaseException | None) -> bool:
         c.__module__.split(".")[0] in ("httpx", "httpcore") for c in type(exc).__mro__)
 
 
+class _HideDetail(logging.Filter):
+    """On the terminal without --verbose: records a stage marks as detail (``extra={"worldpm_detail": True}``: the
+    trainer's stderr lines before its one-line error) stay off it; the run's log file and the Prefect UI have them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "worldpm_detail", False)
+
+
 def quiet_expected_tracebacks() -> None:
     """Keep the terminal to one line per expected failure (`run` without --verbose): the console handlers of the
     root logger print StageError/ConfigError records without their traceback. (Prefect's logging setup keeps a
     root logger that has handlers of its own, as main() gives it, and its run loggers propagate to it.)"""
     for h in logging.getLogger().handlers:
-        if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTracebackFor):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                and not isinstance(h.formatter, _NoTracebackFor):
             h.setFormatter(_NoTracebackFor(h.formatter))
+            h.addFilter(_HideDetail())
 
 
 # ---- status ---------------------------------------------------------------------------------------------------
