@@ -141,7 +141,7 @@ class Pipeline:
                 check(cfg)
         return to_run
 
-    def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
+    def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, StageConfig]:
         """The key and stage config of stage `name` (see `resolve`)."""
         return resolve(self[name], cfg, inputs)
 
