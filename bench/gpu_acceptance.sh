@@ -63,9 +63,8 @@ COPIER=$!
 trap 'kill $COPIER 2>/dev/null; cp bench/out/train/results-gpu.* "$OUT/" 2>/dev/null' EXIT
 
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider --durations=5 \
-  "tests/test_train.py::test_gpu_deepspeed_zero3_tiny_qwen" \
-  "tests/test_dpo.py::test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy" -s > "$OUT/pytest.txt" 2>&1
+TESTS=${TESTS:-"tests/test_train.py::test_gpu_deepspeed_zero3_tiny_qwen tests/test_dpo.py::test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy"}
+timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider --durations=5 $TESTS -s > "$OUT/pytest.txt" 2>&1
 echo "pytest rc $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
 
 start=$(date +%s)
