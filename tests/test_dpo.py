@@ -304,9 +304,10 @@ def test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy(dpo_setup):
     policy = obj.build_model(cfg.model.model_dump(mode="json"), tokzr).to(made["device"], getattr(torch, made["dtype"]))
     before = implicit_accuracy(policy.eval(), obj, data, tokzr.pad_token_id)
     # policy = reference before training: every implicit reward is 0 up to rounding. fp32 (the CPU): 1e-4. bf16 (a GPU
-    # runs the reference in bf16): other batches round each log-prob sum differently, by up to bf16's 2^-8 of it.
+    # runs the reference in bf16): a bf16 forward pass over other batches rounds each log-prob sum differently, by
+    # about 1% of it (measured on the H200: 4.1 nats on sums up to 251, beta 0.1 -> 0.41): bound at 2^-5 of it.
     biggest = float(data_ref_sums(data).abs().max())
-    tol = 1e-4 if made["dtype"] == "float32" else obj.beta * 2 * biggest * 2**-8
+    tol = 1e-4 if made["dtype"] == "float32" else obj.beta * biggest * 2**-5
     res = pipeline.execute("train", cfg, {"tokenize": tok_ref, "ref_logps": ref.ref}, store, log=LOG)
     out = Path(res.ref.path)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
