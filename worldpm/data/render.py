@@ -46,6 +46,14 @@ _A = "WORLDPMASSISTANTSENTINEL"
 
 IDS = pl.List(pl.Int32)
 
+# The chat template worldpm writes into a plain-template reward model's folder (worldpm/modeling/export.py) starts
+# with this comment: such a tokenizer is still rendered with the plain template and its own special tokens.
+PLAIN_REWARD_TEMPLATE = "{#- worldpm reward template (plain)"
+
+
+def is_plain_reward_template(template) -> bool:
+    return isinstance(template, str) and template.lstrip().startswith(PLAIN_REWARD_TEMPLATE)
+
 
 # ---- the template -----------------------------------------------------------------------------------------------
 
@@ -55,7 +63,8 @@ class Renderer:
     def __init__(self, tok, plain_template: str, system_prompt: str | None):
         self.tok = tok
         self.system_prompt = system_prompt
-        self.chat = bool(getattr(tok, "chat_template", None))
+        template = getattr(tok, "chat_template", None)
+        self.chat = bool(template) and not is_plain_reward_template(template)
         if self.chat:
             self._init_chat()
         else:
