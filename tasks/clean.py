@@ -197,7 +197,8 @@ def run(scfg: CleanStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, 
     if not pair_files(norm):
         raise StageError(f"clean: the normalise artifact {norm.path} has no pairs/*.parquet")
     normalize_markup = norm.manifest().get("config", {}).get("normalize_markup")
-    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg.clean)))
+    # the same 20 names every run: the log file and the Prefect UI keep them, the terminal shows what each dropped
+    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg.clean)), extra={"worldpm_detail": True})
     report = filter_pairs(Path(norm.path), scfg.clean, out, log, normalize_markup=normalize_markup)
     if report["rows_in"] and report["rows_out"] == 0:
         raise StageError(f"clean: every pair was rejected ({report['rejected_by_rule']}); loosen the clean rules")

@@ -263,3 +263,49 @@ def test_score_head_for_trl(exports):
         export.score_head_model(exports["default"])
     msg = str(e.value)
     assert "\n" not in msg and "no `score` head" in msg and "GRPO" in msg and "worldpm score" in msg
+
+
+PROBES = (
+    [{"role": "user", "content": "How long should a lager ferment?"},
+     {"role": "assistant", "content": "Two to three weeks at 10 C, then lager it cold."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is dry hopping worth it?"},
+     {"role": "assistant", "content": "Yes, for aroma."}, {"role": "user", "content": "Why?"},
+     {"role": "assistant", "content": "The oils survive. "}],
+)
+
+
+@pytest.mark.parametrize("kind", ["plain", "chatml-adds-specials", "qwen"])
+def test_the_reward_template_gives_the_training_tokens(kind, tmp_path):
+    """The folder's chat template, tokenized as worldpm.json's `hf` says, gives the tokens worldpm trains on (the
+    tokenize stage's rendering and cut) for a plain-template tokenizer (MiniLM), a chat template over a tokenizer
+    that adds [CLS]/[SEP] of its own, and Qwen's layout; multi-turn prompts with their own system turn included.
+    The saved tokenizer is rendered by worldpm as the training one was (the plain one stays plain)."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from support import CHATML
+    from worldpm.data.render import tokenize_pairs
+    from worldpm.data.schema import MESSAGE
+    from worldpm.modeling import models
+
+    if kind == "qwen":
+        tok = AutoTokenizer.from_pretrained(tiny_qwen_tokenizer(tmp_path / "tok"))
+    else:
+        tok = models.load_tokenizer("minilm")
+        if kind == "chatml-adds-specials":
+            tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+            tok.chat_template = CHATML
+    rs = RenderSettings.of({"max_length": 4096, "plain_template": "{prompt}\n\n{response}", "system_prompt": ""})
+    saved = export.reward_tokenizer(tok, rs)
+    saved.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    hf = export.hf_record(saved)
+    assert hf["add_special_tokens"] is (kind != "chatml-adds-specials") and hf["model_max_length"] == 4096
+    frame = pl.DataFrame({"prompt": [p[:-1] for p in PROBES], "chosen": [p[-1]["content"] for p in PROBES],
+                          "rejected": [""] * len(PROBES)},
+                         schema={"prompt": pl.List(MESSAGE), "chosen": pl.String, "rejected": pl.String})
+    want = tokenize_pairs(frame, tok, rs)["chosen_ids"].to_list()
+    got = [saved(saved.apply_chat_template(p, tokenize=False), add_special_tokens=hf["add_special_tokens"])["input_ids"]
+           for p in PROBES]
+    assert got == want
+    assert tokenize_pairs(frame, saved, rs)["chosen_ids"].to_list() == want  # worldpm score on the saved folder

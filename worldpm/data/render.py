@@ -38,21 +38,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from worldpm.data.textpath import RenderSettings
+from worldpm.data.textpath import RenderSettings, is_plain_reward_template
 from worldpm.errors import StageError
 
 _U = "WORLDPMUSERSENTINEL"
 _A = "WORLDPMASSISTANTSENTINEL"
 
 IDS = pl.List(pl.Int32)
-
-# The chat template worldpm writes into a plain-template reward model's folder (worldpm/modeling/export.py) starts
-# with this comment: such a tokenizer is still rendered with the plain template and its own special tokens.
-PLAIN_REWARD_TEMPLATE = "{#- worldpm reward template (plain)"
-
-
-def is_plain_reward_template(template) -> bool:
-    return isinstance(template, str) and template.lstrip().startswith(PLAIN_REWARD_TEMPLATE)
 
 
 # ---- the template -----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ the folder say what it is:
   of the response and the reward token: a decoder's end marker is at the end, an encoder's [CLS] is added after the
   cut), and its ``chat_template`` is worldpm's reward template: the conversation rendered as the model was trained on
   it (``reward_chat_template``). ``tok.apply_chat_template(messages, tokenize=False)`` then gives the text whose
-  tokens (the tokenizer's usual call, its own special tokens added) are the ones the model was trained on, checked
-  here on probe conversations; worldpm.json's ``hf`` entry records the check and the call;
+  tokens (the tokenizer's usual call, its own special tokens added) are the ones the model was trained on;
+  worldpm.json's ``hf`` entry records that call (``hf_record``; tests/test_downstream.py checks it);
 * uniform file modes (model.safetensors was written 0600 and the rest 0644).
 
 The template does not normalise text: give the pipeline text normalised as worldpm.json's ``text`` says (plain text
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from worldpm.data.render import PLAIN_REWARD_TEMPLATE, is_plain_reward_template
-from worldpm.data.textpath import RenderSettings
+from worldpm.data.textpath import PLAIN_REWARD_TEMPLATE, RenderSettings, is_plain_reward_template
 
 MARK = "worldpm reward template"
 REWARD_LABEL = "reward"
@@ -97,37 +96,19 @@ def reward_tokenizer(tok, rs: RenderSettings):
     return out
 
 
-_PROBES = (
-    [{"role": "user", "content": "How long should a lager ferment?"},
-     {"role": "assistant", "content": "Two to three weeks at 10 C, then lager it cold."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is dry hopping worth it?"},
-     {"role": "assistant", "content": "Yes, for aroma."}, {"role": "user", "content": "Why?"},
-     {"role": "assistant", "content": "The oils survive. "}],
-)
+def hf_record(reward_tok) -> dict:
+    """worldpm.json's `hf` entry: how the reward template's text becomes the tokens the model was trained on.
 
-
-def check_template(reward_tok, train_tok, rs: RenderSettings) -> dict:
-    """How the reward template's text becomes the training ids: {chat_template, add_special_tokens (the tokenizer
-    call whose ids equal worldpm's on probe conversations: true, false, or null when neither does)}."""
-    import polars as pl
-
-    from worldpm.data.render import tokenize_pairs
-    from worldpm.data.schema import MESSAGE
-
-    wide = RenderSettings.of({**rs.model_dump(), "max_length": 1 << 16})
-    frame = pl.DataFrame({"prompt": [p[:-1] for p in _PROBES], "chosen": [p[-1]["content"] for p in _PROBES],
-                          "rejected": [""] * len(_PROBES)},
-                         schema={"prompt": pl.List(MESSAGE), "chosen": pl.String, "rejected": pl.String})
-    want = tokenize_pairs(frame, train_tok, wide)["chosen_ids"].to_list()
-    texts = [reward_tok.apply_chat_template(p, tokenize=False) for p in _PROBES]
-    found = None
-    for add in (True, False):
-        got = [list(reward_tok(t, add_special_tokens=add, verbose=False)["input_ids"]) for t in texts]
-        if got == [list(w) for w in want]:
-            found = add
-            break
-    return {"chat_template": "plain" if is_plain_reward_template(reward_tok.chat_template) else "chat",
-            "add_special_tokens": found, "truncation_side": "left", "model_max_length": int(rs.max_length)}
+    worldpm builds a plain-template model's tokens as the tokenizer's own special tokens around the text, and a chat
+    model's from its template's text alone (worldpm/data/render.py): so the plain template's text wants the
+    tokenizer's usual call (add_special_tokens true, what a pipeline does), and a chat template's text the same when
+    the tokenizer adds nothing to a text (Qwen), else add_special_tokens false (a tokenizer that adds a BOS of its
+    own: the template writes its own). tests/test_downstream.py checks both against worldpm score."""
+    plain = is_plain_reward_template(reward_tok.chat_template)
+    adds = list(reward_tok("x", add_special_tokens=True)["input_ids"]) != \
+        list(reward_tok("x", add_special_tokens=False)["input_ids"])
+    return {"chat_template": "plain" if plain else "chat", "add_special_tokens": plain or not adds,
+            "truncation_side": reward_tok.truncation_side, "model_max_length": int(reward_tok.model_max_length)}
 
 
 def finish_config(dest: Path) -> None:

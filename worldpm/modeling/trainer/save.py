@@ -71,13 +71,8 @@ def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, obj
     hf = None
     if objective == "bt" and (card or {}).get("render") and accelerator.is_main_process:
         # a reward model: the folder ready for a HF pipeline and TRL (worldpm/modeling/export.py)
-        rs = RenderSettings.of(card["render"])
-        reward_tok = export.reward_tokenizer(tokenizer, rs)
-        hf = export.check_template(reward_tok, tokenizer, rs)
-        if hf["add_special_tokens"] is None:  # its text is not the training text: keep the tokenizer's own
-            reward_tok.chat_template = getattr(tokenizer, "chat_template", None)
-            hf["chat_template"] = "the model's own" if reward_tok.chat_template else None
-        tokenizer = reward_tok
+        tokenizer = export.reward_tokenizer(tokenizer, RenderSettings.of(card["render"]))
+        hf = export.hf_record(tokenizer)
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save)
     unwrapped = accelerator.unwrap_model(model)
     zero3 = getattr(accelerator.state, "deepspeed_plugin", None) is not None and \
