@@ -24,6 +24,13 @@ import torch
 
 from worldpm.modeling import varlen
 
+# transformers 5, when the `kernels` package is installed (transformers depends on it), swaps some layers for kernels
+# it downloads from the Hub while loading a checkpoint (Qwen2's rotary embedding on CUDA). A node without the Hub
+# cannot load a Qwen2 checkpoint at all then ("Version 2 of 'kernels-community/rotary' is not available in the local
+# cache and Hugging Face Hub is in offline mode": seen on the H200), and code fetched at load time would make a run
+# depend on the Hub's state. Off unless the user sets USE_HUB_KERNELS=YES.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 MINILM = "minilm"
 ADAPTER_CONFIG = "adapter_config.json"
 
