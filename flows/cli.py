@@ -1,6 +1,7 @@
 """The `worldpm` console script: worldpm/cli.py's commands over this project's stages (tasks.PIPELINE), the Prefect
-flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), and the deployment commands `serve`
-and `server` (flows/deploy.py)."""
+flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), the deployment commands `serve`
+and `server` (flows/deploy.py), and `train-node` (worldpm/modeling/trainer/nodes.py: another machine's part in a
+training run)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ from flows import deploy
 from tasks import PIPELINE
 from worldpm import cli
 from worldpm.errors import StageError
+from worldpm.modeling.trainer import nodes
 
 
 def run_flow(**params) -> list[dict]:
@@ -40,7 +42,7 @@ def run_flow(**params) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow, commands=(deploy.register,))
+    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow, commands=(deploy.register, nodes.register))
 
 
 if __name__ == "__main__":

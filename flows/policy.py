@@ -12,7 +12,7 @@ anything runs:
   then has serve's ``--set`` entries followed by its own (``effective_overrides``);
 * ``sources`` needs ``sources`` in the list; each must be a hub id or a path inside the project (the served
   config's folder);
-* the config that results must keep artifacts_dir, trust_remote_code, accelerate_args and callbacks as served,
+* the config that results must keep artifacts_dir, trust_remote_code, accelerate_args, nodes and callbacks as served,
   and every path that differs from the served config must lie inside the project.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
@@ -31,7 +31,8 @@ from worldpm.config import PipelineConfig, load_config, parse_override, source_f
 from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
-NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.callbacks", "serve")
+NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.nodes", "train.callbacks",
+         "serve")
 
 
 @dataclass
@@ -150,8 +151,8 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:
         raise ConfigError(f"{where} may not turn on model.trust_remote_code")
     if cfg.train.accelerate_args != base.train.accelerate_args or cfg.train.callbacks != base.train.callbacks \
-            or cfg.serve != base.serve:
-        raise ConfigError(f"{where} may not change train.accelerate_args, train.callbacks or serve")
+            or cfg.train.nodes != base.train.nodes or cfg.serve != base.serve:
+        raise ConfigError(f"{where} may not change train.accelerate_args, train.nodes, train.callbacks or serve")
     before = _paths(base)
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):

@@ -20,6 +20,8 @@ stages and their edges: the DAG, written once):
                                                 the whole artifact)
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
+    join(scfg, inputs, log, work)               another machine's part in the run of this key (train across
+                                                nodes: `worldpm train-node`); writes no artifact
 
 The engine knows stages only through the `Pipeline` it is handed: nothing in worldpm/ imports tasks/ or flows/.
 """
@@ -53,6 +55,7 @@ class StageSpec(Generic[C]):
     input_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     after_commit: Callable[[PipelineConfig, ArtifactRef, Log], None] | None = None
+    join: Callable[[C, dict[str, ArtifactRef], Log, Path], None] | None = None
 
 
 @dataclass(frozen=True)
