@@ -16,8 +16,9 @@ anything runs:
   and every path that differs from the served config must lie inside the project.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
-`worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set)
-or when Prefect says it belongs to a deployment (a worker: then the deployment's own parameters are the baseline).
+`worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set
+for a served run) or when Prefect says it belongs to a deployment (a worker: then the deployment's own parameters
+are the baseline, and its work pool must let no run set its command or environment: flows/workers.py).
 """
 from __future__ import annotations
 
@@ -55,13 +56,21 @@ def mark_served(config_path: str | None, overrides: list[str]) -> None:
 
 
 def served_run() -> Served | None:
-    """The baseline if this flow run is a deployment run, else None (a `worldpm run` from the terminal)."""
+    """The baseline if this flow run is a deployment run, else None (a `worldpm run` from the terminal).
+
+    A worker's run is checked against its deployment, never the environment: on a work pool, a run's job variables
+    may set environment variables (flows/workers.py)."""
+    from prefect.runtime import deployment, flow_run
+
+    dep_id = deployment.get_id()
+    if dep_id:
+        from flows.workers import worker_baseline
+
+        if (baseline := worker_baseline(flow_run.get_id())) is not None:
+            return baseline
     if os.environ.get(ENV):
         d = json.loads(os.environ[ENV])
         return Served(d.get("config_path"), list(d.get("overrides") or []))
-    from prefect.runtime import deployment
-
-    dep_id = deployment.get_id()
     if not dep_id:
         return None
     from prefect.client.orchestration import get_client
