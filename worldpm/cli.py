@@ -6,6 +6,7 @@
     worldpm artifacts list|show|gc|verify
     worldpm evaluate --model DIR --data FILE       worldpm score --model DIR [FILE]
     worldpm serve | server | server status | server stop
+    worldpm train-node [--config FILE] [--set section.key=value]... [--rank R]    (another machine of a training run)
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
 Errors in the config, the command line or the input are printed as one line and the exit status is 2 (config or

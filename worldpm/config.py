@@ -401,8 +401,8 @@ class ServeConfig(Strict):
         default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
         description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
         "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
-        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.callbacks or serve.*, and never a path outside the "
-        "config's folder, whatever this says")
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.nodes, train.callbacks or serve.*, and never a "
+        "path outside the config's folder, whatever this says")
 
 
 class PipelineConfig(Strict):
