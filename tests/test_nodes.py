@@ -87,6 +87,18 @@ def test_a_failure_names_the_node_that_caused_it(tmp_path):
     assert nodes.short_error(peer) == "RuntimeError: Connection closed by peer [127.0.0.1]:5006"
 
 
+def test_node_0_announces_its_key_while_it_trains(tmp_path):
+    """A node that resolved another key (another config) hears of it at once, and an announcement of a run that
+    ended says nothing."""
+    cfg = load_config(None, TWO).train.nodes
+    work = tmp_path / "train" / ".work-abc"
+    with nodes.Presence(work, cfg, local_processes=1):
+        nodes.announce(work, cfg)
+        assert nodes.announced(tmp_path / "train", cfg) == ".work-abc"
+        assert nodes.announced(tmp_path / "train", cfg.model_copy(update={"main_port": 1})) is None
+    assert nodes.announced(tmp_path / "train", cfg) is None
+
+
 # ---- launched: two nodes on this host ------------------------------------------------------------------------------
 
 def _project(tmp_path: Path, se_paired: Path) -> Path:

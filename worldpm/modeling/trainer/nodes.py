@@ -258,9 +258,12 @@ def announce(work: Path, nodes: NodesConfig) -> None:
 
 
 def announced(stage_dir: Path, nodes: NodesConfig) -> str | None:
-    """The work folder name node 0 announced for this rendezvous address, if any."""
+    """The work folder name node 0 announced for this rendezvous address, while node 0 trains there (its node lock
+    is held: an announcement of a run that ended, however it ended, says nothing)."""
     rec = _read_json(_announcement(stage_dir, nodes))
-    return rec.get("work") if rec else None
+    if not rec or not rec.get("work"):
+        return None
+    return rec["work"] if not _lock_free(stage_dir / rec["work"] / "launch" / "nodes" / "node-0.lock") else None
 
 
 # ---- `worldpm train-node` ------------------------------------------------------------------------------------------
