@@ -337,8 +337,9 @@ def cmd_train_node(args) -> int:
     import logging
 
     log = logging.getLogger("worldpm.train-node")
-    # the trainer's stderr is in the log file the failure line names: a terminal gets the line, not 25 lines before it
-    log.addFilter(lambda record: not str(record.msg).startswith("trainer stderr:"))
+    # the trainer's stderr lines (marked as detail) are in the log file the failure line names: the terminal gets
+    # the line, not 25 lines before it
+    log.addFilter(lambda record: not getattr(record, "worldpm_detail", False))
     stage.spec.join(scfg, inputs, log, work)
     print(f"{me}: done; node 0 commits the model", flush=True)
     return 0
