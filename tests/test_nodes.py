@@ -85,6 +85,7 @@ def test_a_failure_names_the_node_that_caused_it(tmp_path):
         with pytest.raises(StageError, match="node 0 of 2 .* is already running"):
             nodes.Presence(tmp_path, cfg, local_processes=2).__enter__()
     assert nodes.short_error(peer) == "RuntimeError: Connection closed by peer [127.0.0.1]:5006"
+    assert nodes.Presence(tmp_path, cfg, local_processes=1).describe(1, None) == "node 1 of 2 (rank 1)"
 
 
 def test_node_0_announces_its_key_while_it_trains(tmp_path):

@@ -141,7 +141,8 @@ class Presence:
     def describe(self, node: int, rec: dict | None) -> str:
         first, last = self.ranks(node)
         where = f", pid {rec['pid']} on {rec['host']}" if rec else ""
-        return f"node {node} of {self.count} (ranks {first}-{last}{where})"
+        ranks = f"ranks {first}-{last}" if last > first else f"rank {first}"
+        return f"node {node} of {self.count} ({ranks}{where})"
 
     def record(self, node: int) -> dict | None:
         return _read_json(self.dir / f"node-{node}.json")
