@@ -72,7 +72,8 @@ def served_run() -> Served | None:
         from flows.workers import worker_baseline
 
         if (baseline := worker_baseline(flow_run.get_id())) is not None:
-            return baseline
+            config_path, overrides, origin = baseline
+            return Served(config_path, overrides, origin=origin)
     if os.environ.get(ENV):
         d = json.loads(os.environ[ENV])
         return Served(d.get("config_path"), list(d.get("overrides") or []))

@@ -33,13 +33,13 @@ def pool_problem(base_job_template: dict[str, Any] | None) -> str | None:
     return None  # (a placeholder in job_configuration of a variable that is not declared resolves to nothing)
 
 
-def worker_baseline(flow_run_id) -> "Any | None":
-    """The policy's baseline (policy.Served) of a flow run executed by a worker: its deployment's parameters, after
-    checking that its work pool lets no run step around them (ConfigError, one line, otherwise). None when the run
-    is not a worker's (no work pool: `worldpm serve`, `worldpm run`)."""
+def worker_baseline(flow_run_id) -> tuple[str | None, list[str], str] | None:
+    """The policy's baseline of a flow run executed by a worker: its deployment's parameters (config_path,
+    overrides) and where they come from, after checking that its work pool lets no run step around them
+    (ConfigError, one line, otherwise). None when the run is not a worker's (no work pool: `worldpm serve`,
+    `worldpm run`). flows/policy.py makes its Served of them (this module does not import it: no import circle)."""
     from prefect.client.orchestration import get_client
 
-    from flows.policy import Served
     from worldpm.errors import ConfigError
 
     with get_client(sync_client=True) as client:
@@ -55,5 +55,5 @@ def worker_baseline(flow_run_id) -> "Any | None":
                 "flows/work-pool.json` (docs/deploy.md)")
         dep = client.read_deployment(run.deployment_id)
     params = dep.parameters or {}
-    return Served(params.get("config_path"), list(params.get("overrides") or []),
-                  origin=f"deployment {dep.name} on work pool {pool.name}")
+    return (params.get("config_path"), list(params.get("overrides") or []),
+            f"deployment {dep.name} on work pool {pool.name}")
