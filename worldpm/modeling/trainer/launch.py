@@ -167,7 +167,7 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
     log.info("train: %s on %s, %d process(es)%s, precision %s%s", t.objective,
              f"{gpus} GPU(s)" if gpus else "CPU", local, where, args.precision,
              f", DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.deepspeed.enabled else "")
-    log.info("train: %s", " ".join(cmd))
+    log.info("train: %s", " ".join(cmd), extra={DETAIL: True})  # the log file and the UI keep the command
     err_path = launch_dir / "stderr.log"
     with nodes.presence(args.work, t.nodes, local) as here:
         nodes.announce(args.work, t.nodes)
