@@ -1,6 +1,7 @@
 """The `worldpm` console script: worldpm/cli.py's commands over this project's stages (tasks.PIPELINE), the Prefect
-flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), and the deployment commands `serve`
-and `server` (flows/deploy.py)."""
+flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), the deployment commands `serve`
+and `server` (flows/deploy.py), and `train-node` (worldpm/train_node.py: another machine's part in a
+training run)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from flows import deploy
 from tasks import PIPELINE
-from worldpm import cli
+from worldpm import cli, train_node
 from worldpm.errors import EXIT_STAGE, NeedsTheLog, StageError
 
 
@@ -247,7 +248,7 @@ class ApiWatch(threading.Thread):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow, commands=(deploy.register,))
+    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow, commands=(deploy.register, train_node.register))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ anything runs:
   then has serve's ``--set`` entries followed by its own (``effective_overrides``);
 * ``sources`` needs ``sources`` in the list; each must be a hub id or a path inside the project (the served
   config's folder);
-* the config that results must keep artifacts_dir, trust_remote_code, accelerate_args and callbacks as served,
+* the config that results must keep artifacts_dir, trust_remote_code, accelerate_args, nodes and callbacks as served,
   and every path that differs from the served config must lie inside the project;
 * a local source is checked by the files it expands to (a glob, a folder), each resolved: `data/share*/x.jsonl`
   reaches outside when data/shared is a symlink that points there. And at read time too: the run reads under
@@ -20,8 +20,9 @@ anything runs:
   the file is opened.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
-`worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set)
-or when Prefect says it belongs to a deployment (a worker: then the deployment's own parameters are the baseline).
+`worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set
+for a served run) or when Prefect says it belongs to a deployment (a worker: then the deployment's own parameters
+are the baseline, and its work pool must let no run set its command or environment: flows/workers.py).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from worldpm.data.sources import AdapterError, local_files, outside_read_root
 from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
-NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.callbacks", "serve")
+NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.nodes", "train.callbacks",
+         "serve")
 
 
 @dataclass
@@ -59,13 +61,22 @@ def mark_served(config_path: str | None, overrides: list[str]) -> None:
 
 
 def served_run() -> Served | None:
-    """The baseline if this flow run is a deployment run, else None (a `worldpm run` from the terminal)."""
+    """The baseline if this flow run is a deployment run, else None (a `worldpm run` from the terminal).
+
+    A worker's run is checked against its deployment, never the environment: on a work pool, a run's job variables
+    may set environment variables (flows/workers.py)."""
+    from prefect.runtime import deployment, flow_run
+
+    dep_id = deployment.get_id()
+    if dep_id:
+        from flows.workers import worker_baseline
+
+        if (baseline := worker_baseline(flow_run.get_id())) is not None:
+            config_path, overrides, origin = baseline
+            return Served(config_path, overrides, origin=origin)
     if os.environ.get(ENV):
         d = json.loads(os.environ[ENV])
         return Served(d.get("config_path"), list(d.get("overrides") or []))
-    from prefect.runtime import deployment
-
-    dep_id = deployment.get_id()
     if not dep_id:
         return None
     from prefect.client.orchestration import get_client
@@ -170,8 +181,8 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:
         raise ConfigError(f"{where} may not turn on model.trust_remote_code")
     if cfg.train.accelerate_args != base.train.accelerate_args or cfg.train.callbacks != base.train.callbacks \
-            or cfg.serve != base.serve:
-        raise ConfigError(f"{where} may not change train.accelerate_args, train.callbacks or serve")
+            or cfg.train.nodes != base.train.nodes or cfg.serve != base.serve:
+        raise ConfigError(f"{where} may not change train.accelerate_args, train.nodes, train.callbacks or serve")
     before = _paths(base)
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):

@@ -30,7 +30,8 @@ class Backbone(Strict):
 
 class TrainStageConfig(StageConfig):
     model: ModelConfig
-    train: TrainConfig  # timeout_s and callbacks (runtime) and DPO's settings under bt stay out of the key
+    train: TrainConfig  # timeout_s, callbacks, where this node stands in train.nodes (runtime) and DPO's settings
+    #                     under bt stay out of the key
     text: TextPath      # the text path the model is trained on, recorded in its worldpm.json
     backbone: Backbone
 
@@ -83,4 +84,13 @@ def run(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, 
     }
 
 
-STAGE = StageSpec(config=stage_config, run=run)
+def join(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], log, work: Path) -> None:
+    """Node train.nodes.rank (> 0) of a multi-machine run: this machine's processes in node 0's run of this key
+    (`worldpm train-node`, worldpm/modeling/trainer/nodes.py). The shared work folder is node 0's; only global rank
+    0 writes the model, into node 0's artifact: `out` here is a folder nothing writes into."""
+    gpus = launch.visible_gpus()
+    out = work / "launch" / f"node-{scfg.train.nodes.rank}" / "unused-out"
+    launch.run(trainer_args(scfg, inputs, out, work, gpus), gpus, log, timeout_s=scfg.train.timeout_s)
+
+
+STAGE = StageSpec(config=stage_config, run=run, join=join)

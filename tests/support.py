@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import polars as pl
@@ -181,3 +182,21 @@ def traced(trace_dir: Path) -> dict[tuple[int, int, int], list[str]]:
             e = json.loads(ln)
             seen[(e["step"], e["rank"], e["micro"])] = e["pair_ids"]
     return seen
+
+
+HOLD_ENV = "WORLDPM_TEST_HOLD_DIR"  # read by this test callback, never by worldpm
+
+
+class HoldAfter4(Callback):
+    """Every process of the node that names it (train.callbacks) stops after step 4, its checkpoint written, and
+    hangs there as a stuck machine would; <$WORLDPM_TEST_HOLD_DIR>/held-<rank> says it got there (a test then kills
+    that node)."""
+
+    step = 4
+
+    def on_step_end(self, recipe, step):
+        if step == self.step:
+            d = Path(os.environ[HOLD_ENV])
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"held-{recipe.accelerator.process_index}").touch()
+            time.sleep(3600)

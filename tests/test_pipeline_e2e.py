@@ -115,6 +115,7 @@ def test_a_failing_stage_is_one_line_and_verbose_keeps_the_tracebacks(worldpm_cl
     quiet = worldpm_cli("run", "--source", str(empty), "--until", "download", check=False)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1] == f"worldpm: download: {empty}: empty file"
+    assert quiet.stderr.count("empty file") == 1, quiet.stderr  # not restated by Prefect's records of the failure
     loud = worldpm_cli("run", "--source", str(empty), "--until", "download", "--verbose", check=False)
     assert loud.returncode == 1 and loud.stderr.count("Traceback (most recent call last)") >= 2
     assert loud.stderr.strip().splitlines()[-1] == f"worldpm: download: {empty}: empty file"

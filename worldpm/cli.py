@@ -6,6 +6,7 @@
     worldpm artifacts list|show|gc|verify
     worldpm evaluate --model DIR --data FILE       worldpm score --model DIR [FILE]
     worldpm serve | server | server status | server stop
+    worldpm train-node [--config FILE] [--set section.key=value]... [--rank R]    (another machine of a training run)
 
 Without --config, ./pipeline.yaml is used when it exists, else the built-in defaults (the offline demo).
 Errors in the config, the command line or the input are printed as one line and the exit status is 2 (config or
@@ -257,12 +258,26 @@ class _HideDetail(logging.Filter):
     records a stage marks as detail (``extra={"worldpm_detail": True}``: a cache hit, the trainer's stderr lines
     before its one-line error, the rules clean applies), and the lines of code outside this project below ERROR:
     Prefect's own (its per-task "Finished in state ..." lines, "Beginning flow run", "View at"), the libraries'
-    warnings."""
+    warnings; and Prefect's error records that only restate one of our one-line errors (the run's last line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "worldpm_detail", False):
             return False
-        return record.levelno >= logging.ERROR or (record.pathname or "").startswith(_OURS)
+        if (record.pathname or "").startswith(_OURS):
+            return True
+        return record.levelno >= logging.ERROR and not _restates_our_error(record)
+
+
+def _restates_our_error(record: logging.LogRecord) -> bool:
+    """Prefect's records of a task or flow run that ended in one of our one-line errors (StageError, ConfigError):
+    "Task run failed with exception: StageError(...)", "Finished in state Failed('... an exception StageError:
+    ...')", "Encountered exception during execution: ...". The run ends with that line itself (`worldpm: ...`), so
+    on the terminal they would say it three times more; the log file and the UI keep them."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        return isinstance(exc, (StageError, ConfigError))
+    message = record.getMessage()
+    return any(f"exception {t.__name__}: " in message for t in (StageError, ConfigError))
 
 
 def quiet_expected_tracebacks() -> None:

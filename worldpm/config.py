@@ -236,6 +236,34 @@ class DeepSpeedConfig(Strict):
     config_file: str | None = Field(None, description="a DeepSpeed JSON to use instead of the generated one")
 
 
+class NodesConfig(Strict):
+    """One training run across several machines (docs/training.md, "Several nodes"): node 0 runs the pipeline and its
+    train stage launches its share (`accelerate launch --num_machines/--machine_rank/--main_process_ip/
+    --main_process_port`); every other node joins with `worldpm train-node --rank R` on the same config. Only `count`
+    is in the key (it sets the global batch); where a node stands and whom it calls are not (every node computes the
+    same key, so they share one work folder: its checkpoints)."""
+
+    count: int = Field(1, ge=1, description="machines the run spans, each with train.num_processes processes: a step "
+                       "is batch_size x grad_accum x num_processes x count pairs")
+    rank: int = runtime_field(0, ge=0, description="this machine: 0 runs the pipeline and commits the model; 1 .. "
+                              "count-1 join (`worldpm train-node --rank R`, or SLURM_NODEID under srun)")
+    main_address: str | None = runtime_field(
+        None, description="the address of node 0 that every node reaches (torch's MASTER_ADDR); needed with count > 1")
+    main_port: int = runtime_field(29500, ge=1, le=65535, description="node 0's rendezvous port (MASTER_PORT)")
+    timeout_s: float = runtime_field(
+        600.0, gt=0, description="how long a node waits for the others, to join and in each collective (torch's "
+        "process-group timeout); a node whose processes die is seen at once, one that drops off the network only "
+        "after this")
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> "NodesConfig":
+        if self.rank >= self.count:
+            raise ValueError(f"rank {self.rank} is not below count {self.count} (ranks are 0 .. count-1)")
+        if self.count > 1 and not self.main_address:
+            raise ValueError("count > 1 needs main_address: node 0's address that every node reaches")
+        return self
+
+
 class TrainConfig(Strict):
     objective: Literal["bt", "dpo"] = "bt"
     epochs: float = Field(1.0, gt=0)
@@ -284,10 +312,12 @@ class TrainConfig(Strict):
         2000, ge=0, description="eval split pairs scored at the end of training for train_summary.json (0: all)")
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_processes: int | Literal["auto"] = "auto"
+    num_processes: int | Literal["auto"] = Field(
+        "auto", description="training processes on each machine (auto: one per visible GPU, one on a CPU)")
+    nodes: NodesConfig = NodesConfig()
     accelerate_args: list[str] = Field(
-        default_factory=list, description="extra `accelerate launch` flags, e.g. multi-node: [--num_machines, '2', "
-        "--machine_rank, '0', --main_process_ip, 10.0.0.1, --main_process_port, '29500']")
+        default_factory=list, description="extra `accelerate launch` flags (several machines: train.nodes, not "
+        "these)")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     # dpo
     reference: str | None = objective_field(
@@ -375,8 +405,8 @@ class ServeConfig(Strict):
         default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
         description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
         "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
-        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.callbacks or serve.*, and never a path outside the "
-        "config's folder, whatever this says")
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.nodes, train.callbacks or serve.*, and never a "
+        "path outside the config's folder, whatever this says")
 
 
 class PipelineConfig(Strict):

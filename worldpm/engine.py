@@ -23,6 +23,8 @@ stages and their edges: the DAG, written once):
     preflight(cfg)                              ConfigError when the config cannot work for this stage (evaluate
                                                 without a test split): checked for every stage a run selects,
                                                 before any stage runs
+    join(scfg, inputs, log, work)               another machine's part in the run of this key (train across
+                                                nodes: `worldpm train-node`); writes no artifact
 
 The engine knows stages only through the `Pipeline` it is handed: nothing in worldpm/ imports tasks/ or flows/.
 """
@@ -58,6 +60,7 @@ class StageSpec(Generic[C]):
     reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     after_commit: Callable[[PipelineConfig, ArtifactRef, Log], None] | None = None
     preflight: Callable[[PipelineConfig], None] | None = None
+    join: Callable[[C, dict[str, ArtifactRef], Log, Path], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@
   over gloo (how the multi-process path is tested without GPUs); with train.deepspeed.enabled, DeepSpeed's CPU
   accelerator. GPUs: num_processes = visible GPUs (or train.num_processes), bf16; with train.deepspeed.enabled a
   DeepSpeed ZeRO config generated from pipeline.yaml (stage, optimizer/parameter offload) or the named JSON file.
-  Several nodes: accelerate's own options through train.accelerate_args, e.g. ``[--num_machines, '2',
-  --machine_rank, '0', --main_process_ip, 10.0.0.1, --main_process_port, '29500']`` with train.num_processes set
-  to the total number of processes.
+  Several machines: train.nodes (nodes.py) adds accelerate's own ``--num_machines/--machine_rank/
+  --main_process_ip/--main_process_port``; train.num_processes is then each machine's share.
 * supervision (``run``): the launcher runs in a session of its own, so a timeout (train.timeout_s), Ctrl-C or a
   cancelled flow stops the whole process group (worldpm/procs.py), not just the launcher; and it dies with the
   process that started it, even on a SIGKILL (guard.py). Its stdout lines (progress) go to the stage's log; a failed
@@ -35,6 +34,7 @@ from typing import Literal
 import yaml
 from worldpm.config import TrainConfig
 from worldpm.errors import StageError
+from worldpm.modeling.trainer import nodes
 from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.procs import stop_group
 
@@ -89,24 +89,26 @@ def deepspeed_config(t: TrainConfig, precision: str) -> dict:
 
 
 def accelerate_config(t: TrainConfig, gpus: int, precision: str, launch_dir: Path) -> tuple[dict, int]:
-    """(accelerate config file contents, number of processes).
+    """(accelerate config file contents, number of processes: over every machine of train.nodes).
 
     Without a GPU: one process (``num_processes: auto``) or train.num_processes CPU processes, launched like GPU
     processes (torchrun) and joined over gloo (the recipe passes ``cpu=True``: accelerate's MULTI_CPU); with
     train.deepspeed.enabled, DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, fp32, no offload): slow, but the
     ZeRO code path runs where CI runs."""
     n = max(gpus, 1) if t.num_processes == "auto" else int(t.num_processes)
+    machines = t.nodes.count  # several: n processes on each (nodes.py), n x machines in all
     mp = "bf16" if precision == "bf16" else "no"
     ds = t.deepspeed
     if gpus == 0:
         if ds.enabled and (ds.offload_optimizer or ds.offload_params):
             raise StageError("train.deepspeed offload_optimizer/offload_params move state from a GPU to the CPU; "
                              "without a GPU there is nothing to offload: set them to false")
-        if n == 1 and not ds.enabled:
+        if n == 1 and machines == 1 and not ds.enabled:
             return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "use_cpu": True,
                     "num_processes": 1, "num_machines": 1, "mixed_precision": mp, "dynamo_config": {}}, 1
-    acfg: dict = {"compute_environment": "LOCAL_MACHINE", "num_processes": n, "num_machines": 1,
-                  "mixed_precision": mp, "use_cpu": False, "machine_rank": 0, "main_training_function": "main"}
+    acfg: dict = {"compute_environment": "LOCAL_MACHINE", "num_processes": n * machines, "num_machines": machines,
+                  "mixed_precision": mp, "use_cpu": False, "machine_rank": t.nodes.rank,
+                  "main_training_function": "main"}
     if ds.enabled:
         ds_path = launch_dir / "deepspeed.json"
         ds_path.write_text(json.dumps(deepspeed_config(t, precision), indent=2))
@@ -116,10 +118,10 @@ def accelerate_config(t: TrainConfig, gpus: int, precision: str, launch_dir: Pat
         acfg["deepspeed_config"] = {"deepspeed_config_file": str(ds_path), "zero3_init_flag": ds.zero_stage == 3}
     else:
         # several CPU processes launch like several GPUs (torchrun); the recipe makes them MULTI_CPU (gloo)
-        acfg["distributed_type"] = "MULTI_GPU" if n > 1 else "NO"
+        acfg["distributed_type"] = "MULTI_GPU" if n * machines > 1 else "NO"
         acfg["gpu_ids"] = "all"
         acfg["use_cpu"] = gpus == 0
-    return acfg, n
+    return acfg, n * machines
 
 
 def launch_command(acfg_path: Path, args_path: Path, extra: list[str]) -> list[str]:
@@ -134,19 +136,25 @@ def launch_command(acfg_path: Path, args_path: Path, extra: list[str]) -> list[s
 
 def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tuple[dict, int]:
     """Launch the recipe over `args` and wait for it: (train_summary.json, number of processes). A failure is a
-    StageError with one line: the root cause and where the full log is."""
+    StageError with one line: the root cause and where the full log is. On a node other than node 0 of a
+    multi-machine run (train.nodes, nodes.py) this launches that node's share and returns ({}, processes): the
+    artifact is node 0's."""
     t = args.train
-    launch_dir = args.work / "launch"
+    node = t.nodes.rank
+    nodes.check_accelerate_args(t.nodes, t.accelerate_args)
+    launch_dir = nodes.launch_dir(args.work, node)
     launch_dir.mkdir(parents=True, exist_ok=True)
     acfg, nproc = accelerate_config(t, gpus, args.precision, launch_dir)
+    local = nproc // t.nodes.count  # this machine's processes
     acfg_path = launch_dir / "accelerate.yaml"
     acfg_path.write_text(yaml.safe_dump(acfg, sort_keys=False))
     args_path = launch_dir / "args.json"
     args = args.model_copy(update={"launched_at": time.time()})  # the recipe reports its startup from here
     args_path.write_text(args.model_dump_json(indent=2))
-    (args.work / FAILURE).unlink(missing_ok=True)
-    extra = list(t.accelerate_args)
-    threads = str(max(1, len(os.sched_getaffinity(0)) // nproc))  # CPU: the cores shared out over the processes
+    if node == 0:  # the run's first failure is recorded afresh (a node that joined before may not clear it)
+        (args.work / FAILURE).unlink(missing_ok=True)
+    extra = nodes.launch_options(t.nodes, t.deepspeed.enabled) + list(t.accelerate_args)
+    threads = str(max(1, len(os.sched_getaffinity(0)) // local))  # CPU: the cores shared out over the processes
     if not gpus:  # said explicitly, or accelerate warns that it picked a default
         extra = ["--num_cpu_threads_per_process", threads] + extra
     cmd = launch_command(acfg_path, args_path, extra)
@@ -155,30 +163,49 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
         env.setdefault("OMP_NUM_THREADS", threads)  # torchrun sets 1 for each worker unless told
         if t.deepspeed.enabled:
             env["DS_ACCELERATOR"] = "cpu"
-    log.info("train: %s on %s, %d process(es), precision %s%s", t.objective,
-             f"{gpus} GPU(s)" if gpus else "CPU", nproc, args.precision,
+    where = f" on node {node} of {t.nodes.count}" if t.nodes.count > 1 else ""
+    log.info("train: %s on %s, %d process(es)%s, precision %s%s", t.objective,
+             f"{gpus} GPU(s)" if gpus else "CPU", local, where, args.precision,
              f", DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.deepspeed.enabled else "")
     log.info("train: %s", " ".join(cmd), extra={DETAIL: True})  # the log file and the UI keep the command
     err_path = launch_dir / "stderr.log"
-    rc, tail = stream_process(cmd, log, env, err_path, timeout_s)
-    if rc != 0:
-        failure = args.work / FAILURE
-        try:
-            reason = json.loads(failure.read_text())["error"] if failure.exists() else None
-        except (OSError, ValueError, KeyError):  # half-written (a full disk): the stderr lines say it
-            reason = None
-        for line in tail[-25:]:  # detail: in the run's log file and the Prefect UI, on the terminal with --verbose
-            log.error("trainer stderr: %s", line, extra={DETAIL: True})
-        try:
-            lines = err_path.read_text(errors="replace").splitlines()[-400:]
-        except OSError:
-            lines = []
-        if len(lines) < len(tail):  # the file stopped where the disk did: the lines kept in memory go further
-            lines = tail
-        rc, last = program_failure(rc, [ln for ln in lines if ln.strip()])
-        cause = reason or last
-        raise StageError(f"train: the training program {describe_exit(rc)}{f': {cause}' if cause else ''} "
-                         f"(full log: {err_path})")
+    with nodes.presence(args.work, t.nodes, local) as here:
+        nodes.announce(args.work, t.nodes)
+        rc, tail = stream_process(cmd, log, env, err_path, timeout_s)
+        if rc != 0:
+            failure = args.work / FAILURE
+            try:
+                recorded = json.loads(failure.read_text()) if failure.exists() else {}
+            except (OSError, ValueError):  # half-written (a full disk): the stderr lines say it
+                recorded = {}
+            # a cause another node's rank recorded is that node's (here.blame names it), not this node's
+            mine = here is None or not isinstance(recorded.get("rank"), int) or recorded["rank"] // local == node
+            reason = recorded.get("error") if mine else None
+            for line in tail[-25:]:  # detail: in the run's log file and the Prefect UI, on the terminal with --verbose
+                log.error("trainer stderr: %s", line, extra={DETAIL: True})
+            try:
+                lines = err_path.read_text(errors="replace").splitlines()[-400:]
+            except OSError:
+                lines = []
+            if len(lines) < len(tail):  # the file stopped where the disk did: the lines kept in memory go further
+                lines = tail
+            rc, last = program_failure(rc, [ln for ln in lines if ln.strip()])
+            cause = reason or last
+            if here is not None and cause:
+                cause = nodes.short_error(cause)
+            message = (f"the training program {describe_exit(rc)}{f': {cause}' if cause else ''} "
+                       f"(full log: {err_path})")
+            if here is not None:
+                here.failed(cause or describe_exit(rc))
+                other = here.blame()
+                if other is not None:
+                    message = (f"{other}; so {here.describe(node, None)} stopped too: {message}; rerun every node "
+                               "to resume from the last checkpoint")
+            raise StageError(f"train: {message}")
+        if here is not None:
+            here.done()
+    if node != 0:
+        return {}, nproc
     summary_path = args.out / "train_summary.json"
     if not summary_path.is_file() or not (args.out / "model" / "config.json").exists() and \
             not (args.out / "model" / "adapter_config.json").exists():

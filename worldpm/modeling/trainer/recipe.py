@@ -368,8 +368,9 @@ class Recipe:
 def make_accelerator(args: TrainerArgs):
     """The Accelerator. On CPU: ``cpu=True`` (several processes: MULTI_CPU over gloo); under DeepSpeed on CPU
     (its CPU accelerator, DS_ACCELERATOR=cpu) the process group is named gloo explicitly, without which accelerate
-    leaves the backend unset and every process believes it is process 0 of 1. The process-wide accelerate state of
-    an earlier run in this process (a test calling ``train`` twice) is reset first."""
+    leaves the backend unset and every process believes it is process 0 of 1. Across machines (train.nodes) the
+    process group's timeout is train.nodes.timeout_s. The process-wide accelerate state of an earlier run in this
+    process (a test calling ``train`` twice) is reset first."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
@@ -378,10 +379,17 @@ def make_accelerator(args: TrainerArgs):
     GradientState._reset_state()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kw: dict = {}
+    init: dict = {}
     if args.cpu and deepspeed:
-        kw["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        init["backend"] = "gloo"
     elif args.cpu:
         kw["cpu"] = True
+    if args.train.nodes.count > 1:  # a node that drops off the network ends the run after this, not torch's 30 min
+        from datetime import timedelta
+
+        init["timeout"] = timedelta(seconds=args.train.nodes.timeout_s)
+    if init:
+        kw["kwargs_handlers"] = [InitProcessGroupKwargs(**init)]
     return Accelerator(
         mixed_precision="bf16" if args.precision == "bf16" else "no",
         gradient_accumulation_steps=args.train.grad_accum,

@@ -43,10 +43,21 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
 
 
 def resume(accelerator, ckpt_dir: Path, micro_per_step: int | None = None) -> tuple[int, Path | None]:
-    """Load the newest complete checkpoint (model, optimizer, scheduler, RNG): (the step it was taken at, its
-    folder), or (0, None) when there is none. A checkpoint of a run with another processes x grad_accum is refused
+    """Load the newest complete checkpoint (model, optimizer, scheduler, RNG), the one process 0 sees, on every
+    process: (the step it was taken at, its folder), or (0, None) when there is none. A checkpoint of a run with another processes x grad_accum is refused
     (its steps covered other pairs, and ZeRO shards are per process)."""
     done = complete_checkpoints(ckpt_dir)
+    if accelerator.num_processes > 1:  # the one rank 0 sees: a rank on another machine may list the shared folder
+        from accelerate.utils import broadcast_object_list  # late (NFS caches directory listings for seconds)
+
+        [name] = broadcast_object_list([done[-1].name if done else None], from_process=0)
+        if name is None:
+            return 0, None
+        if not (ckpt_dir / name / STATE_FILE).is_file():
+            raise SystemExit(f"{ckpt_dir / name}: rank 0 resumes from this checkpoint, rank "
+                             f"{accelerator.process_index} cannot see it: every node must see the same artifacts_dir "
+                             "(a shared filesystem: docs/training.md)")
+        done = [ckpt_dir / name]
     if not done:
         return 0, None
     state = json.loads((done[-1] / STATE_FILE).read_text())
