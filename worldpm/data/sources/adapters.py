@@ -44,6 +44,13 @@ def _domain_from_path(path: Path) -> str | None:
     return None
 
 
+def with_record_number(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """lf with `_rec` (Int64), the record's number in the file: `with_row_index`, which the streaming engine runs
+    as it reads (`pl.int_range(pl.len())` is not elementwise: the engine holds the whole file to evaluate it, 2 GB
+    for a file of 500k StackExchange pairs)."""
+    return lf.with_row_index("_rec").with_columns(pl.col("_rec").cast(pl.Int64))
+
+
 def _margin_checked(margin: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
     """(margin, reason): a NaN or infinite margin is quarantined (reason `bad_margin`), never passed on."""
     bad = margin.is_nan() | margin.is_infinite()
@@ -58,14 +65,13 @@ def stack_exchange_paired(lf: pl.LazyFrame, schema: pl.Schema, ctx: Ctx) -> pl.L
         # metadata = [question url, site url, license]: the site url names the domain
         from_meta = pl.col("metadata").list.get(1, null_on_oob=True).str.extract(r"https?://([^/]+)", 1)
         site = pl.coalesce(from_meta, site)
-    return lf.with_columns(
+    return with_record_number(lf).with_columns(
         _prompt=_user(pl.col("question").cast(pl.String)),
         _chosen=pl.col("response_j").cast(pl.String),
         _rejected=pl.col("response_k").cast(pl.String),
         _domain=site,
         _group=pl.concat_str([pl.lit("se:"), site.fill_null(""), pl.lit(":"), pl.col("qid").cast(pl.String)]),
         _date=pl.col("date").cast(pl.String) if "date" in schema else NULL_S,
-        _rec=pl.int_range(pl.len(), dtype=pl.Int64),
     )
 
 
