@@ -26,7 +26,8 @@ next to its RSS before the stage started):
   stages     download, normalise, clean, shard, tokenize at every size, each through the engine
              (tasks.PIPELINE.run(only=stage, force=[stage]), Prefect left out) with bench/out/scale config
              files: wall time of the process, the stage's own seconds (its manifest), peak RSS, artifact size
-  tokenizer  the tokenize stage's pairs/s (its manifest, at each size) beside a plain encode_batch of the same
+  tokenizer  the tokenize stage's pairs/s (its manifest, at each size; this run is also the stages table's
+             tokenize row when both modes run) beside a plain encode_batch of the same
              rendered texts (Renderer.full_text of chosen and rejected, special tokens written out) by one
              `tokenizers.Tokenizer` with RAYON_NUM_THREADS = tokenize.num_proc, ids taken out as lists
              (`[e.ids for e in enc]`); also encode_batch_fast (no offsets). Reported as a ratio.
@@ -106,10 +107,10 @@ def _posts_rows() -> list[dict]:
     import xml.etree.ElementTree as ET
 
     rows = []
-    for f in sorted(DUMPS.glob("*/Posts.xml")):
+    for i, f in enumerate(sorted(DUMPS.glob("*/Posts.xml"))):
         for _, el in ET.iterparse(f):
             if el.tag == "row":
-                rows.append(dict(el.attrib))
+                rows.append({**el.attrib, "_dump": i})
                 el.clear()
     return rows
 
@@ -132,7 +133,7 @@ def build_pairs(n: int, cache: Path) -> Path:
     q = np.array([code[t] for t in base["question"].to_list()])
     j = np.array([code[t] for t in base["response_j"].to_list()])
     k = np.array([code[t] for t in base["response_k"].to_list()])
-    extra = [r.get("Body") or "" for r in _posts_rows()]
+    extra = [r.get("Body") or "" for r in _posts_rows()]  # HTML words join the pool
     pert = Perturber(texts.to_list(), extra)
     t0 = time.perf_counter()
     frames, have, part = [], 0, 0
@@ -176,8 +177,9 @@ def build_posts(n: int, cache: Path) -> Path:
     if done.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = _posts_rows()
-    stride = 10 ** len(str(max(int(r["Id"]) for r in rows)))
+    rows = _posts_rows()  # beer's then coffee's: their Ids overlap, so each dump gets its own range of Ids
+    site = 10 ** len(str(max(int(r["Id"]) for r in rows)))
+    stride = site * (max(r["_dump"] for r in rows) + 1)
     bodies = [r.get("Body") or "" for r in rows]
     titles = [r.get("Title") or "" for r in rows]
     pb, pt = Perturber(bodies, []), Perturber(titles, [])
@@ -192,9 +194,10 @@ def build_posts(n: int, cache: Path) -> Path:
                 if written >= n:
                     break
                 a = dict(r)
+                own = a.pop("_dump") * site
                 for key in ("Id", "ParentId", "AcceptedAnswerId"):
                     if key in a:
-                        a[key] = str(int(a[key]) + shift)
+                        a[key] = str(int(a[key]) + own + shift)
                 if a.get("Body"):
                     a["Body"] = pb.copy(i, rng)
                 if a.get("Title"):
@@ -478,6 +481,10 @@ def mode_tokenizer(cache: Path, sizes, log: Path) -> list[dict]:
                "load_1min": a["load_1min"] + s["load_1min"] + b["load_1min"]}
         rows.append(row)
         _print_row(row)
+        if "path" in s:  # the stage run is the tokenize row of the stages table too
+            rows.append({"mode": "stages", "size": n, "stage": "tokenize", **s,
+                         "artifact_mb": round(_du(s["path"]) / 1e6, 1)})
+            _print_row(rows[-1])
     return rows
 
 
@@ -578,8 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         for mode in a.modes:
-            if mode == "stages":
-                rows += mode_stages(a.cache, a.sizes, a.stages, log)
+            if mode == "stages":  # with the tokenizer mode, tokenize is measured there (once, side by side)
+                stages = [x for x in a.stages if not (x == "tokenize" and "tokenizer" in a.modes)]
+                rows += mode_stages(a.cache, a.sizes, stages, log)
             elif mode == "tokenizer":
                 rows += mode_tokenizer(a.cache, a.sizes, log)
             elif mode == "posts":
