@@ -84,8 +84,8 @@ class Perturber:
         for t in texts:
             lead = t[: len(t) - len(t.lstrip())]
             words = ([lead] if lead else []) + _WORD.findall(t)
-            self.texts.append(np.array([vocab.setdefault(w, len(vocab)) for w in words] or [vocab.setdefault("", len(vocab))],
-                                       dtype=np.int64))
+            ids = [vocab.setdefault(w, len(vocab)) for w in words] or [vocab.setdefault("", len(vocab))]
+            self.texts.append(np.array(ids, dtype=np.int64))
         stream = [w for arr in self.texts for w in arr.tolist()]
         for t in extra:
             stream += [vocab.setdefault(w, len(vocab)) for w in _WORD.findall(t)]
@@ -239,13 +239,13 @@ def _status_kb(field: str) -> int:
 
 
 def measured(cmd: list[str], env: dict | None = None, log: Path | None = None, poll=None) -> dict:
-    """Run cmd as a child; its wall seconds and peak RSS (ru_maxrss from wait4, KB -> MB); `poll(proc)` is called
-    every 0.1 s while it runs. The child's last stdout line, if JSON, is merged in."""
+    """Run cmd as a child; its wall seconds, CPU seconds (user + system) and peak RSS (ru_maxrss from wait4, KB ->
+    MB); `poll(proc)` is called every 0.1 s while it runs. The child's last stdout line, if JSON, is merged in."""
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     out = open(log, "a") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=out,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=out, text=True)
     lines: list[str] = []
     import threading
 
@@ -258,7 +258,8 @@ def measured(cmd: list[str], env: dict | None = None, log: Path | None = None, p
     _, status, ru = os.wait4(proc.pid, 0)
     reader.join()
     wall = time.perf_counter() - t0
-    res = {"wall_s": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+    res = {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+           "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
            "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)], "exit": os.waitstatus_to_exitcode(status)}
     for line in reversed(lines):
         if line.strip().startswith("{"):
@@ -429,8 +430,12 @@ def _self(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
-def _pairs_config(cache: Path, n: int) -> Path:
-    return write_config(cache, f"pairs-{n}", build_pairs(n, cache), "stack_exchange_paired")
+def _pairs_config(cache: Path, n: int, num_proc: int | None = None) -> Path:
+    """The config over n synthetic pairs (tokenize.num_proc as pipeline.yaml has it, or `num_proc`)."""
+    if num_proc is None:
+        return write_config(cache, f"pairs-{n}", build_pairs(n, cache), "stack_exchange_paired")
+    return write_config(cache, f"pairs-{n}-np{num_proc}", build_pairs(n, cache), "stack_exchange_paired",
+                        {"tokenize": {"num_proc": num_proc}})
 
 
 def mode_stages(cache: Path, sizes, stages, log: Path) -> list[dict]:
@@ -454,14 +459,15 @@ def mode_stages(cache: Path, sizes, stages, log: Path) -> list[dict]:
     return rows
 
 
-def mode_tokenizer(cache: Path, sizes, log: Path) -> list[dict]:
+def mode_tokenizer(cache: Path, sizes, log: Path, num_proc: int | None = None) -> list[dict]:
     """Per size: plain encode, the tokenize stage, plain encode again (side by side; the ratio is to their mean)."""
-    import yaml
+    from worldpm.config import load_config
 
     rows = []
     for n in sizes:
-        config = _pairs_config(cache, n)
-        threads = yaml.safe_load(config.read_text()).get("tokenize", {}).get("num_proc", 2)
+        config = _pairs_config(cache, n, num_proc)
+        threads = load_config(config, []).tokenize.num_proc
+        label = "tokenize-vs-encode" + (f"-np{threads}" if num_proc is not None else "")
         env = {"RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true"}
         print(f"[tokenizer] {n} pairs ...", flush=True)
         measured(_self("_prepare", str(config), "tokenize"), log=log)
@@ -469,11 +475,11 @@ def mode_tokenizer(cache: Path, sizes, log: Path) -> list[dict]:
         s = measured(_self("_stage", str(config), "tokenize"), log=log)
         b = measured(_self("_encode", str(config)), env=env, log=log)
         if a["exit"] or s["exit"] or b["exit"]:
-            rows.append({"mode": "tokenizer", "size": n, "stage": "tokenize-vs-encode",
+            rows.append({"mode": "tokenizer", "size": n, "stage": label,
                          "error": a.get("error") or s.get("error") or b.get("error")})
             continue
         mean = {k: (a[f"{k}_pairs_per_s"] + b[f"{k}_pairs_per_s"]) / 2 for k in ("encode", "encode_fast", "parts_fast")}
-        row = {"mode": "tokenizer", "size": n, "stage": "tokenize-vs-encode", "threads": threads,
+        row = {"mode": "tokenizer", "size": n, "stage": label, "threads": threads,
                "stage_pairs_per_s": s["pairs_per_s"], **{f"{k}_pairs_per_s": round(v, 1) for k, v in mean.items()},
                **{f"ratio_{k}": round(s["pairs_per_s"] / v, 3) for k, v in mean.items()},
                "stage_peak_rss_mb": s["peak_rss_mb"], "encode_peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
@@ -481,7 +487,7 @@ def mode_tokenizer(cache: Path, sizes, log: Path) -> list[dict]:
                "load_1min": a["load_1min"] + s["load_1min"] + b["load_1min"]}
         rows.append(row)
         _print_row(row)
-        if "path" in s:  # the stage run is the tokenize row of the stages table too
+        if "path" in s and num_proc is None:  # the stage run is the tokenize row of the stages table too
             rows.append({"mode": "stages", "size": n, "stage": "tokenize", **s,
                          "artifact_mb": round(_du(s["path"]) / 1e6, 1)})
             _print_row(rows[-1])
@@ -522,7 +528,8 @@ def mode_train(cache: Path, sizes, log: Path) -> list[dict]:
         measured(_self("_prepare", str(config), "ref_logps"), log=log)
         res = measured(_self("_train", str(config)), log=log, poll=poll)
         workers = sorted(round(v[1], 1) for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0])
-        res.update(worker_peak_rss_mb=workers, processes={str(k): [v[0][:120], round(v[1], 1)] for k, v in peaks.items()})
+        res.update(worker_peak_rss_mb=workers,
+                   processes={str(k): [v[0][:120], round(v[1], 1)] for k, v in peaks.items()})
         rows.append({"mode": "train", "size": n, "stage": "train-start", **res})
         _print_row(rows[-1])
     return rows
@@ -578,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["stages", "tokenizer", "posts", "train"])
     p.add_argument("--stages", nargs="+", default=list(DATA_STAGES), choices=DATA_STAGES)
     p.add_argument("--posts", type=int, nargs="+", default=[100_000, 1_000_000], help="posts in a synthetic dump")
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="tokenizer mode: tokenize.num_proc and the floor's threads (default: pipeline.yaml's)")
     a = p.parse_args(argv)
     log = OUT / "bench_scale.log"
     OUT.mkdir(parents=True, exist_ok=True)
@@ -589,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 stages = [x for x in a.stages if not (x == "tokenize" and "tokenizer" in a.modes)]
                 rows += mode_stages(a.cache, a.sizes, stages, log)
             elif mode == "tokenizer":
-                rows += mode_tokenizer(a.cache, a.sizes, log)
+                rows += mode_tokenizer(a.cache, a.sizes, log, a.num_proc)
             elif mode == "posts":
                 rows += mode_posts(a.cache, a.posts, log)
             elif mode == "train":

@@ -111,8 +111,8 @@ def test_a_reader_touches_only_the_pages_of_the_pairs_it_reads(tmp_path):
     frame = pl.DataFrame({
         "pair_id": [f"p{i}" for i in range(n)], "source": "s", "domain": None, "group_id": "g",
         "margin": rng.normal(size=n),
-        "chosen_ids": pl.Series(rng.integers(0, 30_000, (n, length)).astype(np.int32).tolist(), dtype=pl.List(pl.Int32)),
-        "rejected_ids": pl.Series(rng.integers(0, 30_000, (n, length)).astype(np.int32).tolist(),
+        "chosen_ids": pl.Series(rng.integers(0, 30_000, (n, length), dtype=np.int32).tolist(), dtype=pl.List(pl.Int32)),
+        "rejected_ids": pl.Series(rng.integers(0, 30_000, (n, length), dtype=np.int32).tolist(),
                                   dtype=pl.List(pl.Int32)),
         "chosen_len": length, "rejected_len": length, "truncated": False, "prompt_len": 10,
         "chosen_response_tokens": length, "rejected_response_tokens": length,

@@ -223,10 +223,10 @@ def _parse_posts(path: Path, scratch: Path, ctx: Ctx) -> tuple[int, int, int, li
 
 def _bucket_answers(scratch: Path, n_q: int) -> tuple[int, int, int]:
     """Pass 2: each answer to the bucket of its question, b-<bucket>-<part>.parquet (BUCKET_QUESTIONS questions a
-    bucket, in file order), or to orphan-<part>.parquet when its question is not in the file. A question's index comes from a binary search in
-    the sorted question ids (8 bytes a question); answers are read a part at a time. When question ids repeat,
-    every answer goes to bucket 0 (one bucket: the whole file at once). Returns (questions a bucket, buckets,
-    orphan answers)."""
+    bucket, in file order), or to orphan-<part>.parquet when its question is not in the file. A question's index
+    comes from a binary search in the sorted question ids (8 bytes a question); answers are read a part at a time.
+    When question ids repeat (no data dump does), every answer goes to bucket 0: one bucket, the whole file at
+    once. Returns (questions a bucket, buckets, orphan answers)."""
     import numpy as np
 
     q_parts = sorted(scratch.glob("q-*.parquet"))
