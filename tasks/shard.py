@@ -12,18 +12,23 @@ from pathlib import Path
 import polars as pl
 import xxhash
 
-from worldpm.config import PipelineConfig
+from worldpm.config import PipelineConfig, ShardConfig, StageConfig
 from worldpm.data.splits import SPLITS
 from worldpm.data.stream import RollingParquetWriter, read_batches
-from worldpm.errors import StageError
+from worldpm.engine import StageSpec
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef
 
 INPUT_FILES = {"clean": ("pairs.parquet",)}  # not report.json: its rule settings change with every threshold
 _SCALE = float(2**64)
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
-    return cfg.shard.model_dump(mode="json")
+class ShardStageConfig(StageConfig):
+    shard: ShardConfig
+
+
+def stage_config(cfg: PipelineConfig) -> ShardStageConfig:
+    return ShardStageConfig(shard=cfg.shard)
 
 
 def split_fraction(group_ids: pl.Series, salt: str) -> pl.Series:
@@ -72,7 +77,14 @@ def check_no_empty_split(splits: dict[str, dict], fractions: dict[str, float], r
             raise StageError(msg)
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def preflight(cfg: PipelineConfig) -> None:
+    """Before a run starts: a train split with pairs in it is what every later stage is for (the engine's preflight)."""
+    if cfg.shard.train == 0:
+        raise ConfigError("shard.train is 0: no pair would go to the train split; give it a fraction (shard.train + "
+                          "shard.eval + shard.test = 1)")
+
+
+def run(scfg: ShardStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     src = Path(inputs["clean"].path) / "pairs.parquet"
     if not src.exists():
         raise StageError(f"shard: the clean artifact has no pairs.parquet ({src})")
@@ -82,8 +94,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     if gids.null_count():
         n_null = lf.select(pl.col("group_id").null_count()).collect().item()
         raise StageError(f"shard: {n_null} rows without group_id in {src}")
-    fractions = {s: scfg[s] for s in SPLITS}
-    groups = assign_splits(gids, fractions, scfg["salt"]).group_by("split").len()
+    sc = scfg.shard
+    fractions = {s: getattr(sc, s) for s in SPLITS}
+    groups = assign_splits(gids, fractions, sc.salt).group_by("split").len()
     groups_of = dict(groups.iter_rows())
     del gids
 
@@ -92,12 +105,12 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     # each split is written in the cleaned table's order, rows_per_file rows a file, as the batches come.
     # (sink_parquet(PartitionBy) is marked unstable in polars, and a streaming join with the assignment held
     # 1.1-1.4 GB at 1M pairs: bench/README.md.)
-    writers = {split: RollingParquetWriter(out, split, int(scfg["rows_per_file"])) for split in SPLITS}
+    writers = {split: RollingParquetWriter(out, split, sc.rows_per_file) for split in SPLITS}
     rows_in = 0
     try:
         for batch in read_batches([src]):
             rows_in += batch.height
-            assignment = assign_splits(batch["group_id"], fractions, scfg["salt"])
+            assignment = assign_splits(batch["group_id"], fractions, sc.salt)
             batch = batch.join(assignment, on="group_id", how="left", maintain_order="left")
             for split, part in batch.partition_by("split", as_dict=True, maintain_order=True).items():
                 writers[split[0]].write(part.drop("split"))
@@ -116,9 +129,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
                  len(w.files))
     if total != rows_in or rows_in != lf.select(pl.len()).collect().item():
         raise StageError(f"shard: wrote {total} rows of {rows_in}: rows were lost")
-    check_no_empty_split(splits, fractions, rows_in, sum(groups_of.values()), scfg["salt"], log)
+    check_no_empty_split(splits, fractions, rows_in, sum(groups_of.values()), sc.salt, log)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
-    warnings = small_split_warnings(splits, fractions, int(scfg.get("min_split_pairs", 0)))
+    warnings = small_split_warnings(splits, fractions, sc.min_split_pairs)
     for w in warnings:
         log.warning("shard: %s", w)
     return {"rows_in": rows_in, "rows_out": total, "rows_rejected": 0, "splits": splits,
@@ -139,3 +152,6 @@ def small_split_warnings(splits: dict[str, dict], fractions: dict[str, float], m
             out.append(f"the {split} split has {n} pairs ({info['groups']} questions), under shard.min_split_pairs "
                        f"{min_pairs}: an accuracy on it has a 95% interval of {width}; raise shard.{split} or add data")
     return out
+
+
+STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES, preflight=preflight)
