@@ -309,6 +309,18 @@ class TokenStore:
         idx = range(self.n) if index is None else np.asarray(index, dtype=np.int64).tolist()
         return [bytes(data[off[i]:off[i + 1]]).decode() if valid[i] else None for i in idx]
 
+    def string_series(self, name: str) -> pl.Series:
+        """A whole string column (pair_id, source, domain, group_id) as a polars Series, made from the store's
+        buffers (no Python str per pair): for a check over every pair (DPO's reference log-probs)."""
+        import pyarrow as pa
+
+        if name not in STRING_COLUMNS:
+            raise KeyError(name)
+        off, data, valid = (self._arrays[f"{name}.{k}"] for k in ("offsets", "data", "valid"))
+        arr = pa.LargeStringArray.from_buffers(self.n, pa.py_buffer(off), pa.py_buffer(data))
+        s = pl.Series(name, pl.from_arrow(arr), dtype=pl.String)
+        return s if bool(np.all(valid)) else s.set(pl.Series(valid == 0), None)
+
     def to_frame(self) -> pl.DataFrame:
         """The whole split as tokenize's <split>.parquet table (tests, small splits): every pair loaded."""
         import pyarrow as pa
