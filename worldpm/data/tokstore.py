@@ -199,6 +199,24 @@ class PairTokens:
         return flat[off[j]:off[j + 1]]
 
 
+class Sequences:
+    """Every sequence of a store, chosen sides then rejected sides (``seqs[k]``: a view of the mapping, nothing
+    copied), with their ``lengths``: what a scorer of single sequences (the reference log-probs) walks."""
+
+    def __init__(self, store: "TokenStore"):
+        self.store, self.n = store, len(store)
+        self.lengths = np.concatenate([store.chosen_len, store.rejected_len]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return 2 * self.n
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        k = int(k)
+        if not 0 <= k < 2 * self.n:
+            raise IndexError(k)
+        return self.store.seq("rejected" if k >= self.n else "chosen", k % self.n if self.n else k)
+
+
 class TokenStore:
     """A token store, memory-mapped read-only. Opening reads the head, the tail and the footer (and checks them);
     the arrays are views into the mapping, so a process reads from disk (or shares from the page cache) only the
@@ -300,6 +318,10 @@ class TokenStore:
             return new, self.tokens[np.repeat(starts - new[:-1], lens) + np.arange(new[-1])]
 
         return PairTokens(index, side(0), side(1))
+
+    def sequences(self) -> "Sequences":
+        """The 2n token sequences as one list-like: k < n is pair k's chosen side, n + k its rejected side."""
+        return Sequences(self)
 
     def strings(self, name: str, index=None) -> list[str | None]:
         """A string column (pair_id, source, domain, group_id) at `index` (default: every pair), decoded."""
