@@ -251,11 +251,13 @@ def measured(cmd: list[str], env: dict | None = None, log: Path | None = None, p
 
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    if poll is not None:
-        while proc.poll() is None:
-            poll(proc)
-            time.sleep(0.1)
-    _, status, ru = os.wait4(proc.pid, 0)
+    while True:  # wait4 reaps the child itself (Popen.poll would, and take its rusage with it)
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG if poll is not None else 0)
+        if pid:
+            break
+        poll(proc)
+        time.sleep(0.1)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     wall = time.perf_counter() - t0
     res = {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
@@ -375,8 +377,9 @@ def child_encode(config: str) -> None:
                       **{f"{k}_pairs_per_s": round(pairs / v, 1) for k, v in secs.items()}}), flush=True)
 
 
-def _tree_rss(root_pid: int) -> dict[int, tuple[str, float]]:
-    """{pid: (cmdline, RSS MB)} of root_pid and every descendant, from /proc."""
+def _tree_rss(root_pid: int) -> dict[int, tuple[str, float, float]]:
+    """{pid: (cmdline, RSS MB, anonymous RSS MB)} of root_pid and every descendant, from /proc (RSS counts the
+    pages of mapped files a process touched, shared with every other process that maps them; RssAnon is its own)."""
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -391,11 +394,12 @@ def _tree_rss(root_pid: int) -> dict[int, tuple[str, float]]:
         todo += kids.get(pid, [])
         try:
             cmd = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))[:200]
-            rss = next(int(x.split()[1]) for x in Path(f"/proc/{pid}/status").read_text().splitlines()
-                       if x.startswith("VmRSS:")) / 1024
-        except (OSError, StopIteration):
+            status = dict(x.split(":", 1) for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":" in x)
+            rss, anon = (int(status[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon"))
+        except (OSError, KeyError, ValueError):
             continue
-        out[pid] = (cmd, rss)
+        out[pid] = (cmd, rss, anon)
     return out
 
 
@@ -405,8 +409,32 @@ TRAIN_SETTINGS = {"num_processes": 2, "max_steps": 5, "batch_size": 8, "log_ever
                   "eval_max_pairs": 64}
 
 
-def child_train(config: str) -> None:
-    """In a subprocess: ref_logps (bt: a marker) then the train stage, forced; prints the trainer's startup."""
+def _cached_tokenize(cfg, store, n: int):
+    """The newest committed tokenize artifact of n pairs made with this config's tokenizer and template and holding
+    a token store, whatever the code version that keyed it (the train rows measure the trainer, and a tokenize rerun
+    at 1M pairs is half an hour on 2 cores); None if there is none."""
+    from worldpm.store import ArtifactRef
+
+    t, m = cfg.tokenize, cfg.model
+    want = {"max_length": t.max_length, "overlength": t.overlength, "plain_template": t.plain_template,
+            "system_prompt": t.system_prompt, "tokenizer": m.tokenizer or m.name_or_path}
+    found = []
+    for man_path in (Path(cfg.artifacts_dir) / "tokenize").glob("*/manifest.json"):
+        man = json.loads(man_path.read_text())
+        c = man.get("config", {})
+        flat = {**c.get("tokenize", {}), "tokenizer": (c.get("tokenizer") or {}).get("name_or_path")} \
+            if isinstance(c.get("tokenizer"), dict) else c
+        if man.get("rows_in") == n and man.get("token_store") and all(flat.get(k) == v for k, v in want.items()):
+            found.append((man.get("finished_at", 0), man_path.parent, man))
+    if not found:
+        return None
+    _, path, man = max(found, key=lambda x: x[0])
+    return ArtifactRef("tokenize", man["key"], str(path), man["digest"])
+
+
+def child_train(config: str, n: str) -> None:
+    """In a subprocess: ref_logps (bt: a marker) then the train stage, forced, on the tokenize artifact of n pairs
+    (_cached_tokenize, else built); prints the trainer's startup."""
     import logging
 
     from tasks import PIPELINE
@@ -416,12 +444,17 @@ def child_train(config: str) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     cfg = load_config(config, [])
     store = ArtifactStore(cfg.artifacts_dir)
-    PIPELINE.run(cfg, store, until="ref_logps")
-    r = next(x for x in PIPELINE.run(cfg, store, only="train", force=["train"]) if x["stage"] == "train")
-    summary = json.loads((Path(r["path"]) / "train_summary.json").read_text())
-    print(json.dumps({"stage_s": r["seconds"], "startup": summary.get("startup"),
+    tok = _cached_tokenize(cfg, store, int(n))
+    if tok is None:
+        PIPELINE.run(cfg, store, until="tokenize")
+        tok = _cached_tokenize(cfg, store, int(n))
+    rl = PIPELINE.execute("ref_logps", cfg, {"tokenize": tok}, store).ref
+    r = PIPELINE.execute("train", cfg, {"tokenize": tok, "ref_logps": rl}, store, force=True)
+    summary = json.loads((Path(r.ref.path) / "train_summary.json").read_text())
+    print(json.dumps({"stage_s": round(r.seconds, 2), "startup": summary.get("startup"),
                       "launch_to_first_step_s": (summary.get("startup") or {}).get("launch_to_first_step_s"),
-                      "train_pairs": summary.get("train_pairs"), "path": r["path"]}), flush=True)
+                      "train_pairs": summary.get("train_pairs"), "path": r.ref.path, "tokenize": tok.path}),
+          flush=True)
 
 
 # ---- modes -----------------------------------------------------------------------------------------------------
@@ -511,27 +544,37 @@ def mode_posts(cache: Path, posts_sizes, log: Path) -> list[dict]:
     return rows
 
 
+TRAIN_VARIANTS = {  # how the trainer reads its splits: the token store (what it does) and the baseline
+    "mapped": {},
+    "in-memory": {"callbacks": ["inmemory_reads:InMemory"]},  # bench/inmemory_reads.py: load_pairs of the Parquet
+}
+
+
 def mode_train(cache: Path, sizes, log: Path) -> list[dict]:
     rows = []
     for n in sizes:
-        config = write_config(cache, f"train-{n}", build_pairs(n, cache), "stack_exchange_paired",
-                              {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"}, "train": TRAIN_SETTINGS})
-        peaks: dict[int, list] = {}
+        for variant, extra in TRAIN_VARIANTS.items():
+            config = write_config(cache, f"train-{n}-{variant}", build_pairs(n, cache), "stack_exchange_paired",
+                                  {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"},
+                                   "train": {**TRAIN_SETTINGS, **extra}})
+            peaks: dict[int, list] = {}
 
-        def poll(proc):
-            for pid, (cmd, rss) in _tree_rss(proc.pid).items():
-                if pid != proc.pid:
-                    entry = peaks.setdefault(pid, [cmd, 0.0])
-                    entry[1] = max(entry[1], rss)
+            def poll(proc):
+                for pid, (cmd, rss, anon) in _tree_rss(proc.pid).items():
+                    if pid != proc.pid:
+                        entry = peaks.setdefault(pid, [cmd, 0.0, 0.0])
+                        entry[1], entry[2] = max(entry[1], rss), max(entry[2], anon)
 
-        print(f"[train] {n} pairs ...", flush=True)
-        measured(_self("_prepare", str(config), "ref_logps"), log=log)
-        res = measured(_self("_train", str(config)), log=log, poll=poll)
-        workers = sorted(round(v[1], 1) for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0])
-        res.update(worker_peak_rss_mb=workers,
-                   processes={str(k): [v[0][:120], round(v[1], 1)] for k, v in peaks.items()})
-        rows.append({"mode": "train", "size": n, "stage": "train-start", **res})
-        _print_row(rows[-1])
+            print(f"[train] {n} pairs, {variant} ...", flush=True)
+            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT),
+                                                               os.environ.get("PYTHONPATH")]))}
+            res = measured(_self("_train", str(config), str(n)), env=env, log=log, poll=poll)
+            workers = [v for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0]]
+            res.update(worker_peak_rss_mb=sorted(round(v[1], 1) for v in workers),
+                       worker_peak_anon_mb=sorted(round(v[2], 1) for v in workers),
+                       processes={str(k): [v[0][:120], round(v[1], 1), round(v[2], 1)] for k, v in peaks.items()})
+            rows.append({"mode": "train", "size": n, "stage": f"train-start ({variant})", **res})
+            _print_row(rows[-1])
     return rows
 
 
@@ -552,7 +595,8 @@ def _print_row(r: dict) -> None:
     if r["mode"] == "posts":
         extra = f" {r['posts_per_s']:.0f} posts/s {r['pairs_per_s']:.0f} pairs/s ({r['xml_mb']} MB xml)"
     if r["mode"] == "train":
-        extra = f" workers {r['worker_peak_rss_mb']} MB, launch->first step {r.get('launch_to_first_step_s')} s"
+        extra = (f" workers {r['worker_peak_rss_mb']} MB (anon {r.get('worker_peak_anon_mb')}), launch->first step "
+                 f"{r.get('launch_to_first_step_s')} s")
     print(f"  {r['mode']:<9} {r['size']:>9} {r['stage']:<22} wall {r['wall_s']:>8.1f}s stage "
           f"{(r.get('stage_s') or 0):>8.1f}s peak RSS {r['peak_rss_mb']:>7.0f} MB (start "
           f"{r.get('rss_start_mb', 0):.0f}) artifact {r.get('artifact_mb', 0):>8.1f} MB load {r['load_1min']}{extra}",

@@ -35,17 +35,25 @@ class PairDataError(ValueError):
 
 
 @dataclass
+class Side:
+    """One side (chosen or rejected) of every pair of a source: pair k's ids are tokens[starts[k]:ends[k]]. A mapped
+    store's two sides share one token array (pair k's chosen then rejected run; starts and ends are strided views
+    of its offsets); a split read into memory has a token array per side (Arrow's own buffers)."""
+
+    tokens: np.ndarray   # int32
+    starts: np.ndarray   # int64 [N]
+    ends: np.ndarray     # int64 [N]
+
+
+@dataclass
 class PairData:
-    """The pairs of a split: tokens in the token store's layout, per-pair arrays one number a pair.
+    """The pairs of a split: each side's tokens (Side, over the N pairs of the source: a mapped store, or arrays in
+    memory) and per-pair arrays, one number a pair. ``rows`` says which source pairs this data holds, in order
+    (None: all N, as stored); every per-pair array has one entry per pair of this data. A subset (length control)
+    cuts the per-pair arrays and ``rows``, never the tokens."""
 
-    ``tokens`` (int32) and ``offsets`` (int64 [2N+1]) cover the N pairs of the source (a mapped store, or arrays
-    in memory): source pair k's chosen side is tokens[offsets[2k]:offsets[2k+1]], its rejected side runs to
-    offsets[2k+2]. ``rows`` says which source pairs this data holds, in order (None: all N, as stored); every
-    per-pair array has one entry per pair of this data. A subset (length control) cuts the per-pair arrays and
-    ``rows``, never the tokens."""
-
-    tokens: np.ndarray
-    offsets: np.ndarray
+    chosen: Side
+    rejected: Side
     chosen_len: np.ndarray                   # int32 [n]
     rejected_len: np.ndarray
     margin: np.ndarray                       # float [n], nan where the pair has none (float64 mapped, float32)
@@ -78,7 +86,7 @@ class PairData:
         def cut(a):
             return None if a is None else a[idx]
         return PairData(
-            tokens=self.tokens, offsets=self.offsets, chosen_len=self.chosen_len[idx],
+            chosen=self.chosen, rejected=self.rejected, chosen_len=self.chosen_len[idx],
             rejected_len=self.rejected_len[idx], margin=self.margin[idx], ids_of=self.ids_of,
             rows=self._source_rows(idx), prompt_len=cut(self.prompt_len), ref_chosen=cut(self.ref_chosen),
             ref_rejected=cut(self.ref_rejected), chosen_tokens=cut(self.chosen_tokens),
@@ -100,14 +108,15 @@ class PairData:
 
     @property
     def packed_len(self) -> np.ndarray:
-        """What a pair costs in a packed batch: the real tokens of both sides (int64)."""
-        return self.chosen_len.astype(np.int64) + self.rejected_len
+        """What a pair costs in a packed batch: the real tokens of both sides (int32: two sides of at most
+        tokenize.max_length tokens)."""
+        return self.chosen_len.astype(np.int32) + self.rejected_len
 
     def seq(self, side: str, i: int) -> np.ndarray:
         """The ids of one side of pair i: a view (of the mapping, for a mapped split), nothing copied."""
         k = int(i) if self.rows is None else int(self.rows[i])
-        j = 2 * k + (side == "rejected")
-        return self.tokens[self.offsets[j]:self.offsets[j + 1]]
+        s = self.chosen if side == "chosen" else self.rejected
+        return s.tokens[s.starts[k]:s.ends[k]]
 
     def ids(self, idx) -> list[str]:
         """The pair ids of the pairs at `idx` (read from the store for a mapped split: only those)."""
@@ -143,7 +152,9 @@ def map_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
     head and footer; the per-pair arrays are views of the mapping. With ``ref_path`` (DPO) the cached reference
     log-probs, checked as in load_pairs (they are read into this process: 16 bytes a pair)."""
     path = Path(path)
-    store = TokenStore(path)  # TokenStoreError: missing, cut short or another format, one line naming the file
+    # TokenStoreError: missing, cut short or another format, one line naming the file; MADV_RANDOM: a trainer reads
+    # scattered pairs, so no read-ahead around each one
+    store = TokenStore(path, madvise_random=True)
 
     def ids_of(rows: np.ndarray) -> list[str]:
         return store.strings("pair_id", rows)
@@ -155,8 +166,11 @@ def map_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
         ref_c, ref_r = _check_ref(Path(ref_path), ref, store.string_series("pair_id"), str(path), store.chosen_len,
                                   store.rejected_len, prompt_len)
         del ref
+    off, n = store.offsets, len(store)  # pair k: chosen tokens[off[2k]:off[2k+1]], rejected to off[2k+2]
     return PairData(
-        tokens=store.tokens, offsets=store.offsets, chosen_len=store.chosen_len, rejected_len=store.rejected_len,
+        chosen=Side(store.tokens, off[0:2 * n:2], off[1:2 * n + 1:2]),
+        rejected=Side(store.tokens, off[1:2 * n + 1:2], off[2:2 * n + 1:2]),
+        chosen_len=store.chosen_len, rejected_len=store.rejected_len,
         margin=store.margin, ids_of=ids_of, prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
         chosen_tokens=store.chosen_response_tokens, rejected_tokens=store.rejected_response_tokens,
         source=str(path), mapped=True)
@@ -191,24 +205,15 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
             raise PairDataError(f"{path}: no prompt_len column (a tokenize artifact from before DPO); rerun tokenize")
         ref_c, ref_r = _check_ref(Path(ref_path), pl.read_parquet(ref_path), df["pair_id"], str(path), chosen_len,
                                   rejected_len, prompt_len)
-    # the token store's layout: pair i's chosen then its rejected tokens, one run a pair
     (c_off, c_val), (r_off, r_val) = flat_ids(df["chosen_ids"]), flat_ids(df["rejected_ids"])
-    n = df.height
-    seq = np.empty(2 * n, dtype=np.int64)
-    seq[0::2], seq[1::2] = np.diff(c_off), np.diff(r_off)
-    offsets = np.zeros(2 * n + 1, dtype=np.int64)
-    np.cumsum(seq, out=offsets[1:])
-    src = np.empty(2 * n, dtype=np.int64)
-    src[0::2], src[1::2] = c_off[:-1], r_off[:-1] + len(c_val)
-    pool = np.concatenate([c_val, r_val]).astype(np.int32, copy=False)
-    tokens = pool[np.repeat(src - offsets[:-1], seq) + np.arange(offsets[-1])]
     pair_ids = df["pair_id"]
 
     def ids_of(rows: np.ndarray) -> list[str]:
         return pair_ids.gather(rows).to_list()
 
     return PairData(
-        tokens=tokens, offsets=offsets, chosen_len=chosen_len, rejected_len=rejected_len,
+        chosen=Side(c_val, c_off[:-1], c_off[1:]), rejected=Side(r_val, r_off[:-1], r_off[1:]),
+        chosen_len=chosen_len, rejected_len=rejected_len,
         margin=df["margin"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32),
         ids_of=ids_of, prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
         chosen_tokens=df["chosen_response_tokens"].to_numpy().astype(np.int32) if has_tokens else None,
@@ -296,7 +301,7 @@ class PairBatchSampler:
         self.group_by_length = group_by_length
         self.window = max(1, window)
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.packed_cost = None if packed_cost is None else np.asarray(packed_cost, dtype=np.int64)
+        self.packed_cost = None if packed_cost is None else np.asarray(packed_cost)
         if max_tokens_per_batch is not None:
             worst = int(self.packed_cost.max()) if self.packed_cost is not None else 2 * int(self.lengths.max())
             if worst > max_tokens_per_batch:
@@ -310,14 +315,15 @@ class PairBatchSampler:
         if epoch in self._cache:
             return self._cache[epoch]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
+        # rng.permutation(n) is arange(n) shuffled: the same order, 4 bytes a pair instead of 8 below 2**31 pairs
+        n = len(self.lengths)
+        order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        rng.shuffle(order)
         if self.group_by_length:
             span = self.batch_size * self.window
-            parts = []
-            for s in range(0, len(order), span):
+            for s in range(0, n, span):  # each window sorted in place, longest first
                 w = order[s:s + span]
-                parts.append(w[np.argsort(-self.lengths[w], kind="stable")])
-            order = np.concatenate(parts)
+                w[:] = w[np.argsort(-self.lengths[w], kind="stable")]
         bounds = cut_points(order, self.lengths, self.batch_size, self.max_tokens_per_batch, self.packed_cost)
         starts, ends = bounds[:-1], bounds[1:]
         if self.group_by_length:
