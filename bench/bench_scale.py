@@ -552,6 +552,13 @@ TRAIN_VARIANTS = {  # how the trainer reads its splits: the token store (what it
 
 def mode_train(cache: Path, sizes, log: Path) -> list[dict]:
     rows = []
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # one launch first, not recorded: the first Python + torch start after a while reads its files from disk, which
+    # would be charged to the smallest size's launch-to-first-step
+    warm = write_config(cache, f"train-{sizes[0]}-mapped", build_pairs(sizes[0], cache), "stack_exchange_paired",
+                        {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"}, "train": TRAIN_SETTINGS})
+    print("[train] warm-up launch (not recorded) ...", flush=True)
+    measured(_self("_train", str(warm), str(sizes[0])), env=env, log=log)
     for n in sizes:
         for variant, extra in TRAIN_VARIANTS.items():
             config = write_config(cache, f"train-{n}-{variant}", build_pairs(n, cache), "stack_exchange_paired",
@@ -562,12 +569,11 @@ def mode_train(cache: Path, sizes, log: Path) -> list[dict]:
             def poll(proc):
                 for pid, (cmd, rss, anon) in _tree_rss(proc.pid).items():
                     if pid != proc.pid:
-                        entry = peaks.setdefault(pid, [cmd, 0.0, 0.0])
+                        entry = peaks.setdefault(pid, [cmd, 0.0, 0.0])  # the latest cmdline: a worker is
+                        entry[0] = cmd  # forked from the launcher before it execs the trainer
                         entry[1], entry[2] = max(entry[1], rss), max(entry[2], anon)
 
             print(f"[train] {n} pairs, {variant} ...", flush=True)
-            env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT),
-                                                               os.environ.get("PYTHONPATH")]))}
             res = measured(_self("_train", str(config), str(n)), env=env, log=log, poll=poll)
             workers = [v for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0]]
             res.update(worker_peak_rss_mb=sorted(round(v[1], 1) for v in workers),
