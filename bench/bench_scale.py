@@ -28,7 +28,7 @@ next to its RSS before the stage started):
              files: wall time of the process, the stage's own seconds (its manifest), peak RSS, artifact size
   tokenizer  the tokenize stage's pairs/s (its manifest, at each size; this run is also the stages table's
              tokenize row when both modes run) beside a plain encode_batch of the same
-             rendered texts (Renderer.full_text of chosen and rejected, special tokens written out) by one
+             rendered texts (full_text of chosen and rejected, special tokens written out) by one
              `tokenizers.Tokenizer` with RAYON_NUM_THREADS = tokenize.num_proc, ids taken out as lists
              (`[e.ids for e in enc]`); also encode_batch_fast (no offsets). Reported as a ratio.
   posts      the download stage's Posts.xml path (read_source_file + the sinks) on synthetic dumps: posts/s,
@@ -314,10 +314,28 @@ def child_prepare(config: str, stage: str) -> None:
     print("{}", flush=True)
 
 
+def full_text(r, prompt: list[dict], response: str) -> str:
+    """One side as a single string, special tokens written out ("[CLS]...[SEP]" for BERT, the chat template's markers
+    without the trailing newline after the end marker): what a caller outside the pipeline hands a tokenizer with
+    add_special_tokens=False. Before any cut at max_length. (Renderer.full_text before issue 18 removed it.)"""
+    if r.chat:
+        return r.render(prompt, response).rstrip()
+    msgs = [{"role": m["role"], "content": m["content"] or ""} for m in prompt]
+    if len(msgs) == 1 and msgs[0]["role"] == "user":
+        body = msgs[0]["content"]
+    else:
+        body = "\n\n".join(f"{m['role'].title()}: {m['content']}" for m in msgs)
+
+    def specials(ids):
+        return "".join(r.tok.convert_ids_to_tokens(ids))
+    tail_special = r.tail_ids[len(r.encode(r.suffix_text)):] if r.suffix_text else r.tail_ids
+    return specials(r.head_ids) + r.head_text + body + r.mid_text + response + r.suffix_text + specials(tail_special)
+
+
 def child_encode(config: str) -> None:
     """In a subprocess: the plain-tokenizer floor of the tokenize stage on the same pairs (its shard artifact), a
     batch of tokenize.batch_size pairs at a time. Untimed: the batch rendered to its two full texts
-    (Renderer.full_text, special tokens written out, as a caller outside the pipeline feeds a tokenizer) and to the
+    (full_text, special tokens written out, as a caller outside the pipeline feeds a tokenizer) and to the
     three parts the stage encodes (prompt body, chosen, rejected). Timed, each on the same batch, by one
     tokenizers.Tokenizer whose rayon pool has RAYON_NUM_THREADS (set by the parent to tokenize.num_proc) threads,
     ids taken out as Python lists:
@@ -330,7 +348,8 @@ def child_encode(config: str) -> None:
 
     from tasks import PIPELINE
     from worldpm.config import load_config
-    from worldpm.data.render import RenderSettings, _bodies, renderer
+    from worldpm.data.render import _bodies, renderer
+    from worldpm.data.textpath import RenderSettings
     from worldpm.data.splits import SPLITS, data_files
     from worldpm.modeling import models
     from worldpm.store import ArtifactStore
@@ -359,8 +378,8 @@ def child_encode(config: str) -> None:
         if i % every:
             continue
         prompts = batch["prompt"].to_list()
-        full = [r.full_text(p, c) for p, c in zip(prompts, batch["chosen"].to_list())]
-        full += [r.full_text(p, c) for p, c in zip(prompts, batch["rejected"].to_list())]
+        full = [full_text(r, p, c) for p, c in zip(prompts, batch["chosen"].to_list())]
+        full += [full_text(r, p, c) for p, c in zip(prompts, batch["rejected"].to_list())]
         three = _bodies(batch, r)["_body"].to_list() + batch["chosen"].to_list() + batch["rejected"].to_list()
         for name, fn, texts in (("encode", plain.encode_batch, full), ("encode_fast", plain.encode_batch_fast, full),
                                 ("parts_fast", parts.encode_batch_fast, three)):
@@ -510,6 +529,9 @@ def mode_tokenizer(cache: Path, sizes, log: Path, num_proc: int | None = None) -
         if a["exit"] or s["exit"] or b["exit"]:
             rows.append({"mode": "tokenizer", "size": n, "stage": label,
                          "error": a.get("error") or s.get("error") or b.get("error")})
+            if "path" in s and not s["exit"] and num_proc is None:  # the stage's own row stands
+                rows.append({"mode": "stages", "size": n, "stage": "tokenize", **s,
+                             "artifact_mb": round(_du(s["path"]) / 1e6, 1)})
             continue
         mean = {k: (a[f"{k}_pairs_per_s"] + b[f"{k}_pairs_per_s"]) / 2 for k in ("encode", "encode_fast", "parts_fast")}
         row = {"mode": "tokenizer", "size": n, "stage": label, "threads": threads,
@@ -550,37 +572,61 @@ TRAIN_VARIANTS = {  # how the trainer reads its splits: the token store (what it
 }
 
 
-def mode_train(cache: Path, sizes, log: Path) -> list[dict]:
-    rows = []
+def _train_once(config: Path, n: int, env: dict, log: Path) -> dict:
+    """One measured launch: the stage's process, each trainer process's peak RSS and anonymous RSS (polled)."""
+    peaks: dict[int, list] = {}
+
+    def poll(proc):
+        for pid, (cmd, rss, anon) in _tree_rss(proc.pid).items():
+            if pid != proc.pid:
+                entry = peaks.setdefault(pid, [cmd, 0.0, 0.0])  # the latest cmdline: a worker is forked from
+                entry[0] = cmd  # the launcher before it execs the trainer
+                entry[1], entry[2] = max(entry[1], rss), max(entry[2], anon)
+
+    res = measured(_self("_train", str(config), str(n)), env=env, log=log, poll=poll)
+    workers = [v for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0]]
+    res.update(worker_peak_rss_mb=sorted(round(v[1], 1) for v in workers),
+               worker_peak_anon_mb=sorted(round(v[2], 1) for v in workers))
+    return res
+
+
+def mode_train(cache: Path, sizes, log: Path, repeat: int = 1) -> list[dict]:
+    """Each size x variant launched `repeat` times, the sizes interleaved (round r runs every size once), so that
+    the machine's load falls on all sizes alike; a row holds every run and their medians."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+    configs = {(n, v): write_config(cache, f"train-{n}-{v}", build_pairs(n, cache), "stack_exchange_paired",
+                                    {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"},
+                                     "train": {**TRAIN_SETTINGS, **extra}})
+               for n in sizes for v, extra in TRAIN_VARIANTS.items()}
     # one launch first, not recorded: the first Python + torch start after a while reads its files from disk, which
     # would be charged to the smallest size's launch-to-first-step
-    warm = write_config(cache, f"train-{sizes[0]}-mapped", build_pairs(sizes[0], cache), "stack_exchange_paired",
-                        {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"}, "train": TRAIN_SETTINGS})
     print("[train] warm-up launch (not recorded) ...", flush=True)
-    measured(_self("_train", str(warm), str(sizes[0])), env=env, log=log)
-    for n in sizes:
-        for variant, extra in TRAIN_VARIANTS.items():
-            config = write_config(cache, f"train-{n}-{variant}", build_pairs(n, cache), "stack_exchange_paired",
-                                  {"model": {"from_config": TINY_BERT, "tokenizer": "minilm"},
-                                   "train": {**TRAIN_SETTINGS, **extra}})
-            peaks: dict[int, list] = {}
+    measured(_self("_train", str(configs[(sizes[0], "mapped")]), str(sizes[0])), env=env, log=log)
+    runs: dict[tuple, list[dict]] = {k: [] for k in configs}
+    for r in range(repeat):
+        for (n, variant), config in configs.items():
+            print(f"[train] round {r + 1}/{repeat}: {n} pairs, {variant} ...", flush=True)
+            runs[(n, variant)].append(_train_once(config, n, env, log))
+    rows = []
+    for (n, variant), rs in runs.items():
+        ok = [x for x in rs if not x["exit"]]
+        if not ok:
+            rows.append({"mode": "train", "size": n, "stage": f"train-start ({variant})", "error": rs[-1].get("error")})
+            continue
 
-            def poll(proc):
-                for pid, (cmd, rss, anon) in _tree_rss(proc.pid).items():
-                    if pid != proc.pid:
-                        entry = peaks.setdefault(pid, [cmd, 0.0, 0.0])  # the latest cmdline: a worker is
-                        entry[0] = cmd  # forked from the launcher before it execs the trainer
-                        entry[1], entry[2] = max(entry[1], rss), max(entry[2], anon)
-
-            print(f"[train] {n} pairs, {variant} ...", flush=True)
-            res = measured(_self("_train", str(config), str(n)), env=env, log=log, poll=poll)
-            workers = [v for v in peaks.values() if "trainer" in v[0] and "accelerate" not in v[0]]
-            res.update(worker_peak_rss_mb=sorted(round(v[1], 1) for v in workers),
-                       worker_peak_anon_mb=sorted(round(v[2], 1) for v in workers),
-                       processes={str(k): [v[0][:120], round(v[1], 1), round(v[2], 1)] for k, v in peaks.items()})
-            rows.append({"mode": "train", "size": n, "stage": f"train-start ({variant})", **res})
-            _print_row(rows[-1])
+        def med(xs):
+            xs = sorted(x for x in xs if x is not None)
+            return xs[len(xs) // 2] if xs else None
+        row = {**ok[-1], "mode": "train", "size": n, "stage": f"train-start ({variant})", "runs": len(ok),
+               "worker_peak_rss_mb": max(max(x["worker_peak_rss_mb"] or [0]) for x in ok),
+               "worker_peak_anon_mb": max(max(x["worker_peak_anon_mb"] or [0]) for x in ok),
+               "launch_to_first_step_s": med([x.get("launch_to_first_step_s") for x in ok]),
+               "launch_to_first_step_all": [x.get("launch_to_first_step_s") for x in ok],
+               "data_s": med([(x.get("startup") or {}).get("data_s") for x in ok]),
+               "worker_peak_rss_all": [x["worker_peak_rss_mb"] for x in ok],
+               "load_1min": [x["load_1min"] for x in ok]}
+        rows.append(row)
+        _print_row(row)
     return rows
 
 
@@ -601,8 +647,8 @@ def _print_row(r: dict) -> None:
     if r["mode"] == "posts":
         extra = f" {r['posts_per_s']:.0f} posts/s {r['pairs_per_s']:.0f} pairs/s ({r['xml_mb']} MB xml)"
     if r["mode"] == "train":
-        extra = (f" workers {r['worker_peak_rss_mb']} MB (anon {r.get('worker_peak_anon_mb')}), launch->first step "
-                 f"{r.get('launch_to_first_step_s')} s")
+        extra = (f" worker peak {r['worker_peak_rss_mb']} MB (anon {r.get('worker_peak_anon_mb')}), launch->first "
+                 f"step {r.get('launch_to_first_step_s')} s (median of {r.get('launch_to_first_step_all')})")
     print(f"  {r['mode']:<9} {r['size']:>9} {r['stage']:<22} wall {r['wall_s']:>8.1f}s stage "
           f"{(r.get('stage_s') or 0):>8.1f}s peak RSS {r['peak_rss_mb']:>7.0f} MB (start "
           f"{r.get('rss_start_mb', 0):.0f}) artifact {r.get('artifact_mb', 0):>8.1f} MB load {r['load_1min']}{extra}",
@@ -637,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--posts", type=int, nargs="+", default=[100_000, 1_000_000], help="posts in a synthetic dump")
     p.add_argument("--num-proc", type=int, default=None,
                    help="tokenizer mode: tokenize.num_proc and the floor's threads (default: pipeline.yaml's)")
+    p.add_argument("--repeat", type=int, default=3, help="train mode: launches per size and variant (median)")
     a = p.parse_args(argv)
     log = OUT / "bench_scale.log"
     OUT.mkdir(parents=True, exist_ok=True)
@@ -652,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             elif mode == "posts":
                 rows += mode_posts(a.cache, a.posts, log)
             elif mode == "train":
-                rows += mode_train(a.cache, a.sizes, log)
+                rows += mode_train(a.cache, a.sizes, log, a.repeat)
     finally:
         if rows:
             print(f"results: {save(rows)}")
