@@ -667,6 +667,39 @@ def save(rows: list[dict]) -> Path:
     return path
 
 
+def table(results) -> str:
+    """Markdown tables of results.json: the stages (wall, stage seconds, pairs/s, peak RSS, artifact), tokenize
+    against the plain tokenizer, the Posts.xml reader and the trainer's start."""
+    rows = json.loads(Path(results).read_text())
+    key = {s: i for i, s in enumerate((*DATA_STAGES, "tokenize"))}
+    out = ["| stage | pairs | wall s | stage s | pairs/s (stage) | peak RSS MB | artifact MB | load (1 min) |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in rows if r["mode"] == "stages" and not r.get("error")),
+                    key=lambda r: (key.get(r["stage"], 99), r["size"])):
+        rate = r["size"] / r["stage_s"] if r.get("stage_s") else 0
+        out.append(f"| {r['stage']} | {r['size']:,} | {r['wall_s']:.1f} | {r.get('stage_s') or 0:.1f} | {rate:,.0f} | "
+                   f"{r['peak_rss_mb']:,.0f} | {r.get('artifact_mb', 0):,.1f} | {r['load_1min']} |")
+    out += ["", "| pairs | tokenize stage pairs/s | encode_batch pairs/s | ratio | encode_batch_fast | ratio | "
+                "stage peak RSS MB | load (1 min) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in rows if r["mode"] == "tokenizer" and not r.get("error")), key=lambda r: r["size"]):
+        out.append(f"| {r['size']:,} | {r['stage_pairs_per_s']:,.0f} | {r['encode_pairs_per_s']:,.0f} | "
+                   f"{r['ratio_encode']:.2f} | {r['encode_fast_pairs_per_s']:,.0f} | {r['ratio_encode_fast']:.2f} | "
+                   f"{r['stage_peak_rss_mb']:,.0f} | {r['load_1min']} |")
+    out += ["", "| posts | XML MB | wall s | posts/s | pairs/s | peak RSS MB | artifact MB | load (1 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in rows if r["mode"] == "posts" and not r.get("error")), key=lambda r: r["size"]):
+        out.append(f"| {r['size']:,} | {r['xml_mb']} | {r['wall_s']:.1f} | {r['posts_per_s']:,.0f} | "
+                   f"{r['pairs_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['artifact_mb']:,.1f} | {r['load_1min']} |")
+    out += ["", "| pairs | trainer reads | train pairs | peak RSS per process MB (max) | anonymous MB (max) | "
+                "data_s (median) | launch to first step s: median (runs) |", "|---:|---|---:|---:|---:|---:|---|"]
+    for r in sorted((r for r in rows if r["mode"] == "train" and not r.get("error") and "runs" in r),
+                    key=lambda r: (r["size"], r["stage"])):
+        out.append(f"| {r['size']:,} | {r['stage'].split('(')[-1].rstrip(')')} | {r.get('train_pairs') or 0:,} | "
+                   f"{r['worker_peak_rss_mb']:,.0f} | {r['worker_peak_anon_mb']:,.0f} | {r['data_s']} | "
+                   f"{r['launch_to_first_step_s']} ({', '.join(str(x) for x in r['launch_to_first_step_all'])}) |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].startswith("_"):  # a measured child
@@ -684,7 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-proc", type=int, default=None,
                    help="tokenizer mode: tokenize.num_proc and the floor's threads (default: pipeline.yaml's)")
     p.add_argument("--repeat", type=int, default=3, help="train mode: launches per size and variant (median)")
+    p.add_argument("--table", action="store_true", help="print results.json as the markdown tables of bench/README.md")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(OUT / "results.json"))
+        return 0
     log = OUT / "bench_scale.log"
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"cache {a.cache}; child logs in {log}; load {os.getloadavg()}", flush=True)

@@ -31,7 +31,7 @@ from worldpm.data import measures, text
 from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
 from worldpm.data.splits import pair_files
 from worldpm.engine import StageSpec
-from worldpm.errors import StageError
+from worldpm.errors import StageError, full_device
 from worldpm.store import ArtifactRef
 
 ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
@@ -83,6 +83,37 @@ def parts(src: pl.LazyFrame, n: int):
         yield pl.concat(pending, rechunk=True)
 
 
+def _normalise_parts(canonical: pl.LazyFrame, scfg: NormaliseConfig, out: Path, spill: Path, log, rows: int | None,
+                     t0: float, last_log: float) -> pl.Series:
+    """normalise_frame's passes: the parts normalised and written, their measures spilled to `spill`, then
+    measures.parquet with each pair's first copy; returns `first`."""
+    done = 0
+    for i, part in enumerate(parts(canonical, PART_ROWS)):
+        norm = normalised(part.lazy(), scfg).collect()
+        norm.write_parquet(out / "pairs" / f"{i:05d}.parquet", compression="zstd", row_group_size=ROW_GROUP,
+                           statistics=True)
+        measures.with_measures(norm.lazy()).collect().write_parquet(spill / f"{i:05d}.parquet")
+        done += norm.height
+        del norm
+        now = time.perf_counter()
+        if now - last_log >= 10 or (rows is not None and done >= rows):
+            log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0),
+                     now - t0, done / max(now - t0, 1e-9))
+            last_log = now
+    if done == 0:  # no rows: one empty file, so that the artifact has the table's schema
+        normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
+                                                                       compression="zstd")
+        measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect() \
+            .write_parquet(spill / "00000.parquet")
+    spilled = sorted(spill.glob("*.parquet"))
+    # the first copy of each (prompt, chosen, rejected) needs every pair's hashes at once (16 bytes a pair)
+    first = measures.first_rows(pl.scan_parquet(spilled).select(measures.KEYS).collect())
+    table = pl.concat([pl.scan_parquet(spilled), pl.LazyFrame({"first": first})], how="horizontal")
+    table.select(list(measures.MEASURES_SCHEMA)).cast(measures.MEASURES_SCHEMA).sink_parquet(
+        out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4, statistics=False)
+    return first
+
+
 def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, rows: int | None = None,
                     work: Path | None = None) -> dict:
     """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
@@ -101,30 +132,11 @@ def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, ro
     canonical = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
     with tempfile.TemporaryDirectory(prefix="measures-", dir=work) as spill_dir:
         spill = Path(spill_dir)
-        done = 0
-        for i, part in enumerate(parts(canonical, PART_ROWS)):
-            norm = normalised(part.lazy(), scfg).collect()
-            norm.write_parquet(out / "pairs" / f"{i:05d}.parquet", compression="zstd", row_group_size=ROW_GROUP,
-                               statistics=True)
-            measures.with_measures(norm.lazy()).collect().write_parquet(spill / f"{i:05d}.parquet")
-            done += norm.height
-            del norm
-            now = time.perf_counter()
-            if now - last_log >= 10 or (rows is not None and done >= rows):
-                log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0),
-                         now - t0, done / max(now - t0, 1e-9))
-                last_log = now
-        if done == 0:  # no rows: one empty file, so that the artifact has the table's schema
-            normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
-                                                                           compression="zstd")
-            measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect() \
-                .write_parquet(spill / "00000.parquet")
-        spilled = sorted(spill.glob("*.parquet"))
-        # the first copy of each (prompt, chosen, rejected) needs every pair's hashes at once (16 bytes a pair)
-        first = measures.first_rows(pl.scan_parquet(spilled).select(measures.KEYS).collect())
-        table = pl.concat([pl.scan_parquet(spilled), pl.LazyFrame({"first": first})], how="horizontal")
-        table.select(list(measures.MEASURES_SCHEMA)).cast(measures.MEASURES_SCHEMA).sink_parquet(
-            out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4, statistics=False)
+        try:
+            first = _normalise_parts(canonical, scfg, out, spill, log, rows, t0, last_log)
+        except (pl.exceptions.ComputeError, OSError) as e:  # while the spill is there: is its device full?
+            raise full_device(e, spill)
+    files = sorted((out / "pairs").glob("*.parquet"))
     files = sorted((out / "pairs").glob("*.parquet"))
     rows_out = pl.scan_parquet(files).select(pl.len()).collect().item()
     if rows is not None and rows_out != rows or rows_out != len(first):
