@@ -97,8 +97,10 @@ def _normalise_parts(canonical: pl.LazyFrame, scfg: NormaliseConfig, out: Path, 
         del norm
         now = time.perf_counter()
         if now - last_log >= 10 or (rows is not None and done >= rows):
-            log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0),
-                     now - t0, done / max(now - t0, 1e-9))
+            # the last one (all pairs read) only in the log file and the UI when the work was short: the stage's
+            # summary line follows at once
+            log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0), now - t0,
+                     done / max(now - t0, 1e-9), extra={"worldpm_detail": now - t0 < 10})
             last_log = now
     if done == 0:  # no rows: one empty file, so that the artifact has the table's schema
         normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
@@ -136,7 +138,6 @@ def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, ro
             first = _normalise_parts(canonical, scfg, out, spill, log, rows, t0, last_log)
         except (pl.exceptions.ComputeError, OSError) as e:  # while the spill is there: is its device full?
             raise full_device(e, spill)
-    files = sorted((out / "pairs").glob("*.parquet"))
     files = sorted((out / "pairs").glob("*.parquet"))
     rows_out = pl.scan_parquet(files).select(pl.len()).collect().item()
     if rows is not None and rows_out != rows or rows_out != len(first):

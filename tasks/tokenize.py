@@ -164,9 +164,11 @@ def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncod
         writer.write_table(table)
         store.append(res)
         n_out += res.height
-        if time.perf_counter() - last_log >= 10:  # a line per batch was 1,000 log records (Prefect API calls) per 1M
-            last_log = time.perf_counter()
-            log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(last_log - t0, 1e-9))
+        dt = time.perf_counter() - t0
+        if dt - (last_log - t0) >= 10:  # a line per batch was 1,000 log records (Prefect API calls) per 1M pairs;
+            last_log = time.perf_counter()  # on the terminal only once the split takes a while (issue 24)
+            log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(dt, 1e-9),
+                     extra={"worldpm_detail": dt < 10})
     if writer is None:
         pl.DataFrame(schema=OUT_SCHEMA).write_parquet(path, compression="zstd")
     else:
