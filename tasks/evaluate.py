@@ -38,11 +38,15 @@ import polars as pl
 
 from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, Strict, dpo_reference, runtime_field
 from worldpm.data.splits import read_split
+from worldpm.data.tokstore import TokenStore, TokenStoreError, store_path
 from worldpm.data.textpath import TextPath
 from worldpm.engine import StageSpec
 from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef, file_digest
 
+# what evaluate reads of the test split's Parquet file: every column but the token ids (mapped from the token store)
+TEST_COLUMNS = ("pair_id", "source", "domain", "margin", "truncated", "prompt_len", "chosen_response_tokens",
+                "rejected_response_tokens")
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
 
 
@@ -111,7 +115,16 @@ def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, lo
     )
 
     tok_dir, train_dir = Path(inputs["tokenize"].path), Path(inputs["train"].path)
-    test = read_split(inputs["tokenize"], "test")
+    # the test split's per-pair columns (small) in memory, its tokens memory-mapped from the token store: only the
+    # sequences of the batch being scored are read
+    try:
+        test_store = TokenStore(store_path(tok_dir, "test"), madvise_random=True)
+    except TokenStoreError as e:
+        raise StageError(f"evaluate: {e}") from None
+    test = read_split(inputs["tokenize"], "test", columns=list(TEST_COLUMNS))
+    if test.height != len(test_store):
+        raise StageError(f"evaluate: {store_path(tok_dir, 'test')} holds {len(test_store)} pairs, test.parquet "
+                         f"{test.height}: rerun tokenize")
     if test.height == 0:  # shard and tokenize stop on a test split they emptied; this is shard.test: 0
         raise StageError(f"evaluate: the test split has no pairs ({tok_dir / 'test.parquet'}): an evaluation of 0 "
                          "pairs measures nothing; give shard.test a fraction above 0")
@@ -137,7 +150,7 @@ def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, lo
     preds: list[pl.DataFrame] = []
     # test split: already tokenized by the tokenize stage, exactly as training saw its pairs
     test = test.with_columns(subset=pl.lit(None, pl.String))
-    c, r = scorer.rewards(test, "test", cached_reference=True)
+    c, r = scorer.rewards(test, "test", cached_reference=True, seqs=test_store.sequences())
     tp = predictions("test", test, c, r, test["chosen_response_tokens"], test["rejected_response_tokens"])
     metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag,
                        "text": {**scfg.text.describe(), "by": "the normalise stage"}}

@@ -14,8 +14,9 @@ Output:
     report.json             rows, the normalisation setting, how many pairs are exact copies of an earlier one
                             (no timings: the artifact's content is a function of its input)
 
-The work streams (polars lazy scans, the streaming engine); what is held in memory is the measures table
-(about 50 bytes a pair) while the first copy of each (prompt, chosen, rejected) is found.
+The work streams (polars lazy scans, the streaming engine); a part of PART_ROWS pairs is held in memory at a time,
+its measures spilled to the work folder; what grows with the data is the two hashes that find the first copy of
+each (prompt, chosen, rejected): 16 bytes a pair, plus a sort of them (worldpm/data/measures.py first_rows).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from worldpm.data import measures, text
 from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
 from worldpm.data.splits import pair_files
 from worldpm.engine import StageSpec
-from worldpm.errors import StageError
+from worldpm.errors import StageError, full_device
 from worldpm.store import ArtifactRef
 
 ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
@@ -82,24 +83,16 @@ def parts(src: pl.LazyFrame, n: int):
         yield pl.concat(pending, rechunk=True)
 
 
-def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, rows: int | None = None) -> dict:
-    """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
-
-    The input streams through in parts of PART_ROWS pairs: each is normalised and measured in memory (one
-    evaluation of each rule over the part: a streaming pass would pay each rule's fixed costs again for every
-    morsel, and NDJSON or small files give morsels of a few hundred rows), written as pairs/<nnnnn>.parquet, and
-    logged (pairs/s; ETA when `rows`, the input's row count, is known). Then the first copy of each pair is found
-    over all the measures. Writes out/pairs/, out/measures.parquet, out/report.json; returns the report."""
-    t0 = last_log = time.perf_counter()
-    (out / "pairs").mkdir(parents=True, exist_ok=True)
-    canonical = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
-    measured: list[pl.DataFrame] = []
+def _normalise_parts(canonical: pl.LazyFrame, scfg: NormaliseConfig, out: Path, spill: Path, log, rows: int | None,
+                     t0: float, last_log: float) -> pl.Series:
+    """normalise_frame's passes: the parts normalised and written, their measures spilled to `spill`, then
+    measures.parquet with each pair's first copy; returns `first`."""
     done = 0
     for i, part in enumerate(parts(canonical, PART_ROWS)):
         norm = normalised(part.lazy(), scfg).collect()
         norm.write_parquet(out / "pairs" / f"{i:05d}.parquet", compression="zstd", row_group_size=ROW_GROUP,
                            statistics=True)
-        measured.append(measures.with_measures(norm.lazy()).collect())
+        measures.with_measures(norm.lazy()).collect().write_parquet(spill / f"{i:05d}.parquet")
         done += norm.height
         del norm
         now = time.perf_counter()
@@ -109,24 +102,50 @@ def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, ro
             log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0), now - t0,
                      done / max(now - t0, 1e-9), extra={"worldpm_detail": now - t0 < 10})
             last_log = now
-    if not measured:  # no rows: one empty file, so that the artifact has the table's schema
+    if done == 0:  # no rows: one empty file, so that the artifact has the table's schema
         normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",
                                                                        compression="zstd")
-        measured.append(measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect())
-
+        measures.with_measures(pl.scan_parquet(out / "pairs" / "00000.parquet")).collect() \
+            .write_parquet(spill / "00000.parquet")
+    spilled = sorted(spill.glob("*.parquet"))
     # the first copy of each (prompt, chosen, rejected) needs every pair's hashes at once (16 bytes a pair)
-    table = measures.first_occurrence(pl.concat(measured, rechunk=True))
-    del measured
-    table.write_parquet(out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4,
-                        statistics=False)
+    first = measures.first_rows(pl.scan_parquet(spilled).select(measures.KEYS).collect())
+    table = pl.concat([pl.scan_parquet(spilled), pl.LazyFrame({"first": first})], how="horizontal")
+    table.select(list(measures.MEASURES_SCHEMA)).cast(measures.MEASURES_SCHEMA).sink_parquet(
+        out / "measures.parquet", compression="zstd", row_group_size=ROW_GROUP * 4, statistics=False)
+    return first
+
+
+def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, rows: int | None = None,
+                    work: Path | None = None) -> dict:
+    """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
+
+    The input streams through in parts of PART_ROWS pairs: each is normalised and measured in memory (one
+    evaluation of each rule over the part: a streaming pass would pay each rule's fixed costs again for every
+    morsel, and NDJSON or small files give morsels of a few hundred rows), written as pairs/<nnnnn>.parquet, its
+    measures spilled to `work` (a temporary folder when None), and logged (pairs/s; ETA when `rows`, the input's
+    row count, is known). Then the first copy of each pair is found from the spilled hashes (16 bytes a pair, the
+    only thing that grows with the data). Writes out/pairs/, out/measures.parquet, out/report.json; returns the
+    report."""
+    import tempfile
+
+    t0 = last_log = time.perf_counter()
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    canonical = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
+    with tempfile.TemporaryDirectory(prefix="measures-", dir=work) as spill_dir:
+        spill = Path(spill_dir)
+        try:
+            first = _normalise_parts(canonical, scfg, out, spill, log, rows, t0, last_log)
+        except (pl.exceptions.ComputeError, OSError) as e:  # while the spill is there: is its device full?
+            raise full_device(e, spill)
     files = sorted((out / "pairs").glob("*.parquet"))
     rows_out = pl.scan_parquet(files).select(pl.len()).collect().item()
-    if rows is not None and rows_out != rows or rows_out != table.height:
+    if rows is not None and rows_out != rows or rows_out != len(first):
         raise StageError(f"normalise: {rows if rows is not None else '?'} pairs in, {rows_out} written, "
-                         f"{table.height} measured: rows were lost")
+                         f"{len(first)} measured: rows were lost")
     report = {"rows_in": rows_out, "rows_out": rows_out, "rows_rejected": 0, "files": len(files),
               "normalize_markup": scfg.normalize_markup,
-              "exact_copies": int(table.height - table["first"].n_unique()) if table.height else 0}
+              "exact_copies": int(len(first) - first.n_unique()) if len(first) else 0}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log.info("normalise: %d pairs normalised and measured in %.1fs (%d exact copies among them)",
              rows_out, time.perf_counter() - t0, report["exact_copies"])
@@ -145,7 +164,8 @@ def run(scfg: NormaliseConfig, inputs: dict[str, ArtifactRef], out: Path, log, w
     rows = src.select(pl.len()).collect().item()  # from the Parquet footers: no data read
     log.info("normalise: %d pairs in %d file(s); markup normalisation %s", rows, len(files),
              "on" if scfg.normalize_markup else "off (line endings and control characters only)")
-    report = normalise_frame(src, scfg, out, log, rows=rows)
+    work.mkdir(parents=True, exist_ok=True)
+    report = normalise_frame(src, scfg, out, log, rows=rows, work=work)
     return {k: report[k] for k in ("rows_in", "rows_out", "rows_rejected")}
 
 

@@ -7,6 +7,9 @@ artifact's digest, nothing of the training settings). The reference is ``train.r
 policy's own starting point (``model.name_or_path`` / ``model.from_config``; a random-initialised ``from_config``
 model is drawn from ``train.seed``, exactly as the trainer draws the policy).
 
+Each split is read memory-mapped from tokenize's token store (``<split>.tok``, worldpm/data/tokstore.py): the
+sequences of the batch being scored are the only tokens read, whatever the split's size.
+
 Output per split (train, eval, test), rows in the tokenize split's order:
     <split>.parquet   pair_id, ref_chosen_logp, ref_rejected_logp (Float64: the SUM of response-token log-probs,
                       prompt and template head masked, end marker included; see worldpm/modeling/logps.py),
@@ -31,7 +34,8 @@ import numpy as np
 import polars as pl
 
 from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, dpo_reference, runtime_field
-from worldpm.data.splits import SPLITS, token_arrays
+from worldpm.data.splits import SPLITS
+from worldpm.data.tokstore import TokenStore, TokenStoreError, store_path
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
@@ -92,30 +96,27 @@ def run(scfg: RefLogpsConfig, inputs: dict[str, ArtifactRef], out: Path, log, wo
     splits: dict[str, dict] = {}
     tot = tot_tokens = 0
     for split in SPLITS:
-        path = tok_dir / f"{split}.parquet"
-        if not path.is_file():
-            raise StageError(f"ref_logps: the tokenize artifact has no {split}.parquet ({path})")
-        names = pl.read_parquet_schema(path)
-        if "prompt_len" not in names:
-            raise StageError(f"ref_logps: {path} has no prompt_len column (a tokenize artifact from before DPO); "
-                             "rerun tokenize")
-        df = pl.read_parquet(path, columns=["pair_id", "chosen_ids", "rejected_ids", "prompt_len"])
-        n = df.height
-        seqs = token_arrays(df["chosen_ids"]) + token_arrays(df["rejected_ids"])
-        plen = df["prompt_len"].to_numpy().astype(np.int64)
+        path = store_path(tok_dir, split)
+        try:  # memory-mapped (worldpm/data/tokstore.py): only the tokens of the batch being scored are read
+            store = TokenStore(path, madvise_random=True)
+        except TokenStoreError as e:
+            raise StageError(f"ref_logps: {e}") from None
+        n = len(store)
+        seqs = store.sequences()
+        plen = store.prompt_len.astype(np.int64)
         sums, counts = logps.response_logps(model, seqs, np.concatenate([plen, plen]), pad_id, device,
-                                      tokens_per_batch, log=log, label=split)
+                                            tokens_per_batch, log=log, label=split)
         bad = ~np.isfinite(sums)
         if bad.any():
-            ids = [df["pair_id"][int(i) % n] for i in np.flatnonzero(bad)[:8]]
+            ids = store.strings("pair_id", [int(i) % n for i in np.flatnonzero(bad)[:8]])
             raise StageError(f"ref_logps: {split}: non-finite reference log-probs for pair ids {', '.join(ids)} "
                              f"({path})")
         res = pl.DataFrame({
-            "pair_id": df["pair_id"], "ref_chosen_logp": sums[:n], "ref_rejected_logp": sums[n:],
+            "pair_id": store.string_series("pair_id"), "ref_chosen_logp": sums[:n], "ref_rejected_logp": sums[n:],
             "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
         }, schema=OUT_SCHEMA)
         res.write_parquet(out / f"{split}.parquet", compression="zstd")
-        toks = int(sum(len(s) for s in seqs))
+        toks = int(seqs.lengths.sum())
         splits[split] = {
             "pairs": n, "tokens": toks, "response_tokens": int(counts.sum()),
             "mean_ref_chosen_logp": float(sums[:n].mean()) if n else None,

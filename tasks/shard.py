@@ -14,6 +14,7 @@ import xxhash
 
 from worldpm.config import PipelineConfig, ShardConfig, StageConfig
 from worldpm.data.splits import SPLITS
+from worldpm.data.stream import RollingParquetWriter, read_batches
 from worldpm.engine import StageSpec
 from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef
@@ -88,56 +89,47 @@ def run(scfg: ShardStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, 
     if not src.exists():
         raise StageError(f"shard: the clean artifact has no pairs.parquet ({src})")
     lf = pl.scan_parquet(src)
-    # Only the group ids are collected (a small column); the pairs themselves stream through.
-    gids = lf.select(pl.col("group_id")).collect(engine="streaming").to_series()
+    # Only the distinct group ids are collected (for the groups per split); the pairs themselves stream through.
+    gids = lf.select(pl.col("group_id").unique()).collect(engine="streaming").to_series()
     if gids.null_count():
-        raise StageError(f"shard: {gids.null_count()} rows without group_id in {src}")
+        n_null = lf.select(pl.col("group_id").null_count()).collect().item()
+        raise StageError(f"shard: {n_null} rows without group_id in {src}")
     sc = scfg.shard
     fractions = {s: getattr(sc, s) for s in SPLITS}
-    assignment = assign_splits(gids, fractions, sc.salt)
-    rows_per_file = sc.rows_per_file
+    groups = assign_splits(gids, fractions, sc.salt).group_by("split").len()
+    groups_of = dict(groups.iter_rows())
+    del gids
 
-    # Each split is written in order of the cleaned table, rows_per_file rows a file, from a streamed scan.
+    # One pass over the cleaned table, a batch of whole row groups at a time (worldpm/data/stream.py): each pair's
+    # split is a function of its group id alone, so it is computed per batch (the batch's distinct ids hashed);
+    # each split is written in the cleaned table's order, rows_per_file rows a file, as the batches come.
+    # (sink_parquet(PartitionBy) is marked unstable in polars, and a streaming join with the assignment held
+    # 1.1-1.4 GB at 1M pairs: bench/README.md.)
+    writers = {split: RollingParquetWriter(out, split, sc.rows_per_file) for split in SPLITS}
+    rows_in = 0
+    try:
+        for batch in read_batches([src]):
+            rows_in += batch.height
+            assignment = assign_splits(batch["group_id"], fractions, sc.salt)
+            batch = batch.join(assignment, on="group_id", how="left", maintain_order="left")
+            for split, part in batch.partition_by("split", as_dict=True, maintain_order=True).items():
+                writers[split[0]].write(part.drop("split"))
+    finally:
+        for w in writers.values():
+            w.close()
     splits: dict[str, dict] = {}
     total = 0
-    joined = lf.join(assignment.lazy(), on="group_id", how="left", maintain_order="left")
     for split in SPLITS:
-        d = out / split
-        d.mkdir(parents=True)
-        files, rows = [], 0
-        part = joined.filter(pl.col("split") == split)
-        # sink_parquet(PartitionBy) is marked unstable in polars: cut the stream into files of rows_per_file
-        # ourselves, from record batches, so a split is never whole in memory.
-        pending: list[pl.DataFrame] = []
-        pending_rows = 0
-
-        def write(frame: pl.DataFrame) -> None:
-            nonlocal rows
-            name = f"{split}/part-{len(files):05d}.parquet"
-            frame.write_parquet(out / name, compression="zstd", statistics=True)
-            files.append(name)
-            rows += frame.height
-
-        for batch in part.collect_batches(chunk_size=rows_per_file, engine="streaming"):
-            pending.append(batch)
-            pending_rows += batch.height
-            if pending_rows >= rows_per_file:
-                frame = pl.concat(pending)
-                while frame.height >= rows_per_file:
-                    write(frame.head(rows_per_file))
-                    frame = frame.slice(rows_per_file)
-                pending, pending_rows = [frame], frame.height
-        if pending_rows:
-            write(pl.concat(pending))
-        groups = assignment.filter(pl.col("split") == split).height
-        splits[split] = {"files": files, "rows": rows, "groups": groups,
-                         "bytes": sum((out / f).stat().st_size for f in files)}
-        total += rows
-        log.info("shard: %s: %d pairs from %d groups in %d files", split, rows, groups, len(files))
-    rows_in = lf.select(pl.len()).collect().item()
-    if total != rows_in:
+        w = writers[split]
+        (out / split).mkdir(exist_ok=True)
+        splits[split] = {"files": w.files, "rows": w.rows, "groups": groups_of.get(split, 0),
+                         "bytes": sum((out / f).stat().st_size for f in w.files)}
+        total += w.rows
+        log.info("shard: %s: %d pairs from %d groups in %d files", split, w.rows, splits[split]["groups"],
+                 len(w.files))
+    if total != rows_in or rows_in != lf.select(pl.len()).collect().item():
         raise StageError(f"shard: wrote {total} rows of {rows_in}: rows were lost")
-    check_no_empty_split(splits, fractions, rows_in, assignment.height, sc.salt, log)
+    check_no_empty_split(splits, fractions, rows_in, sum(groups_of.values()), sc.salt, log)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
     warnings = small_split_warnings(splits, fractions, sc.min_split_pairs)
     for w in warnings:

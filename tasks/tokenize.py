@@ -2,8 +2,13 @@
 
 The layout of a sequence, the truncation policy and the reward token are worldpm/data/render.py's, shared with
 evaluate and `worldpm score`. Output per split (train, eval, test): ``<split>.parquet`` with the columns of
-OUT_SCHEMA; ``tokenizer/`` (the tokenizer used, pad token set, right padding); ``rejects.parquet`` (pairs dropped
-by ``overlength: drop``, with both lengths). The manifest counts pairs in/out, truncated and dropped per split.
+OUT_SCHEMA; ``<split>.tok``, the same pairs in the memory-mapped token store (worldpm/data/tokstore.py: flat
+int32 tokens + offsets + per-pair arrays, what processes map instead of loading); ``tokenizer/`` (the tokenizer
+used, pad token set, right padding); ``rejects.parquet`` (pairs dropped by ``overlength: drop``, with both
+lengths). The manifest counts pairs in/out, truncated and dropped per split.
+
+The shard files are read a batch of whole row groups at a time (worldpm/data/stream.py) and tokenized
+tokenize.batch_size pairs at a time, so memory stays flat whatever the split's size.
 """
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ import polars as pl
 from worldpm.config import PipelineConfig, StageConfig, Strict, TokenizeConfig
 from worldpm.data.render import IDS, ParallelEncoder, Renderer, renderer, tokenize_frame
 from worldpm.data.splits import SPLITS, data_files
+from worldpm.data.stream import read_batches
+from worldpm.data.tokstore import VERSION as TOKSTORE_VERSION
+from worldpm.data.tokstore import TokenStoreWriter, store_path
 from worldpm.data.textpath import RenderSettings
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
@@ -112,6 +120,7 @@ def run(scfg: TokenizeStageConfig, inputs: dict[str, ArtifactRef], out: Path, lo
         # the settings a scorer needs to render new text as this artifact's (train copies them into worldpm.json)
         "render": {**scfg.render.model_dump(), "overlength": t.overlength},
         "pairs_per_s": round(total["rows_in"] / max(time.perf_counter() - t0, 1e-9), 1),
+        "token_store": {"format_version": TOKSTORE_VERSION, "files": {s: store_path(".", s).name for s in splits}},
     }
 
 
@@ -125,10 +134,11 @@ def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncod
     drop = tc.overlength == "drop"
     path = out / f"{split}.parquet"
     writer = None
+    store = TokenStoreWriter(store_path(out, split))
     n_in = n_out = n_trunc = n_drop = tokens = 0
-    t0 = time.perf_counter()
-    batches = pl.scan_parquet(paths).collect_batches(chunk_size=tc.batch_size, engine="streaming") \
-        if paths else []
+    t0 = last_log = time.perf_counter()
+    cols = ["pair_id", "source", "domain", "group_id", "margin", "prompt", "chosen", "rejected"]
+    batches = (b for frame in read_batches(paths, columns=cols) for b in frame.iter_slices(tc.batch_size))
     for batch in batches:
         if batch.height == 0:
             continue
@@ -152,16 +162,21 @@ def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncod
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema, compression="zstd")
         writer.write_table(table)
+        store.append(res)
         n_out += res.height
-        dt = time.perf_counter() - t0  # progress on the terminal only once the split takes a while
-        log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(dt, 1e-9),
-                 extra={"worldpm_detail": dt < 10})
+        dt = time.perf_counter() - t0
+        if dt - (last_log - t0) >= 10:  # a line per batch was 1,000 log records (Prefect API calls) per 1M pairs;
+            last_log = time.perf_counter()  # on the terminal only once the split takes a while (issue 24)
+            log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(dt, 1e-9),
+                     extra={"worldpm_detail": dt < 10})
     if writer is None:
         pl.DataFrame(schema=OUT_SCHEMA).write_parquet(path, compression="zstd")
     else:
         writer.close()
-    log.info("tokenize: %s: %d in, %d out, %d truncated, %d dropped (over %d tokens)",
-             split, n_in, n_out, n_trunc, n_drop, max_length)
+    store.close({"split": split, "max_length": max_length})
+    log.info("tokenize: %s: %d in, %d out, %d truncated, %d dropped (over %d tokens) in %.1fs (%.0f pairs/s)",
+             split, n_in, n_out, n_trunc, n_drop, max_length, time.perf_counter() - t0,
+             n_in / max(time.perf_counter() - t0, 1e-9))
     return {"rows_in": n_in, "rows_out": n_out, "truncated": n_trunc, "dropped": n_drop, "tokens": tokens}
 
 

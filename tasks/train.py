@@ -14,6 +14,7 @@ from pathlib import Path
 
 from worldpm.config import ModelConfig, PipelineConfig, StageConfig, Strict, TrainConfig, minilm_version
 from worldpm.data.textpath import TextPath
+from worldpm.data.tokstore import store_path
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.modeling.trainer import launch
@@ -53,8 +54,9 @@ def trainer_args(scfg: TrainStageConfig, inputs: dict[str, ArtifactRef], out: Pa
                  gpus: int = 0) -> TrainerArgs:
     """The recipe's arguments for this stage's inputs (checked: a train split, DPO's reference log-probs)."""
     data_dir = Path(inputs["tokenize"].path)
-    if not (data_dir / "train.parquet").is_file():
-        raise StageError(f"train: the tokenize artifact has no train.parquet ({data_dir})")
+    if not store_path(data_dir, "train").is_file():  # what the trainer maps (worldpm/data/tokstore.py)
+        raise StageError(f"train: the tokenize artifact has no token store {store_path(data_dir, 'train').name} "
+                         f"({data_dir}): a tokenize artifact from before the token store; rerun tokenize")
     ref = inputs["ref_logps"]
     if scfg.train.objective == "dpo" and ref.manifest().get("objective") != "dpo":
         raise StageError(f"train: objective dpo needs the reference log-probs of a dpo config; {ref.path} has none")

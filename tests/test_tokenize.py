@@ -229,10 +229,12 @@ def test_evaluate_refuses_a_test_split_of_zero_pairs(tmp_path):
     """issue 12 case 9: shard.test: 0 used to give an exit 0 and an evaluation of 0 test pairs."""
     from tasks import evaluate
     from tasks.tokenize import OUT_SCHEMA
+    from worldpm.data.tokstore import TokenStoreWriter
 
     store = ArtifactStore(tmp_path)
     tmp = store.new_tmp("tokenize", "t" * 20)
     pl.DataFrame(schema=OUT_SCHEMA).write_parquet(tmp / "test.parquet")
+    TokenStoreWriter(tmp / "test.tok").close({"split": "test"})  # tokenize writes both, a split of 0 pairs too
     tok = store.commit("tokenize", "t" * 20, tmp, {})
     with pytest.raises(StageError, match=r"evaluate: the test split has no pairs .*give shard.test a fraction above 0"):
         evaluate.run(evaluate.stage_config(load_config(None)), {"tokenize": tok, "train": tok, "ref_logps": tok},

@@ -19,6 +19,7 @@ from support import (LOG, TINY_QWEN, TRACE_ENV, CrashAfter, ListLog, NanAt, OomA
 from tasks import PIPELINE as pipeline
 from worldpm.config import load_config
 from worldpm.data.splits import read_split
+from worldpm.data.tokstore import TokenStoreWriter
 from worldpm.errors import StageError
 from worldpm.modeling import models
 from worldpm.modeling.objectives import bt_loss
@@ -143,7 +144,7 @@ def test_step_plan_gives_every_process_its_share_and_each_pair_once_an_epoch(pro
     ref = [sorted(i for b in sampler.global_batches(0)[4 * s:4 * s + 4] for i in b) for s in range(31)]
     assert [sorted(i for r in range(procs) for b in steps[r][s].mine for i in b) for s in range(31)] == ref
     # resume: the steps after step 10 are those of an uninterrupted run
-    assert [w.mine for w in plans[-1].steps(10)][0] == steps[-1][10].mine
+    assert [b.tolist() for b in next(iter(plans[-1].steps(10))).mine] == [b.tolist() for b in steps[-1][10].mine]
 
 
 def test_length_grouping_cuts_padding_on_real_pairs(tokenized):
@@ -168,6 +169,124 @@ def test_collate_puts_chosen_then_rejected_in_one_batch(tokenized):
     assert b["attention_mask"].sum(1).tolist() == [data.chosen_len[i] for i in (3, 0, 5)] + \
         [data.rejected_len[i] for i in (3, 0, 5)]
     assert b["tokens"] == int(b["attention_mask"].sum()) and b["pair_ids"][1] == data.pair_ids[0]
+
+
+# ---- the mapped split (the token store) against the in-memory one ----------------------------------------------
+
+def _epoch_of_rank(args) -> tuple[list[str], list[list[int]]]:
+    """In a child process: map the split, take rank r's micro-batches of one epoch (2 processes), collate them;
+    (pair ids seen, the chosen ids of each pair)."""
+    path, rank = args
+    from worldpm.modeling.trainer.data import Layout, map_pairs
+
+    data = map_pairs(path)
+    plan = StepPlan(PairBatchSampler(data.pair_len, 4, seed=1), 2, 1, epochs=1.0, rank=rank)
+    ids: list[str] = []
+    chosen: list[list[int]] = []
+    for work in plan.steps():
+        if work.epoch > 1:
+            break
+        for idx in work.mine:
+            b = Layout(packed=False).collate(data, idx, 0)
+            ids += b["pair_ids"]
+            chosen += [b["input_ids"][j, : int(b["attention_mask"][j].sum())].tolist() for j in range(len(idx))]
+    return ids, chosen
+
+
+def test_two_processes_reading_one_mapped_split_see_disjoint_pairs_that_cover_it(tokenized):
+    """Two processes (forked), each mapping the train split's token store and running its rank of an epoch's step
+    plan: the pairs they see are disjoint, cover the split, and carry the Parquet split's tokens."""
+    import multiprocessing
+
+    _, ref, _ = tokenized
+    want = read_split(ref, "train")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        got = pool.map(_epoch_of_rank, [(str(Path(ref.path) / "train.tok"), r) for r in range(2)])
+    (ids0, c0), (ids1, c1) = got
+    assert ids0 and ids1 and not set(ids0) & set(ids1)
+    assert sorted(ids0 + ids1) == sorted(want["pair_id"].to_list())
+    by_id = dict(zip(want["pair_id"].to_list(), want["chosen_ids"].to_list()))
+    assert all(by_id[i] == c for i, c in zip(ids0 + ids1, c0 + c1))
+
+
+def test_mapped_and_in_memory_splits_give_the_same_batches(tokenized):
+    """Every micro-batch of an epoch, packed and padded, from the token store (mapped) and from <split>.parquet (in
+    memory) is the same batch, tensor for tensor; so is a subset (length control's subsample)."""
+    from worldpm.modeling.trainer.data import Layout, map_pairs
+
+    _, ref, _ = tokenized
+    mapped, memory = map_pairs(Path(ref.path) / "train.tok"), load_pairs(Path(ref.path) / "train.parquet")
+    assert mapped.mapped and not memory.mapped and len(mapped) == len(memory)
+    assert mapped.pair_ids == memory.pair_ids
+    assert np.array_equal(mapped.pair_len, memory.pair_len) and np.array_equal(mapped.packed_len, memory.packed_len)
+    keep = np.random.default_rng(0).permutation(len(mapped))[: len(mapped) // 2]
+    for a, b in ((mapped, memory), (mapped.subset(keep), memory.subset(keep))):
+        batches = PairBatchSampler(a.pair_len, 4, seed=0).global_batches(0)
+        assert [x.tolist() for x in batches] == [x.tolist() for x in
+                                                 PairBatchSampler(b.pair_len, 4, seed=0).global_batches(0)]
+        for layout in (Layout(packed=True, row_tokens=0), Layout(packed=False)):
+            for idx in batches:
+                x, y = layout.collate(a, idx, 0), layout.collate(b, idx, 0)
+                assert x.keys() == y.keys()
+                for k in x:  # bit for bit (margins: nan where a pair has none)
+                    if torch.is_tensor(x[k]):
+                        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True, msg=k)
+                    else:
+                        assert x[k] == y[k], k
+
+
+def test_mapped_and_in_memory_training_agree_step_for_step(tokenized, tmp_path, monkeypatch):
+    """The recipe trained on the mapped split (what it reads) and on the same split read into memory: the same pairs
+    in every micro-batch, the same loss at every step, the same eval metrics and the same saved weights."""
+    from safetensors.torch import load_file
+
+    from tasks import train as train_stage
+    from worldpm.modeling.trainer import recipe
+
+    class Seen(recipe.Callback):
+        def __init__(self):
+            self.ids = []
+
+        def on_micro_batch(self, rec, step, micro, pair_ids):
+            self.ids.append((step, micro, list(pair_ids)))
+
+    store, ref, _ = tokenized
+    cfg = tiny_cfg("train.max_steps=5", "train.seed=2", "train.length_balance=reweight")
+    scfg = pipeline["train"].config(cfg)
+    runs = []
+    for how in ("mapped", "memory"):
+        out, work = tmp_path / how, tmp_path / f"work-{how}"
+        out.mkdir()
+        seen = Seen()
+        with monkeypatch.context() as m:
+            if how == "memory":
+                m.setattr(recipe, "read_split_pairs", lambda d, split, r=None: load_pairs(Path(d) / f"{split}.parquet"))
+            summary = recipe.train(train_stage.trainer_args(scfg, train_inputs(store, ref), out, work), [seen])
+        weights = load_file(out / "model" / "model.safetensors")
+        runs.append((seen.ids, curve(out), summary["eval"], weights))
+    (ids_a, curve_a, eval_a, w_a), (ids_b, curve_b, eval_b, w_b) = runs
+    assert ids_a == ids_b and len(ids_a) == 5
+    assert [(m["step"], m["loss"], m["accuracy"]) for m in curve_a] == [(m["step"], m["loss"], m["accuracy"])
+                                                                         for m in curve_b]
+    assert eval_a == eval_b and eval_a["pairs"] == min(16, len(read_split(ref, "eval")))
+    assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_a_damaged_token_store_stops_the_trainer_in_one_line(tokenized, tmp_path):
+    """A tokenize artifact whose train.tok is cut short: the train stage fails with one line naming the file."""
+    import shutil
+
+    from worldpm.store import ArtifactRef
+
+    store, ref, _ = tokenized
+    bad = tmp_path / "tokenize-cut"
+    shutil.copytree(ref.path, bad)
+    data = (bad / "train.tok").read_bytes()
+    (bad / "train.tok").write_bytes(data[: len(data) // 2])
+    inputs = {**train_inputs(store, ref), "tokenize": ArtifactRef("tokenize", "cut", str(bad), "d-cut")}
+    with pytest.raises(TrainingStop) as e:
+        pipeline.execute("train", tiny_cfg("train.max_steps=2"), inputs, store, log=LOG)
+    assert "\n" not in str(e.value) and str(bad / "train.tok") in str(e.value) and "truncated" in str(e.value)
 
 
 def test_launch_configs_cpu_gpu_and_deepspeed(tmp_path):
@@ -287,8 +406,9 @@ def test_no_training_pairs_and_out_of_memory_stop_the_run_in_one_line(tokenized,
     empty = tmp_path / "tokenize-empty"
     shutil.copytree(ref.path, empty)
     pl.read_parquet(empty / "train.parquet").head(0).write_parquet(empty / "train.parquet")
+    TokenStoreWriter(empty / "train.tok").close()  # what the trainer maps: a store of 0 pairs
     inputs = {**train_inputs(store, ref), "tokenize": ArtifactRef("tokenize", "empty", str(empty), "d-empty")}
-    with pytest.raises(TrainingStop, match=r"train.parquet: no training pairs \(the train split is empty"):
+    with pytest.raises(TrainingStop, match=r"train.tok: no training pairs \(the train split is empty"):
         pipeline.execute("train", tiny_cfg("train.max_steps=2"), inputs, store, log=LOG)
     in_process_trainer.callbacks = [OomAt()]
     with pytest.raises(TrainingStop, match=r"^out of memory at step 2 in a micro-batch of 4 pairs, \d+ tokens \(\d+ "

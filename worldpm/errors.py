@@ -52,6 +52,28 @@ def disk_full(exc: BaseException | None) -> OSError | BaseException | None:
     return None
 
 
+LOW_SPACE = 1 << 20  # bytes: below this a write that failed without saying why is taken for a full disk
+
+
+def full_device(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """`exc` (a write into `path`'s device failed) as the OSError(ENOSPC) it is when that device has under LOW_SPACE
+    bytes free and `exc` does not say so itself: polars reports a Parquet file cut short by a full disk as
+    "Invalid thrift: transport error", with no errno and no "No space left". Otherwise `exc` unchanged."""
+    if disk_full(exc) is not None:
+        return exc
+    p = os.path.abspath(path)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        if shutil.disk_usage(p).free >= LOW_SPACE:
+            return exc
+    except OSError:
+        return exc
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    full.__cause__ = exc
+    return full
+
+
 def free_space(path: str | os.PathLike) -> str:
     """Free space on the device of `path` (or of its nearest existing parent), for a message."""
     p = os.path.abspath(path)

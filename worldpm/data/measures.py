@@ -84,7 +84,25 @@ def with_measures(pairs: pl.LazyFrame) -> pl.LazyFrame:
     return lf.select("n_prompt", "n_chosen", "n_rejected", "margin", "same", "sim", _K1, _K2)
 
 
-def first_occurrence(hashed: pl.DataFrame) -> pl.DataFrame:
-    """with_measures' collected output -> MEASURES_SCHEMA (the hashes become `first`, the row of the first copy)."""
-    return (hashed.with_row_index("first").with_columns(pl.col("first").min().over(_K1, _K2))
-            .select(list(MEASURES_SCHEMA)).cast(MEASURES_SCHEMA))
+KEYS = [_K1, _K2]
+
+
+def first_rows(keys: pl.DataFrame) -> pl.Series:
+    """`first` from with_measures' two hash columns (rows in order): the row number of the first row with the same
+    pair of hashes. A stable sort of the hashes (numpy, 16 bytes a pair plus an 8-byte permutation), so that
+    memory is what the keys take rather than a hash table of every pair."""
+    import numpy as np
+
+    k1, k2 = keys[_K1].to_numpy(), keys[_K2].to_numpy()
+    n = len(k1)
+    if n == 0:
+        return pl.Series("first", [], dtype=pl.UInt32)
+    order = np.lexsort((k2, k1))  # stable: equal keys keep their row order, so each group starts at its min row
+    s1, s2 = k1[order], k2[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (s1[1:] != s1[:-1]) | (s2[1:] != s2[:-1])
+    del s1, s2
+    at = np.flatnonzero(starts)
+    first = np.empty(n, dtype=np.uint32)
+    first[order] = np.repeat(order[at], np.diff(np.append(at, n)))
+    return pl.Series("first", first, dtype=pl.UInt32)

@@ -31,8 +31,10 @@ Tokenization runs ``num_proc`` threads, each with its own Rust tokenizer (encode
 """
 from __future__ import annotations
 
+import itertools
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -147,17 +149,72 @@ def _prompt_text_expr(r: Renderer) -> pl.Expr:
 
 # ---- tokenizing ---------------------------------------------------------------------------------------------------
 
-def _list_series(name: str, seqs: list[list[int]]) -> pl.Series:
-    lens = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
-    arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+@dataclass
+class Encoded:
+    """Token ids of k texts in Arrow's list layout: text i is values[offsets[i]:offsets[i+1]]."""
+
+    offsets: np.ndarray  # int64 [k+1]
+    values: np.ndarray   # int32
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    @classmethod
+    def from_lists(cls, seqs: list[list[int]]) -> "Encoded":
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
+        return cls(offsets, values)
+
+    @classmethod
+    def concat(cls, parts: list["Encoded"]) -> "Encoded":
+        if len(parts) == 1:
+            return parts[0]
+        lens = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        values = np.concatenate([p.values for p in parts]) if parts else np.zeros(0, dtype=np.int32)
+        return cls(offsets, values)
+
+    def replaced(self, new: dict[int, np.ndarray]) -> "Encoded":
+        """A copy with text i's ids replaced by new[i]."""
+        pieces = [self[i] if i not in new else np.asarray(new[i], dtype=np.int32) for i in range(len(self))]
+        return Encoded.from_lists([p.tolist() for p in pieces]) if pieces else self
+
+    def to_list(self) -> list[list[int]]:
+        return [self[i].tolist() for i in range(len(self))]
+
+
+def gather_runs(pool: np.ndarray, starts: np.ndarray, lengths: np.ndarray, per_row: int) -> Encoded:
+    """Rows made of `per_row` runs of `pool` each (run j of row i: pool[starts[i, j]:starts[i, j] + lengths[i, j]]),
+    concatenated into one flat array without a loop over rows: the index of output token t is its run's start
+    plus its place in the run."""
+    starts, lengths = starts.reshape(-1), lengths.reshape(-1).astype(np.int64)
+    run_end = np.cumsum(lengths)
+    flat = pool[np.repeat(starts - (run_end - lengths), lengths) + np.arange(int(run_end[-1]) if len(run_end) else 0)]
+    row_off = np.zeros(len(lengths) // per_row + 1, dtype=np.int64)
+    row_off[1:] = run_end[per_row - 1::per_row]
+    return Encoded(row_off, flat.astype(np.int32, copy=False))
+
+
+def _list_series(name: str, e: Encoded) -> pl.Series:
+    """Encoded -> a List[Int32] column, the buffers handed over (no Python list per row)."""
+    arr = pa.LargeListArray.from_arrays(pa.array(e.offsets), pa.array(e.values))
     return pl.Series(name, pl.from_arrow(arr)).cast(IDS)
 
 
 class ParallelEncoder:
-    """encode_batch on num_proc threads, each holding its own tokenizers.Tokenizer (no shared mutable state)."""
+    """encode_batch on num_proc threads, each holding its own tokenizers.Tokenizer (no shared mutable state); the
+    ids come back flat (`Encoded`), converted in the worker threads. encode_batch_fast where the tokenizers
+    library has it (0.20+: the same ids, no character offsets, which nothing here reads)."""
 
     def __init__(self, tok, num_proc: int):
         from tokenizers import Tokenizer
@@ -169,17 +226,20 @@ class ParallelEncoder:
             t.no_padding()
         self.pool = ThreadPoolExecutor(num_proc) if num_proc > 1 else None
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
+    def _encode(self, k: int, texts: list[str]) -> Encoded:
+        t = self.toks[k]
+        batch = getattr(t, "encode_batch_fast", t.encode_batch)
+        return Encoded.from_lists([e.ids for e in batch(texts, add_special_tokens=False)])
+
+    def __call__(self, texts: list[str]) -> Encoded:
         if not texts:
-            return []
+            return Encoded(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32))
         n = len(self.toks)
         if self.pool is None or len(texts) < 2 * n:
-            return [e.ids for e in self.toks[0].encode_batch(texts, add_special_tokens=False)]
+            return self._encode(0, texts)
         step = (len(texts) + n - 1) // n
         chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
-        parts = self.pool.map(lambda a: [e.ids for e in self.toks[a[0]].encode_batch(a[1], add_special_tokens=False)],
-                              enumerate(chunks))
-        return [ids for part in parts for ids in part]
+        return Encoded.concat(list(self.pool.map(lambda a: self._encode(a[0], a[1]), enumerate(chunks))))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -219,31 +279,49 @@ def cut_to_end(text: str, bound: int) -> str:
     return text[last:]
 
 
-def encode_ends(df: pl.DataFrame, cols: tuple[str, ...], enc: "ParallelEncoder", max_length: int) -> list[list[int]]:
+def encode_ends(df: pl.DataFrame, cols: tuple[str, ...], enc: "ParallelEncoder", max_length: int) -> Encoded:
     """Token ids of each column's texts (column after column), each cut to its end first (see CHARS_PER_TOKEN_BOUND)."""
     bound = char_bound(max_length)
     full: list[str] = []
     for c in cols:
         full += df[c].fill_null("").to_list()
-    long = [i for i, t in enumerate(full) if len(t) > bound]
-    texts = list(full)
-    for i in long:
-        texts[i] = cut_to_end(full[i], bound)
+    chars = np.concatenate([df[c].fill_null("").str.len_chars().to_numpy() for c in cols]) if full else []
+    long = np.flatnonzero(np.asarray(chars) > bound).tolist()
+    texts = full
+    if long:
+        texts = list(full)
+        for i in long:
+            texts[i] = cut_to_end(full[i], bound)
     ids = enc(texts)
-    todo = [i for i in long if len(ids[i]) < max_length + RESYNC_TOKENS]
+    lens = ids.lengths
+    todo = [i for i in long if lens[i] < max_length + RESYNC_TOKENS]
+    fixed: dict[int, np.ndarray] = {}
     while todo:  # cut texts that gave too few tokens: cut them 8x longer (at worst, not at all)
         bound *= 8
-        for i, new in zip(todo, enc([cut_to_end(full[i], bound) for i in todo])):
-            ids[i] = new
-        todo = [i for i in todo if len(full[i]) > bound and len(ids[i]) < max_length + RESYNC_TOKENS]
-    return ids
+        new = enc([cut_to_end(full[i], bound) for i in todo])
+        for j, i in enumerate(todo):
+            fixed[i] = new[j]
+        todo = [i for i in todo if len(full[i]) > bound and len(fixed[i]) < max_length + RESYNC_TOKENS]
+    return ids.replaced(fixed) if fixed else ids
 
 
-def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_length: int) -> pl.DataFrame:
-    """Canonical rows -> ids per side (before the length policy) plus full lengths and the truncation plan.
+@dataclass
+class PairIds:
+    """What tokenize_frame computes for n pairs, as arrays (the token store and the Parquet columns are made from
+    it): each side's ids after the length policy, and per pair the lengths before it."""
 
-    Only the end of a long body or response is tokenized (encode_ends): the part truncation can keep."""
-    n = df.height
+    chosen: Encoded
+    rejected: Encoded
+    prompt_len: np.ndarray              # int32: tokens before the response (head + kept prompt)
+    full_chosen: np.ndarray             # int64: each side's length before any cut
+    full_rejected: np.ndarray
+    chosen_response_tokens: np.ndarray  # int32: the responses' own tokens before any cut
+    rejected_response_tokens: np.ndarray
+    truncated: np.ndarray               # bool
+
+
+def _bodies(df: pl.DataFrame, r: Renderer) -> pl.DataFrame:
+    """df with `_body` (the prompt's text between head and response) and `_has_head` (the constant head applies)."""
     if r.chat and r.compositional:
         fast = ((pl.col("prompt").list.len() == 1)
                 & (pl.col("prompt").list.first().struct.field("role") == "user"))
@@ -260,51 +338,77 @@ def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_leng
                 df["_body"].scatter(slow, [b for _, b in rendered]),
                 df["_has_head"].scatter(slow, [h for h, _ in rendered]),
             )
-    elif r.chat:
+        return df.drop("_fast")
+    if r.chat:
         rendered = [r.split_rendered(p or []) for p in df["prompt"].to_list()]
-        df = df.with_columns(_body=pl.Series([b for _, b in rendered], dtype=pl.String),
-                             _has_head=pl.Series([h for h, _ in rendered], dtype=pl.Boolean))
-    else:
-        df = df.with_columns(_body=_prompt_text_expr(r), _has_head=pl.lit(True))
+        return df.with_columns(_body=pl.Series([b for _, b in rendered], dtype=pl.String),
+                               _has_head=pl.Series([h for h, _ in rendered], dtype=pl.Boolean))
+    return df.with_columns(_body=_prompt_text_expr(r), _has_head=pl.lit(True))
+
+
+def encode_pairs(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_length: int) -> PairIds:
+    """Canonical rows -> each side's ids after the truncation plan, and the lengths before it (numpy throughout).
+
+    Only the end of a long body or response is tokenized (encode_ends): the part truncation can keep. The plan,
+    per pair, with H/T the constant head/tail tokens and lb/lc/lr the body/chosen/rejected tokens:
+    avail = max_length - T - H; the body keeps all of itself when it fits beside a response, else what the longer
+    response leaves but at least min(lb, avail // 2); one cut for both sides (the smaller keep); each response keeps
+    its last tokens up to what the body leaves."""
+    n = df.height
+    df = _bodies(df, r)
     ids = encode_ends(df, ("_body", "chosen", "rejected"), enc, max_length)
-    df = df.with_columns(
-        _list_series("_b", ids[:n]), _list_series("_c", ids[n:2 * n]), _list_series("_r", ids[2 * n:]),
-    )
-    head = pl.lit(pl.Series([r.head_ids], dtype=IDS))
-    tail = pl.lit(pl.Series([r.tail_ids], dtype=IDS))
+    lens = ids.lengths
+    lb, lc, lr = lens[:n], lens[n:2 * n], lens[2 * n:]
+    has_head = df["_has_head"].to_numpy().astype(bool)
     H, T = len(r.head_ids), len(r.tail_ids)
-    lb, lc, lr = (pl.col(c).list.len().cast(pl.Int32) for c in ("_b", "_c", "_r"))
-    avail = pl.lit(max_length - T, dtype=pl.Int32) - pl.when(pl.col("_has_head")).then(H).otherwise(0)
+    head_n = np.where(has_head, H, 0)
+    avail = max_length - T - head_n
     half = avail // 2
 
-    def keep_body(ls: pl.Expr) -> pl.Expr:  # prompt tokens that side would keep
-        return pl.when(lb + ls <= avail).then(lb).otherwise(pl.max_horizontal(avail - ls, pl.min_horizontal(lb, half)))
+    def keep_body(ls: np.ndarray) -> np.ndarray:  # prompt tokens that side would keep
+        return np.where(lb + ls <= avail, lb, np.maximum(avail - ls, np.minimum(lb, half)))
 
-    df = df.with_columns(
-        _full_c=lb + lc + T + pl.when(pl.col("_has_head")).then(H).otherwise(0),
-        _full_r=lb + lr + T + pl.when(pl.col("_has_head")).then(H).otherwise(0),
-        _kb=pl.min_horizontal(keep_body(lc), keep_body(lr)),
-        _avail=avail,
-    )
-    df = df.with_columns(_kc=pl.min_horizontal(lc, pl.col("_avail") - pl.col("_kb")),
-                         _kr=pl.min_horizontal(lr, pl.col("_avail") - pl.col("_kb")))
+    kb = np.minimum(keep_body(lc), keep_body(lr))
+    kc, kr = np.minimum(lc, avail - kb), np.minimum(lr, avail - kb)
+    # one pool: head ids, tail ids, then every encoded text; each side is 4 runs of it
+    pool = np.concatenate([np.asarray(r.head_ids, dtype=np.int32), np.asarray(r.tail_ids, dtype=np.int32),
+                           ids.values])
+    base = H + T
+    off = ids.offsets
 
-    def side(col: str, k: str) -> pl.Expr:
-        parts = [pl.col("_b").list.tail(pl.col("_kb")), pl.col(col).list.tail(pl.col(k)), tail]
-        return pl.when(pl.col("_has_head")).then(pl.concat_list([head, *parts])).otherwise(pl.concat_list(parts))
+    def side(first: int, resp_len: np.ndarray, keep: np.ndarray) -> Encoded:
+        starts = np.stack([np.zeros(n, dtype=np.int64),                       # head
+                           base + off[:n] + lb - kb,                          # the body's last kb tokens
+                           base + off[first:first + n] + resp_len - keep,     # the response's last `keep` tokens
+                           np.full(n, H, dtype=np.int64)], axis=1)            # tail
+        runs = np.stack([head_n, kb, keep, np.full(n, T)], axis=1)
+        return gather_runs(pool, starts, runs, 4)
 
+    full_c = lb + lc + T + head_n
+    full_r = lb + lr + T + head_n
+    return PairIds(
+        chosen=side(n, lc, kc), rejected=side(2 * n, lr, kr),
+        prompt_len=(kb + head_n).astype(np.int32), full_chosen=full_c, full_rejected=full_r,
+        chosen_response_tokens=lc.astype(np.int32), rejected_response_tokens=lr.astype(np.int32),
+        truncated=(full_c > max_length) | (full_r > max_length))
+
+
+def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_length: int) -> pl.DataFrame:
+    """Canonical rows -> the same rows plus chosen_ids / rejected_ids (after the length policy), truncated,
+    chosen_len / rejected_len, prompt_len, chosen_response_tokens / rejected_response_tokens, and _full_c / _full_r
+    (each side's length before any cut, for the drop policy)."""
+    p = encode_pairs(df, r, enc, max_length)
     return df.with_columns(
-        chosen_ids=side("_c", "_kc").cast(IDS),
-        rejected_ids=side("_r", "_kr").cast(IDS),
-        truncated=(pl.col("_full_c") > max_length) | (pl.col("_full_r") > max_length),
-    ).with_columns(
-        chosen_len=pl.col("chosen_ids").list.len().cast(pl.Int32),
-        rejected_len=pl.col("rejected_ids").list.len().cast(pl.Int32),
-        prompt_len=(pl.col("_kb") + pl.when(pl.col("_has_head")).then(H).otherwise(0)).cast(pl.Int32),
+        _list_series("chosen_ids", p.chosen), _list_series("rejected_ids", p.rejected),
+        pl.Series("truncated", p.truncated, dtype=pl.Boolean),
+        pl.Series("chosen_len", p.chosen.lengths.astype(np.int32), dtype=pl.Int32),
+        pl.Series("rejected_len", p.rejected.lengths.astype(np.int32), dtype=pl.Int32),
+        pl.Series("prompt_len", p.prompt_len, dtype=pl.Int32),
         # the responses' own length before any cut: what length bias and length control are measured in
-        chosen_response_tokens=lc, rejected_response_tokens=lr,
+        pl.Series("chosen_response_tokens", p.chosen_response_tokens, dtype=pl.Int32),
+        pl.Series("rejected_response_tokens", p.rejected_response_tokens, dtype=pl.Int32),
+        pl.Series("_full_c", p.full_chosen, dtype=pl.Int64), pl.Series("_full_r", p.full_rejected, dtype=pl.Int64),
     )
-
 
 
 # ---- one renderer for training and scoring -------------------------------------------------------------------------

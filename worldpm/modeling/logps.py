@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -211,7 +211,7 @@ def token_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray
     return batches
 
 
-def response_logps(model, seqs: list[np.ndarray], prompt_len: np.ndarray, pad_id: int, device: str,
+def response_logps(model, seqs: Sequence[np.ndarray], prompt_len: np.ndarray, pad_id: int, device: str,
                    tokens_per_batch: int, log=None, label: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(summed response log-probs float64, response token counts int32) of token id sequences, input order."""
     n = len(seqs)
@@ -219,7 +219,9 @@ def response_logps(model, seqs: list[np.ndarray], prompt_len: np.ndarray, pad_id
     counts = np.zeros(n, dtype=np.int32)
     if n == 0:
         return sums, counts
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
+    lengths = getattr(seqs, "lengths", None)  # a token store's Sequences carries them
+    if lengths is None:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
     batches = token_batches(lengths, tokens_per_batch)
     total_tokens = int(lengths.sum())
     t0 = last = time.perf_counter()

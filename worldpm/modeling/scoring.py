@@ -94,7 +94,10 @@ def score_sequences(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_siz
     out = np.empty(n, dtype=np.float32)
     if n == 0:
         return out
-    order = np.argsort(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n), kind="stable")[::-1]
+    lengths = getattr(seqs, "lengths", None)  # a token store's Sequences carries them
+    if lengths is None:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
+    order = np.argsort(lengths, kind="stable")[::-1]
     nb = math.ceil(n / batch_size)
     per_chunk = max(1, math.ceil(nb / 10)) * batch_size
     t0 = time.perf_counter()
@@ -235,10 +238,17 @@ class RewardScorer:
             model_dir, device=device, tokenizer_dir=tok_dir / "tokenizer" if tok_dir is not None else None)
         self.device, self.batch_size, self.padding_side, self.log = device, batch_size, padding_side, log
 
-    def rewards(self, t: pl.DataFrame, label: str, cached_reference: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return score_pairs(self.model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), self.pad_id,
-                           self.batch_size, padding_side=self.padding_side, log=self.log, label=label,
-                           device=self.device)
+    def rewards(self, t: pl.DataFrame, label: str, cached_reference: bool = False,
+                seqs: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen, rejected) rewards of the pairs of `t`: their chosen_ids / rejected_ids, or `seqs` (the 2n
+        sequences, chosen sides then rejected: a mapped token store's, tokstore.Sequences)."""
+        if seqs is None:
+            return score_pairs(self.model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), self.pad_id,
+                               self.batch_size, padding_side=self.padding_side, log=self.log, label=label,
+                               device=self.device)
+        s = score_sequences(self.model, seqs, self.pad_id, self.batch_size, padding_side=self.padding_side,
+                            log=self.log, label=label, device=self.device)
+        return s[:t.height], s[t.height:]
 
 
 class ImplicitReward:
@@ -267,17 +277,20 @@ class ImplicitReward:
         self.reference = None
         self.tokens_per_batch = logps.tokens_per_batch(device, d.tokens_per_batch)
 
-    def logps(self, model, t: pl.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def logps(self, model, t: pl.DataFrame, label: str, seqs: Sequence[np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         from worldpm.modeling.logps import response_logps
 
         n = t.height
         plen = t["prompt_len"].to_numpy().astype(np.int64)
-        s, c = response_logps(model, token_arrays(t["chosen_ids"]) + token_arrays(t["rejected_ids"]),
+        if seqs is None:
+            seqs = token_arrays(t["chosen_ids"]) + token_arrays(t["rejected_ids"])
+        s, c = response_logps(model, seqs,
                               np.concatenate([plen, plen]), self.pad_id, self.device, self.tokens_per_batch,
                               log=self.log, label=label)
         return s[:n], s[n:], c[:n], c[n:]
 
-    def reference_logps(self, t: pl.DataFrame, label: str, cached: bool):
+    def reference_logps(self, t: pl.DataFrame, label: str, cached: bool, seqs: Sequence[np.ndarray] | None = None):
         from worldpm.data.splits import read_split
 
         if cached:
@@ -291,11 +304,14 @@ class ImplicitReward:
             from worldpm.modeling.logps import load_reference
 
             self.reference = load_reference(self.ref_cfg, self.tok, self.device, self.dtype)
-        return self.logps(self.reference, t, f"{label} (reference)")
+        return self.logps(self.reference, t, f"{label} (reference)", seqs)
 
-    def rewards(self, t: pl.DataFrame, label: str, cached_reference: bool) -> tuple[np.ndarray, np.ndarray]:
-        pc, pr, nc, nr = self.logps(self.policy, t, label)
-        rc, rr, mc, mr = self.reference_logps(t, label, cached_reference)
+    def rewards(self, t: pl.DataFrame, label: str, cached_reference: bool,
+                seqs: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As RewardScorer.rewards (`seqs`: the pairs' 2n sequences, chosen sides then rejected, when `t` has no
+        id columns)."""
+        pc, pr, nc, nr = self.logps(self.policy, t, label, seqs)
+        rc, rr, mc, mr = self.reference_logps(t, label, cached_reference, seqs)
         if not (np.array_equal(nc, mc) and np.array_equal(nr, mr)):
             raise StageError(f"evaluate: {label}: the policy and the reference count different response tokens")
         if self.average:

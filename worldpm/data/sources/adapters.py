@@ -44,6 +44,13 @@ def _domain_from_path(path: Path) -> str | None:
     return None
 
 
+def with_record_number(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """lf with `_rec` (Int64), the record's number in the file: `with_row_index`, which the streaming engine runs
+    as it reads (`pl.int_range(pl.len())` is not elementwise: the engine holds the whole file to evaluate it, 2 GB
+    for a file of 500k StackExchange pairs)."""
+    return lf.with_row_index("_rec").with_columns(pl.col("_rec").cast(pl.Int64))
+
+
 def _margin_checked(margin: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
     """(margin, reason): a NaN or infinite margin is quarantined (reason `bad_margin`), never passed on."""
     bad = margin.is_nan() | margin.is_infinite()
@@ -58,14 +65,13 @@ def stack_exchange_paired(lf: pl.LazyFrame, schema: pl.Schema, ctx: Ctx) -> pl.L
         # metadata = [question url, site url, license]: the site url names the domain
         from_meta = pl.col("metadata").list.get(1, null_on_oob=True).str.extract(r"https?://([^/]+)", 1)
         site = pl.coalesce(from_meta, site)
-    return lf.with_columns(
+    return with_record_number(lf).with_columns(
         _prompt=_user(pl.col("question").cast(pl.String)),
         _chosen=pl.col("response_j").cast(pl.String),
         _rejected=pl.col("response_k").cast(pl.String),
         _domain=site,
         _group=pl.concat_str([pl.lit("se:"), site.fill_null(""), pl.lit(":"), pl.col("qid").cast(pl.String)]),
         _date=pl.col("date").cast(pl.String) if "date" in schema else NULL_S,
-        _rec=pl.int_range(pl.len(), dtype=pl.Int64),
     )
 
 
@@ -146,37 +152,31 @@ def stack_exchange_preferences(lf: pl.LazyFrame, schema: pl.Schema, ctx: Ctx) ->
     )
 
 
-POSTS_BATCH = 50_000  # posts held in memory before they are flushed to a Parquet part in the scratch folder
+POSTS_BATCH = 50_000       # posts held in memory before they are flushed to a Parquet part in the scratch folder
+BUCKET_QUESTIONS = 20_000  # questions (in file order) whose pairs are built together, with their answers, in memory
+STAGED_ROW_GROUP = 10_000  # staged rows a row group: what the download stage's streaming sinks read at a time
 _Q_SCHEMA = {"qid": pl.Int64, "title": pl.String, "body": pl.String, "date": pl.String}
 _A_SCHEMA = {"qid": pl.Int64, "aid": pl.Int64, "text": pl.String, "score": pl.Float64}
+_STATS = ("answers", "answers_unusable", "candidate_pairs", "equal_score_pairs")
 
 
-def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, int]:
-    """Stream-parse a data-dump Posts.xml into question and answer Parquet parts in the scratch folder.
-
-    Memory stays flat on the 20 GB dumps: elements are cleared as they are read (and dropped from the root),
-    and posts are flushed to Parquet every POSTS_BATCH. Returns (staged pairs, reader rejects, records).
-    Records are questions (plus posts that cannot be read, rejected as `bad_post`); a question without two
-    answers of different net votes is rejected (`no_pair`). Posts that are neither questions nor answers are
-    skipped and answers whose question is not in the file are left out: both counted in the stats."""
-    scratch = scratch_dir(ctx.work) / f"posts-{xxhash.xxh3_64_hexdigest(str(path.resolve()).encode())[:12]}"
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    scratch.mkdir(parents=True)
-    qs: list[dict] = []
-    ans: list[dict] = []
+def _parse_posts(path: Path, scratch: Path, ctx: Ctx) -> tuple[int, int, int, list[dict]]:
+    """Pass 1: stream-parse Posts.xml into q-<part>.parquet (questions, file order) and a-<part>.parquet (answers)
+    in `scratch`, POSTS_BATCH posts at a time; elements are cleared as they are read (and dropped from the root).
+    Returns (questions, answers, other posts, unreadable posts as reject rows)."""
+    q_cols: dict[str, list] = {k: [] for k in _Q_SCHEMA}
+    a_cols: dict[str, list] = {k: [] for k in _A_SCHEMA}
     bad: list[dict] = []
     n_q = n_a = other = parts = seen = 0
     t0 = time.perf_counter()
 
     def flush() -> None:
         nonlocal parts
-        if qs:
-            pl.DataFrame(qs, schema=_Q_SCHEMA).write_parquet(scratch / f"q-{parts:05d}.parquet")
-        if ans:
-            pl.DataFrame(ans, schema=_A_SCHEMA).write_parquet(scratch / f"a-{parts:05d}.parquet")
-        qs.clear()
-        ans.clear()
+        for cols, schema, prefix in ((q_cols, _Q_SCHEMA, "q"), (a_cols, _A_SCHEMA, "a")):
+            if cols["qid"]:
+                pl.DataFrame(cols, schema=schema).write_parquet(scratch / f"{prefix}-{parts:05d}.parquet")
+                for v in cols.values():
+                    v.clear()
         parts += 1
 
     try:
@@ -192,12 +192,16 @@ def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, in
                 t = a.get("PostTypeId")
                 try:
                     if t == "1":
-                        qs.append({"qid": int(a["Id"]), "title": a.get("Title") or "", "body": a.get("Body"),
-                                   "date": (a.get("CreationDate") or "")[:10] or None})
+                        qid = int(a["Id"])
+                        q_cols["qid"].append(qid)
+                        q_cols["title"].append(a.get("Title") or "")
+                        q_cols["body"].append(a.get("Body"))
+                        q_cols["date"].append((a.get("CreationDate") or "")[:10] or None)
                         n_q += 1
                     elif t == "2":
-                        ans.append({"qid": int(a["ParentId"]), "aid": int(a["Id"]), "text": a.get("Body"),
-                                    "score": float(a["Score"])})
+                        row = (int(a["ParentId"]), int(a["Id"]), a.get("Body"), float(a["Score"]))
+                        for k, v in zip(_A_SCHEMA, row):
+                            a_cols[k].append(v)
                         n_a += 1
                     else:
                         other += 1
@@ -206,7 +210,7 @@ def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, in
                                 f"missing or bad attribute {e}", "raw": str(dict(a))})
                 root.clear()  # drops this row (and its attributes) from the tree
                 seen += 1
-                if len(qs) + len(ans) >= POSTS_BATCH:
+                if len(q_cols["qid"]) + len(a_cols["qid"]) >= POSTS_BATCH:
                     flush()
                 if ctx.log is not None and seen % 1_000_000 == 0:
                     ctx.log.info("download: %s: %d posts read (%.0f posts/s)", path, seen,
@@ -214,22 +218,46 @@ def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, in
     except ET.ParseError as e:
         raise AdapterError(f"{path}:{e.position[0]}: not valid XML: {e}") from None
     flush()
-    if n_q == 0 and n_a == 0:
-        raise AdapterError(f"{path}: no posts (no <row PostTypeId=1|2>) in this XML file")
-    ctx.stats["posts_other"] = other
-    if not any(scratch.glob("q-*.parquet")):
-        pl.DataFrame(schema=_Q_SCHEMA).write_parquet(scratch / "q-empty.parquet")
-    if not any(scratch.glob("a-*.parquet")):
-        pl.DataFrame(schema=_A_SCHEMA).write_parquet(scratch / "a-empty.parquet")
-    domain = _domain_from_path(path)
-    questions = pl.scan_parquet(scratch / "q-*.parquet").with_columns(_rec=pl.int_range(pl.len(), dtype=pl.Int64))
-    all_answers = pl.scan_parquet(scratch / "a-*.parquet")
-    answers = all_answers.filter(pl.col("text").is_not_null())
-    ctx.lazy_stats.append(pl.concat([
-        _answer_stats(all_answers, answers),
-        all_answers.join(questions.select("qid"), on="qid", how="anti").select(answers_orphan=pl.len().cast(pl.Int64)),
-    ], how="horizontal"))
-    pairs = _answer_pairs(answers, ctx.max_pairs_per_question)
+    return n_q, n_a, other, bad
+
+
+def _bucket_answers(scratch: Path, n_q: int) -> tuple[int, int, int]:
+    """Pass 2: each answer to the bucket of its question, b-<bucket>-<part>.parquet (BUCKET_QUESTIONS questions a
+    bucket, in file order), or to orphan-<part>.parquet when its question is not in the file. A question's index
+    comes from a binary search in the sorted question ids (8 bytes a question); answers are read a part at a time.
+    When question ids repeat (no data dump does), every answer goes to bucket 0: one bucket, the whole file at
+    once. Returns (questions a bucket, buckets, orphan answers)."""
+    import numpy as np
+
+    q_parts = sorted(scratch.glob("q-*.parquet"))
+    qids = pl.scan_parquet(q_parts).select("qid").collect().to_series().to_numpy() if q_parts \
+        else np.zeros(0, dtype=np.int64)
+    order = np.argsort(qids, kind="stable")
+    sorted_ids = qids[order]
+    unique = len(sorted_ids) < 2 or bool((np.diff(sorted_ids) > 0).all())
+    size = BUCKET_QUESTIONS if unique else max(n_q, 1)
+    orphans = 0
+    for k, part in enumerate(sorted(scratch.glob("a-*.parquet"))):
+        answers = pl.read_parquet(part)
+        ids = answers["qid"].to_numpy()
+        at = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+        found = (sorted_ids[at] == ids) if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+        bucket = np.where(found, order[at] // size if len(order) else 0, -1)
+        orphans += int((~found).sum())
+        # one file per (bucket, part): in a dump (Id order) a part's answers fall in one or two buckets
+        for b, rows in answers.with_columns(_b=pl.Series(bucket)).partition_by("_b", as_dict=True).items():
+            name = "orphan" if b[0] < 0 else f"b-{b[0]:06d}"
+            rows.drop("_b").write_parquet(scratch / f"{name}-{k:05d}.parquet")
+        part.unlink()
+    return size, -(-n_q // size) if n_q else 0, orphans
+
+
+def _staged_bucket(questions: pl.LazyFrame, answers_all: pl.LazyFrame, domain: str | None,
+                   max_pairs: int) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """The staged rows (one per question without a pair, one per pair otherwise, in question order) and the
+    answer counts, for some questions and all their answers."""
+    answers = answers_all.filter(pl.col("text").is_not_null())
+    pairs = _answer_pairs(answers, max_pairs)
     joined = questions.join(pairs, on="qid", how="left", maintain_order="left_right")
     no_pair = pl.col("chosen").is_null()
     prompt_text = pl.concat_str([pl.col("title"), pl.col("body").fill_null("")], separator="\n\n")
@@ -244,6 +272,54 @@ def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, in
         _reason=pl.when(no_pair).then(pl.lit("no_pair")).otherwise(NULL_S),
         _detail=pl.when(no_pair).then(pl.lit("no two answers with different net votes")).otherwise(NULL_S),
     )
+    return staged, _answer_stats(answers_all, answers)
+
+
+def read_posts_xml(path: Path, ctx: Ctx) -> tuple[pl.LazyFrame, pl.DataFrame, int]:
+    """A data-dump Posts.xml -> (staged pairs, reader rejects, records), in memory bounded by POSTS_BATCH posts and
+    BUCKET_QUESTIONS questions whatever the file's size (the 20 GB dumps; bench/README.md measures it).
+
+    Pass 1 parses the XML into question and answer Parquet parts (_parse_posts), pass 2 puts each answer in the
+    bucket of its question (_bucket_answers), pass 3 builds each bucket's pairs in memory and writes them, in
+    question order, to s-<bucket>.parquet: the staged frame is a scan of those files, the same rows in the same
+    order as building all pairs at once. Records are questions (plus posts that cannot be read, rejected as
+    `bad_post`); a question without two answers of different net votes is rejected (`no_pair`). Posts that are
+    neither questions nor answers are skipped and answers whose question is not in the file are left out: both
+    counted in the stats."""
+    scratch = scratch_dir(ctx.work) / f"posts-{xxhash.xxh3_64_hexdigest(str(path.resolve()).encode())[:12]}"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    n_q, n_a, other, bad = _parse_posts(path, scratch, ctx)
+    if n_q == 0 and n_a == 0:
+        raise AdapterError(f"{path}: no posts (no <row PostTypeId=1|2>) in this XML file")
+    ctx.stats["posts_other"] = other
+    size, n_buckets, orphans = _bucket_answers(scratch, n_q)
+    domain = _domain_from_path(path)
+    questions = pl.scan_parquet(sorted(scratch.glob("q-*.parquet"))) if n_q else pl.LazyFrame(schema=_Q_SCHEMA)
+    empty_answers = pl.LazyFrame(schema=_A_SCHEMA)
+    totals = dict.fromkeys(_STATS, 0)
+    for b in range(n_buckets):
+        qb = questions.slice(b * size, size).with_row_index("_rec", offset=b * size) \
+            .with_columns(pl.col("_rec").cast(pl.Int64))
+        ab = sorted(scratch.glob(f"b-{b:06d}-*.parquet"))
+        staged_b, stats_b = _staged_bucket(qb, pl.scan_parquet(ab) if ab else empty_answers, domain,
+                                           ctx.max_pairs_per_question)
+        staged_b.collect().write_parquet(scratch / f"s-{b:06d}.parquet", row_group_size=STAGED_ROW_GROUP)
+        for k, v in stats_b.collect().row(0, named=True).items():
+            totals[k] += v
+    orphan = sorted(scratch.glob("orphan-*.parquet"))
+    if orphan:  # counted as before: their answers and candidate pairs, no pairs
+        for k, v in _answer_stats(pl.scan_parquet(orphan), pl.scan_parquet(orphan)
+                                  .filter(pl.col("text").is_not_null())).collect().row(0, named=True).items():
+            totals[k] += v
+    totals["answers_orphan"] = orphans
+    ctx.lazy_stats.append(pl.LazyFrame({k: [v] for k, v in totals.items()}, schema={k: pl.Int64 for k in totals}))
+    if n_buckets:
+        staged = pl.scan_parquet([scratch / f"s-{b:06d}.parquet" for b in range(n_buckets)])
+    else:
+        staged = _staged_bucket(questions.with_row_index("_rec").with_columns(pl.col("_rec").cast(pl.Int64)),
+                                empty_answers, domain, ctx.max_pairs_per_question)[0]
     return staged, reject_rows(ctx.tag, path, bad), n_q + len(bad)
 
 

@@ -73,14 +73,23 @@ def reject_rows(tag: str, path: Path | str, rows: list[dict]) -> pl.DataFrame:
 # polars' Expr.hash is not stable across versions, so ids are xxhash of a canonical string. The string is built
 # with expressions; only the hash itself is a batch function over the column (no per-row UDF in the plan).
 
+HASH_SLICE = 4096  # strings turned into Python objects at once: a morsel (up to 100k rows of long texts) as one
+#                   Python list held ~250 MB per morsel in flight
+
+
+def _hashed(s: pl.Series, h) -> pl.Series:
+    out: list[str | None] = []
+    for lo in range(0, len(s), HASH_SLICE):
+        out += [None if v is None else h(v.encode()) for v in s.slice(lo, HASH_SLICE).to_list()]
+    return pl.Series(s.name, out, dtype=pl.String)
+
+
 def _xxh128_batch(s: pl.Series) -> pl.Series:
-    h = xxhash.xxh3_128_hexdigest
-    return pl.Series(s.name, [None if v is None else h(v.encode()) for v in s.to_list()], dtype=pl.String)
+    return _hashed(s, xxhash.xxh3_128_hexdigest)
 
 
 def _xxh64_batch(s: pl.Series) -> pl.Series:
-    h = xxhash.xxh3_64_hexdigest
-    return pl.Series(s.name, [None if v is None else h(v.encode()) for v in s.to_list()], dtype=pl.String)
+    return _hashed(s, xxhash.xxh3_64_hexdigest)
 
 
 def hash128(expr: pl.Expr) -> pl.Expr:

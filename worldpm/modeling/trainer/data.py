@@ -1,22 +1,32 @@
-"""Pairs in memory, the length-grouped pair sampler, the plan of steps over processes, and the collates that
-put chosen and rejected in one forward batch.
+"""A tokenized split as the trainer reads it, the length-grouped pair sampler, the plan of steps over processes, and
+the collates that put chosen and rejected in one forward batch.
 
-A tokenized split (tokenize's ``<split>.parquet``) is held as two flat int32 arrays plus offsets per side (Arrow's
-own list layout): no Python list per pair, a few bytes per token. A micro-batch of B pairs becomes ONE forward
-batch of 2B sequences, the B chosen then the B rejected ones: packed end to end (collate_packed, padding-free,
-for models that can: packing.py) or padded to the longest of all 2B (collate_pairs).
+A split is read memory-mapped from tokenize's token store (``<split>.tok``, worldpm/data/tokstore.py): the tokens
+are one flat int32 array (pair i's chosen then its rejected sequence) with int64 offsets, and the per-pair arrays
+(lengths, margins, response tokens) are views of the same mapping. Every process on a node maps the same file, so
+the node holds one copy in the page cache; a process reads only the tokens of its own micro-batches (a collate
+copies them into its batch), and the sampler and the step plan read the length arrays alone. Pair ids are read
+from the store only for the pairs of a micro-batch (for a non-finite loss's message), never as a list of the split.
+``load_pairs(<split>.parquet)`` gives the same PairData from the Parquet split, in memory (tests compare the two).
+
+A micro-batch of B pairs becomes ONE forward batch of 2B sequences, the B chosen then the B rejected ones: packed
+end to end (collate_packed, padding-free, for models that can: packing.py) or padded to the longest of all 2B
+(collate_pairs).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import polars as pl
 import torch
 
 from worldpm.data.splits import flat_ids
+from worldpm.data.tokstore import SUFFIX as STORE_SUFFIX
+from worldpm.data.tokstore import TokenStore
 from worldpm.modeling import models, packing
 
 
@@ -25,13 +35,30 @@ class PairDataError(ValueError):
 
 
 @dataclass
+class Side:
+    """One side (chosen or rejected) of every pair of a source: pair k's ids are tokens[starts[k]:ends[k]]. A mapped
+    store's two sides share one token array (pair k's chosen then rejected run; starts and ends are strided views
+    of its offsets); a split read into memory has a token array per side (Arrow's own buffers)."""
+
+    tokens: np.ndarray   # int32
+    starts: np.ndarray   # int64 [N]
+    ends: np.ndarray     # int64 [N]
+
+
+@dataclass
 class PairData:
-    pair_ids: list[str]
-    chosen: tuple[np.ndarray, np.ndarray]    # (offsets int64 [n+1], flat int32 ids)
-    rejected: tuple[np.ndarray, np.ndarray]
+    """The pairs of a split: each side's tokens (Side, over the N pairs of the source: a mapped store, or arrays in
+    memory) and per-pair arrays, one number a pair. ``rows`` says which source pairs this data holds, in order
+    (None: all N, as stored); every per-pair array has one entry per pair of this data. A subset (length control)
+    cuts the per-pair arrays and ``rows``, never the tokens."""
+
+    chosen: Side
+    rejected: Side
     chosen_len: np.ndarray                   # int32 [n]
     rejected_len: np.ndarray
-    margin: np.ndarray                       # float32 [n], nan where the pair has none
+    margin: np.ndarray                       # float [n], nan where the pair has none (float64 mapped, float32)
+    ids_of: Callable[[np.ndarray], list[str]]  # source pair indices -> their pair ids (read when asked for)
+    rows: np.ndarray | None = None           # int64 [n]: source pair of each pair (None: 0..N-1)
     prompt_len: np.ndarray | None = None     # int32 [n]: tokens before the response (tokenize), for DPO
     ref_chosen: np.ndarray | None = None     # float64 [n]: cached reference log-probs (ref_logps stage), DPO
     ref_rejected: np.ndarray | None = None
@@ -42,31 +69,29 @@ class PairData:
     weight: np.ndarray | None = None         # float32 [n], mean 1: length_balance reweight
     length_diff: np.ndarray | None = None    # float32 [n]: log(1 + L_chosen) - log(1 + L_rejected)
     length_offset: np.ndarray | None = None  # float32 [n]: the fixed length expert's logit (length_debias poe)
+    source: str = ""                         # the file it was read from (messages)
+    mapped: bool = False                     # read through a memory map (the token store)
 
     def __len__(self) -> int:
-        return len(self.pair_ids)
+        return len(self.chosen_len)
+
+    def _source_rows(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return idx if self.rows is None else self.rows[idx]
 
     def subset(self, idx: np.ndarray) -> "PairData":
-        """The pairs at `idx` (in that order), every per-pair field cut alike."""
+        """The pairs at `idx` (in that order), every per-pair field cut alike; the tokens are shared, not copied."""
         idx = np.asarray(idx, dtype=np.int64)
-
-        def ids(side: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-            off, flat = side
-            starts = off[idx].astype(np.int64)
-            lens = off[idx + 1].astype(np.int64) - starts
-            new_off = np.zeros(len(idx) + 1, dtype=np.int64)
-            np.cumsum(lens, out=new_off[1:])
-            # token p of the new flat array is token p - new_off[j] of pair j: one gather, no loop over pairs
-            return new_off, flat[np.repeat(starts - new_off[:-1], lens) + np.arange(new_off[-1])]
 
         def cut(a):
             return None if a is None else a[idx]
         return PairData(
-            pair_ids=[self.pair_ids[i] for i in idx], chosen=ids(self.chosen), rejected=ids(self.rejected),
-            chosen_len=self.chosen_len[idx], rejected_len=self.rejected_len[idx], margin=self.margin[idx],
-            prompt_len=cut(self.prompt_len), ref_chosen=cut(self.ref_chosen), ref_rejected=cut(self.ref_rejected),
-            chosen_tokens=cut(self.chosen_tokens), rejected_tokens=cut(self.rejected_tokens), weight=cut(self.weight),
-            length_diff=cut(self.length_diff), length_offset=cut(self.length_offset))
+            chosen=self.chosen, rejected=self.rejected, chosen_len=self.chosen_len[idx],
+            rejected_len=self.rejected_len[idx], margin=self.margin[idx], ids_of=self.ids_of,
+            rows=self._source_rows(idx), prompt_len=cut(self.prompt_len), ref_chosen=cut(self.ref_chosen),
+            ref_rejected=cut(self.ref_rejected), chosen_tokens=cut(self.chosen_tokens),
+            rejected_tokens=cut(self.rejected_tokens), weight=cut(self.weight), length_diff=cut(self.length_diff),
+            length_offset=cut(self.length_offset), source=self.source, mapped=self.mapped)
 
     def response_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """(chosen, rejected) response tokens before truncation (never the lengths as cut: after a cut at
@@ -83,18 +108,88 @@ class PairData:
 
     @property
     def packed_len(self) -> np.ndarray:
-        """What a pair costs in a packed batch: the real tokens of both sides (int64)."""
-        return self.chosen_len.astype(np.int64) + self.rejected_len
+        """What a pair costs in a packed batch: the real tokens of both sides (int32: two sides of at most
+        tokenize.max_length tokens)."""
+        return self.chosen_len.astype(np.int32) + self.rejected_len
 
     def seq(self, side: str, i: int) -> np.ndarray:
-        off, flat = self.chosen if side == "chosen" else self.rejected
-        return flat[off[i]:off[i + 1]]
+        """The ids of one side of pair i: a view (of the mapping, for a mapped split), nothing copied."""
+        k = int(i) if self.rows is None else int(self.rows[i])
+        s = self.chosen if side == "chosen" else self.rejected
+        return s.tokens[s.starts[k]:s.ends[k]]
+
+    def ids(self, idx) -> list[str]:
+        """The pair ids of the pairs at `idx` (read from the store for a mapped split: only those)."""
+        return self.ids_of(self._source_rows(idx))
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """Every pair id, as a list (tests and small splits; the trainer asks `ids` for a micro-batch's)."""
+        return self.ids(np.arange(len(self)))
+
+
+def _check_ref(ref_path: Path, ref: pl.DataFrame, pair_ids: pl.Series, source: str, chosen_len: np.ndarray,
+               rejected_len: np.ndarray, prompt_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cached reference log-probs (chosen, rejected), checked against the split: same pairs in the same order,
+    each side summed over the response tokens the split has."""
+    if ref.height != len(pair_ids) or not ref["pair_id"].equals(pair_ids, check_names=False):
+        raise PairDataError(f"{ref_path}: its pair_ids are not those of {source} in order (reference log-probs of "
+                            "another tokenize artifact?)")
+    start = np.maximum(prompt_len, 1)
+    for side, lens in (("chosen", chosen_len), ("rejected", rejected_len)):
+        want = lens - start
+        got = ref[f"{side}_tokens"].to_numpy()
+        if not np.array_equal(want, got):
+            i = int(np.flatnonzero(want != got)[0])
+            raise PairDataError(f"{ref_path}: pair {pair_ids[i]}: {side} log-prob over {got[i]} response "
+                                f"tokens, the split has {want[i]}")
+    return (ref["ref_chosen_logp"].to_numpy().astype(np.float64),
+            ref["ref_rejected_logp"].to_numpy().astype(np.float64))
+
+
+def map_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
+    """A tokenized split, memory-mapped from its token store (``<split>.tok``): nothing is read but the store's
+    head and footer; the per-pair arrays are views of the mapping. With ``ref_path`` (DPO) the cached reference
+    log-probs, checked as in load_pairs (they are read into this process: 16 bytes a pair)."""
+    path = Path(path)
+    # TokenStoreError: missing, cut short or another format, one line naming the file; MADV_RANDOM: a trainer reads
+    # scattered pairs, so no read-ahead around each one
+    store = TokenStore(path, madvise_random=True)
+
+    def ids_of(rows: np.ndarray) -> list[str]:
+        return store.strings("pair_id", rows)
+
+    prompt_len = store.prompt_len
+    ref_c = ref_r = None
+    if ref_path is not None:
+        ref = pl.read_parquet(ref_path)
+        ref_c, ref_r = _check_ref(Path(ref_path), ref, store.string_series("pair_id"), str(path), store.chosen_len,
+                                  store.rejected_len, prompt_len)
+        del ref
+    off, n = store.offsets, len(store)  # pair k: chosen tokens[off[2k]:off[2k+1]], rejected to off[2k+2]
+    return PairData(
+        chosen=Side(store.tokens, off[0:2 * n:2], off[1:2 * n + 1:2]),
+        rejected=Side(store.tokens, off[1:2 * n + 1:2], off[2:2 * n + 1:2]),
+        chosen_len=store.chosen_len, rejected_len=store.rejected_len,
+        margin=store.margin, ids_of=ids_of, prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
+        chosen_tokens=store.chosen_response_tokens, rejected_tokens=store.rejected_response_tokens,
+        source=str(path), mapped=True)
+
+
+def read_split_pairs(data_dir: str | Path, split: str, ref_dir: str | Path | None = None) -> PairData:
+    """The trainer's read of a split: its token store mapped (``<data_dir>/<split>.tok``), with the cached reference
+    log-probs of ``<ref_dir>/<split>.parquet`` when ref_dir is given (DPO)."""
+    ref = None if ref_dir is None else Path(ref_dir) / f"{split}.parquet"
+    return map_pairs(Path(data_dir) / f"{split}{STORE_SUFFIX}", ref_path=ref)
 
 
 def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData:
-    """A tokenized split; with ``ref_path`` (the ref_logps stage's <split>.parquet, DPO) its cached reference
-    log-probs joined on pair_id. The reference rows are in the split's order (ref_logps writes them so), which is
-    checked pair by pair, as is the number of response tokens each side was summed over."""
+    """A tokenized split in memory, from ``<split>.parquet`` (or mapped, given a ``.tok`` path); with ``ref_path``
+    (the ref_logps stage's <split>.parquet, DPO) its cached reference log-probs joined on pair_id. The reference
+    rows are in the split's order (ref_logps writes them so), which is checked pair by pair, as is the number of
+    response tokens each side was summed over."""
+    if str(path).endswith(STORE_SUFFIX):
+        return map_pairs(path, ref_path)
     cols = ["pair_id", "chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
     schema = pl.read_parquet_schema(path)
     has_prompt_len = "prompt_len" in schema
@@ -102,62 +197,83 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
     df = pl.read_parquet(path, columns=cols + (["prompt_len"] if has_prompt_len else [])
                          + (["chosen_response_tokens", "rejected_response_tokens"] if has_tokens else []))
     prompt_len = df["prompt_len"].to_numpy().astype(np.int32) if has_prompt_len else None
+    chosen_len = df["chosen_len"].to_numpy().astype(np.int32)
+    rejected_len = df["rejected_len"].to_numpy().astype(np.int32)
     ref_c = ref_r = None
     if ref_path is not None:
         if prompt_len is None:
             raise PairDataError(f"{path}: no prompt_len column (a tokenize artifact from before DPO); rerun tokenize")
-        ref = pl.read_parquet(ref_path)
-        if ref.height != df.height or not ref["pair_id"].equals(df["pair_id"]):
-            raise PairDataError(f"{ref_path}: its pair_ids are not those of {path} in order (reference log-probs of "
-                                "another tokenize artifact?)")
-        start = np.maximum(prompt_len, 1)
-        for side in ("chosen", "rejected"):
-            want = df[f"{side}_len"].to_numpy() - start
-            got = ref[f"{side}_tokens"].to_numpy()
-            if not np.array_equal(want, got):
-                i = int(np.flatnonzero(want != got)[0])
-                raise PairDataError(f"{ref_path}: pair {df['pair_id'][i]}: {side} log-prob over {got[i]} response "
-                                    f"tokens, the split has {want[i]}")
-        ref_c = ref["ref_chosen_logp"].to_numpy().astype(np.float64)
-        ref_r = ref["ref_rejected_logp"].to_numpy().astype(np.float64)
+        ref_c, ref_r = _check_ref(Path(ref_path), pl.read_parquet(ref_path), df["pair_id"], str(path), chosen_len,
+                                  rejected_len, prompt_len)
+    (c_off, c_val), (r_off, r_val) = flat_ids(df["chosen_ids"]), flat_ids(df["rejected_ids"])
+    pair_ids = df["pair_id"]
+
+    def ids_of(rows: np.ndarray) -> list[str]:
+        return pair_ids.gather(rows).to_list()
+
     return PairData(
-        pair_ids=df["pair_id"].to_list(),
-        chosen=flat_ids(df["chosen_ids"]),
-        rejected=flat_ids(df["rejected_ids"]),
-        chosen_len=df["chosen_len"].to_numpy().astype(np.int32),
-        rejected_len=df["rejected_len"].to_numpy().astype(np.int32),
+        chosen=Side(c_val, c_off[:-1], c_off[1:]), rejected=Side(r_val, r_off[:-1], r_off[1:]),
+        chosen_len=chosen_len, rejected_len=rejected_len,
         margin=df["margin"].cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32),
-        prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
+        ids_of=ids_of, prompt_len=prompt_len, ref_chosen=ref_c, ref_rejected=ref_r,
         chosen_tokens=df["chosen_response_tokens"].to_numpy().astype(np.int32) if has_tokens else None,
         rejected_tokens=df["rejected_response_tokens"].to_numpy().astype(np.int32) if has_tokens else None,
-    )
+        source=str(path))
+
+
+CUT_CHUNK = 1 << 16  # pairs whose costs become Python ints at once in a budgeted cut (not the whole epoch's)
+
+
+def cut_points(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens_per_batch: int | None = None,
+               packed_cost: np.ndarray | None = None) -> np.ndarray:
+    """Where `order` is cut into consecutive micro-batches (int64 bounds: micro-batch k is order[b[k]:b[k+1]]): of
+    ``batch_size`` pairs, or with ``max_tokens_per_batch`` as many pairs as fit in the budget (packed: a pair costs
+    ``packed_cost``, its real tokens; padded: n pairs cost 2 n x the longest side, ``lengths``). A pair over the
+    budget on its own is a micro-batch of one."""
+    n = len(order)
+    if max_tokens_per_batch is None:
+        return np.append(np.arange(0, n, batch_size, dtype=np.int64), np.int64(n))
+    budget, cuts, start = max_tokens_per_batch, [0], 0
+    used = longest = 0
+    for lo in range(0, n, CUT_CHUNK):
+        if packed_cost is not None:
+            for j, c in enumerate(packed_cost[order[lo:lo + CUT_CHUNK]].tolist(), lo):
+                if used + c > budget and j > start:
+                    cuts.append(j)
+                    start, used = j, 0
+                used += c
+        else:  # padded: n pairs x 2 sides x the longest side of the micro-batch
+            for j, L in enumerate(lengths[order[lo:lo + CUT_CHUNK]].tolist(), lo):
+                longest = max(longest, L)
+                if 2 * (j - start + 1) * longest > budget and j > start:
+                    cuts.append(j)
+                    start, longest = j, L
+    cuts.append(n)
+    return np.asarray(cuts, dtype=np.int64)
 
 
 def cut_micro_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
                       max_tokens_per_batch: int | None = None,
                       packed_cost: np.ndarray | None = None) -> list[np.ndarray]:
-    """`order` cut into consecutive micro-batches: of ``batch_size`` pairs, or with ``max_tokens_per_batch`` as many
-    pairs as fit in the budget (packed: a pair costs ``packed_cost``, its real tokens; padded: n pairs cost 2 n x
-    the longest side, ``lengths``). A pair over the budget on its own is a micro-batch of one."""
-    if max_tokens_per_batch is None:
-        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    budget, out, start = max_tokens_per_batch, [], 0
-    if packed_cost is not None:
-        used = 0
-        for j, c in enumerate(packed_cost[order].tolist()):
-            if used + c > budget and j > start:
-                out.append(order[start:j])
-                start, used = j, 0
-            used += c
-    else:  # padded: n pairs x 2 sides x the longest side of the micro-batch
-        longest = 0
-        for j, L in enumerate(lengths[order].tolist()):
-            longest = max(longest, L)
-            if 2 * (j - start + 1) * longest > budget and j > start:
-                out.append(order[start:j])
-                start, longest = j, L
-    out.append(order[start:])
-    return out
+    """`order` cut into consecutive micro-batches (cut_points), as a list of index arrays."""
+    b = cut_points(order, lengths, batch_size, max_tokens_per_batch, packed_cost)
+    return [order[b[k]:b[k + 1]] for k in range(len(b) - 1)]
+
+
+class Batches(Sequence):
+    """An epoch's micro-batches as two arrays, not a list of arrays: batch k is order[starts[k]:ends[k]] (8 bytes a
+    pair and 16 a micro-batch, whatever the count: 15M pairs in micro-batches of 8 would be 1.9M array objects)."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.order, self.starts, self.ends = order, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return self.order[self.starts[k]:self.ends[k]]
 
 
 class PairBatchSampler:
@@ -185,7 +301,7 @@ class PairBatchSampler:
         self.group_by_length = group_by_length
         self.window = max(1, window)
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.packed_cost = None if packed_cost is None else np.asarray(packed_cost, dtype=np.int64)
+        self.packed_cost = None if packed_cost is None else np.asarray(packed_cost)
         if max_tokens_per_batch is not None:
             worst = int(self.packed_cost.max()) if self.packed_cost is not None else 2 * int(self.lengths.max())
             if worst > max_tokens_per_batch:
@@ -193,31 +309,31 @@ class PairBatchSampler:
                                  f"the longest pair (chosen + rejected"
                                  f"{'' if self.packed_cost is not None else ', padded'}): "
                                  f"raise it to at least {worst} or lower tokenize.max_length")
-        self._cache: dict[int, list[np.ndarray]] = {}
+        self._cache: dict[int, Batches] = {}
 
-    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
-        return cut_micro_batches(order, self.lengths, self.batch_size, self.max_tokens_per_batch, self.packed_cost)
-
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
+    def global_batches(self, epoch: int) -> Batches:
         if epoch in self._cache:
             return self._cache[epoch]
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
+        # rng.permutation(n) is arange(n) shuffled: the same order, 4 bytes a pair instead of 8 below 2**31 pairs
+        n = len(self.lengths)
+        order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        rng.shuffle(order)
         if self.group_by_length:
             span = self.batch_size * self.window
-            parts = []
-            for s in range(0, len(order), span):
+            for s in range(0, n, span):  # each window sorted in place, longest first
                 w = order[s:s + span]
-                parts.append(w[np.argsort(-self.lengths[w], kind="stable")])
-            order = np.concatenate(parts)
-        batches = self._cut(order)
+                w[:] = w[np.argsort(-self.lengths[w], kind="stable")]
+        bounds = cut_points(order, self.lengths, self.batch_size, self.max_tokens_per_batch, self.packed_cost)
+        starts, ends = bounds[:-1], bounds[1:]
         if self.group_by_length:
             # batch order shuffled so lengths do not trend within an epoch (a window's longest batch comes first
             # otherwise), the longest batch overall first: where out-of-memory would show, it shows at once
-            perm = rng.permutation(len(batches))
-            longest = int(np.argmax([self.lengths[b].max() for b in batches]))
+            perm = rng.permutation(len(starts))
+            longest = int(np.argmax(np.maximum.reduceat(self.lengths[order], starts)))
             perm = np.concatenate([[longest], perm[perm != longest]])
-            batches = [batches[i] for i in perm]
+            starts, ends = starts[perm], ends[perm]
+        batches = Batches(order, starts, ends)
         if len(self._cache) > 4:
             self._cache.pop(min(self._cache))
         self._cache[epoch] = batches
@@ -293,8 +409,8 @@ def padding_fraction(lengths: np.ndarray, batches: list) -> float:
 def pair_fields(data: PairData, idx: list[int]) -> dict:
     """What a batch carries per pair, whatever its layout: margins, pair ids, DPO's prompt lengths and cached
     reference log-probs."""
-    batch: dict = {"margin": torch.from_numpy(data.margin[idx].copy()), "n_pairs": len(idx),
-                   "pair_ids": [data.pair_ids[i] for i in idx]}
+    batch: dict = {"margin": torch.from_numpy(data.margin[idx].astype(np.float32)), "n_pairs": len(idx),
+                   "pair_ids": data.ids(idx)}
     if data.prompt_len is not None:  # DPO: where each pair's response starts (both sides)
         batch["prompt_len"] = torch.from_numpy(data.prompt_len[idx].astype(np.int64))
     if data.ref_chosen is not None:

@@ -47,8 +47,9 @@ from worldpm.modeling import length as length_control
 from worldpm.modeling import models, packing
 from worldpm.modeling.objectives import build_objective
 from worldpm.modeling.trainer import guard, save
-from worldpm.modeling.trainer.data import (Layout, PairBatchSampler, PairData, StepPlan, cut_micro_batches,
-                                           load_pairs)
+from worldpm.data.tokstore import TokenStoreError, store_path
+from worldpm.modeling.trainer.data import (Layout, PairBatchSampler, PairData, PairDataError, StepPlan,
+                                           cut_micro_batches, read_split_pairs)
 from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.modeling.trainer.step import (FiniteGuard, OutOfMemory, Prefetcher, StepLog, TrainingStop, hms,
                                            oom_message, to_device)
@@ -221,7 +222,7 @@ class Recipe:
         self.objective = build_objective(t)
         self.data = self.load_split("train")
         if len(self.data) == 0:
-            raise TrainingStop(f"{A.data_dir / 'train.parquet'}: no training pairs (the train split is empty: see "
+            raise TrainingStop(f"{store_path(A.data_dir, 'train')}: no training pairs (the train split is empty: see "
                                "the shard stage's splits and the clean stage's report)")
         self.length_info = None
         if self.objective.name == "bt" and (t.length_balance != "none" or t.length_debias != "none"):
@@ -257,9 +258,13 @@ class Recipe:
         self.cb.on_train_start(self)
 
     def load_split(self, split: str) -> PairData:
-        """A tokenized split, with its cached reference log-probs for dpo."""
-        ref = self.args.ref_dir / f"{split}.parquet" if self.objective.name == "dpo" else None
-        return load_pairs(self.args.data_dir / f"{split}.parquet", ref_path=ref)
+        """A tokenized split, memory-mapped from its token store (data.read_split_pairs), with its cached reference
+        log-probs for dpo."""
+        try:
+            return read_split_pairs(self.args.data_dir, split,
+                                    self.args.ref_dir if self.objective.name == "dpo" else None)
+        except (TokenStoreError, PairDataError) as e:
+            raise TrainingStop(str(e)) from None
 
     # ---- train -----------------------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -323,7 +328,7 @@ class Recipe:
     def evaluate(self) -> None:
         """The first train.eval_max_pairs pairs of the eval split (0: all), for train_summary.json."""
         t = self.t
-        has_eval = (self.args.data_dir / "eval.parquet").exists()
+        has_eval = store_path(self.args.data_dir, "eval").exists()
         data = self.load_split("eval") if has_eval else None
         self.eval_metrics = evaluate_split(self.model, self.objective, data, self.accelerator,
                                            self.tokenizer.pad_token_id, t.batch_size, t.eval_max_pairs, self.layout,
