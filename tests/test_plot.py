@@ -251,3 +251,50 @@ def test_publish_prefect_artifacts_is_a_no_op_outside_a_flow_run(tmp_path):
     funnel = {r["name"]: r["value"] for r in rows if r["kind"] == "funnel"}
     assert funnel == {"rows_in": 1396, "rejected:min_chars": 40, "rejected:near_identical": 100,
                       "rejected:dedupe": 56, "rows_out": 1200}
+
+
+def _cells(md: str) -> list[tuple[int, str]]:
+    """(line number, cell text) of every Markdown table cell of ``md`` (separator rows left out)."""
+    out = []
+    for i, line in enumerate(md.splitlines(), 1):
+        if line.startswith("|") and not set(line) <= set("|:- "):
+            out += [(i, c.strip()) for c in line.strip().strip("|").split(" | ")]
+    return out
+
+
+def test_report_artifact_markdown_embeds_figures_and_has_no_dicts_or_empty_cells(tmp_path):
+    """The worldpm-report artifact as Prefect's UI shows it: every figure embedded (the UI cannot read local PNG
+    files), the trainer's nested summary as rows of their own, counts and durations for people."""
+    from flows.artifacts import report_markdown
+    from worldpm.report.markdown import image_links
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    inputs = fake_upstream(store)
+    train_dir = Path(inputs["train"].path)
+    summary = json.loads((train_dir / "train_summary.json").read_text())
+    summary.update(epochs=1.0, seconds=251.43, peak_memory_gb=1.234567, packed=True, max_tokens_per_batch=None,
+                   startup={"imports_s": 3.21, "launch_to_first_step_s": 9.87},
+                   final={"step": 120, "loss": 0.4512, "grad_norm": 1.5, "pairs": 160, "padding": 0.061},
+                   eval={"pairs": 100, "loss": 0.61, "accuracy": 0.7}, length_control={})
+    inputs["train"] = _commit(store, "train", "t2", {"metrics.jsonl": (train_dir / "metrics.jsonl").read_text(),
+                                                      "train_summary.json": json.dumps(summary)})
+    cfg = PipelineConfig(name="ui-test", artifacts_dir=str(tmp_path / "artifacts"))
+    res = pipeline.execute("plot", cfg, inputs, store, log=log)
+
+    md = report_markdown(res.path)
+    links = image_links(md)
+    assert len(links) == 5 and all(l.startswith("data:image/png;base64,") for l in links)
+    import base64
+
+    assert all(base64.b64decode(l.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for l in links)
+    assert ".png)" not in md and "](" + res.path not in md  # no local image path left
+    cells = _cells(md)
+    assert cells and all(c for _, c in cells), [x for x in cells if not x[1]]  # no empty value
+    assert not [x for x in cells if x[1].startswith(("{", "[{")) or "': " in x[1] or '": ' in x[1]]  # no dicts
+    for row in ("| epochs | 1 |", "| seconds | 251 s (4 min 11 s) |", "| final.loss | 0.451 |",
+                "| final.padding | 6.1% |", "| startup.launch_to_first_step_s | 9.9 s |", "| eval.accuracy | 70.0% |",
+                "| peak_memory_gb | 1.23 GB |", "| packed | yes |", "| max_tokens_per_batch | - |",
+                "| length_control | (none) |", "| steps | 120 |"):
+        assert row in md, row
+    # report.md in the artifact folder keeps its relative links (readable offline, next to the PNGs)
+    assert image_links((Path(res.path) / "report.md").read_text())[0] == "loss.png"

@@ -392,30 +392,39 @@ def plot_grad_norm(rows: list[dict], spikes: list, out: Path, formats: list[str]
     ax = fig.add_subplot()
     ax.plot(steps[ok], g[ok], color=_SMOOTH, lw=1.0, label="gradient norm (before clipping)")
     if spikes:
-        ax.plot([s.step for s in spikes], [s.grad_norm for s in spikes], "v", color="#cb181d", ms=7,
-                label=f"spike ({len(spikes)}): > median + 6 robust sd of the 20 before")
+        ax.plot([s.step for s in spikes], [s.grad_norm for s in spikes], "o", mfc="none", mec="#cb181d", mew=1.5,
+                ms=9, label=f"spike ({len(spikes)}): > median + 6 robust sd of the 20 norms before")
         for s in spikes[:12]:
-            ax.annotate(f"{s.step}", (s.step, s.grad_norm), textcoords="offset points", xytext=(0, 6), ha="center",
-                        fontsize=7, color="#cb181d")
-    if (g[ok] > 0).all():
+            ax.annotate(f"step {s.step}", (s.step, s.grad_norm), textcoords="offset points", xytext=(0, 8),
+                        ha="center", fontsize=7, color="#cb181d")
+    top, low = float(np.nanmax(g[ok])), float(np.nanmin(g[ok]))
+    if low > 0 and top / low > 50:  # a spike of orders of magnitude: log scale keeps the rest readable
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_yscale("log")
+        ax.set_ylim(top=top * 3)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    else:
+        ax.set_ylim(0, top * 1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("gradient norm")
     ax.set_title("Gradient norm" + (f": {len(spikes)} spike{'s' if len(spikes) > 1 else ''}" if spikes
                                     else ": no spikes"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, out, "grad_norm", formats)
 
 
 def plot_sweep(curves: dict[str, dict[str, object]], fits: dict[tuple[str, str], object],
-               table: list[list[str]], out: Path, formats: list[str], title: str = "Scaling sweep") -> list[str]:
+               table: list[list[str]], out: Path, formats: list[str], title: str = "Scaling sweep",
+               per: str = "category") -> list[str]:
     """The sweep figure, laid out like the paper's: one log-log panel per category (adversarial, objective,
     subjective, then the user's), each model's mean BT loss of the category's sets against pairs seen (markers)
     and its power-law fit (dashed), alpha with its 95% interval in the legend; under them the table of alpha by
     model and set (``table``: a header row, then one row per model).
 
-    ``curves``: {model: {category: eval_curve.Curve}}; ``fits``: {(model, category): scaling.PowerLawFit or None}."""
+    ``curves``: {model: {category: eval_curve.Curve}}; ``fits``: {(model, category): scaling.PowerLawFit or None}.
+    ``per="set"``: the panels are sets (a sweep whose eval sets have no category)."""
     cats = _category_sort(c for per in curves.values() for c in per)
     if not cats:
         return []
@@ -448,7 +457,7 @@ def plot_sweep(curves: dict[str, dict[str, object]], fits: dict[tuple[str, str],
         _log_ticks(ax, lo, hi)
         ax.set_xlabel("pairs seen")
         if j == 0:
-            ax.set_ylabel("test BT loss (mean of the category's sets)")
+            ax.set_ylabel("BT loss (mean of the category's sets)" if per == "category" else "BT loss")
         ax.set_title(cat.capitalize() if cat in _CATEGORY_ORDER else cat)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")

@@ -78,9 +78,9 @@ class PowerLawFit:
         return power + (self.e or 0.0)
 
     def label(self) -> str:
-        """alpha with its interval, for a legend or a table cell: 'alpha 0.081 [0.074, 0.088]' (+ 'flat')."""
+        """alpha with its interval, for a legend or a table cell: '0.081 [0.074, 0.088]' (+ ', E 0.41', ' flat')."""
         lo, hi = self.alpha_ci
-        s = f"{self.alpha:.3f} [{lo:.3f}, {hi:.3f}]"
+        s = f"{f3(self.alpha)} [{f3(lo)}, {f3(hi)}]"
         if self.model == "power+const":
             s += f", E {self.e:.3f}"
         return s + (" flat" if self.flat else "")
@@ -90,6 +90,12 @@ class PowerLawFit:
         d["alpha_ci"], d["slope_ci"] = list(self.alpha_ci), list(self.slope_ci)
         d["d_c"] = self.d_c
         return d
+
+
+def f3(x: float) -> str:
+    """3 decimals, without the '-0.000' of a tiny negative number."""
+    t = f"{x:.3f}"
+    return "0.000" if t == "-0.000" else t
 
 
 # ---- the fits ---------------------------------------------------------------------------------------------------

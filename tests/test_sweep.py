@@ -1,0 +1,116 @@
+"""The sweep's config model and grid (worldpm/sweep.py) and its report (worldpm/report/sweep.py): figure, alpha by
+model and set, failed points named. The flow that runs the points is phase 2 of issue 21."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from worldpm.config import load_config
+from worldpm.errors import ConfigError
+from worldpm.report.eval_curve import EvalPoint
+from worldpm.report.figures import plot_eval_curves, plot_grad_norm
+from worldpm.report.markdown import image_links
+from worldpm.report.sweep import PointOutcome, alpha_table, sweep_fits, write_sweep_report
+from worldpm.report.trainlog import grad_norm_spikes
+from worldpm.sweep import SweepConfig, expand, point_configs
+
+SETS = {"rb-chat-hard": "adversarial", "offset-bias": "adversarial", "math": "objective", "mt-bench": "subjective"}
+# per model: alpha of each category (the paper: adversarial falls, objective only for the larger model, subjective
+# flat)
+ALPHA = {"tiny-a": {"adversarial": 0.06, "objective": 0.0, "subjective": 0.0},
+         "tiny-b": {"adversarial": 0.1, "objective": 0.05, "subjective": 0.0}}
+
+
+def curve_points(model: str, seed: int, steps=(4, 8, 16, 32, 64, 128, 256, 512)) -> tuple[EvalPoint, ...]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in steps:
+        d = 16 * s
+        for name, cat in SETS.items():
+            loss = (30.0 / d) ** ALPHA[model][cat] * 0.69 / (30.0 / 64) ** ALPHA[model][cat]
+            out.append(EvalPoint(step=s, pairs_seen=d, tokens_seen=3000 * s, set=name, subset=None, category=cat,
+                                 n=200, bt_loss=float(loss * np.exp(rng.normal(0, 0.004))), accuracy=0.6,
+                                 lc_accuracy=0.55))
+    return tuple(out)
+
+
+# ---- config and grid ------------------------------------------------------------------------------------------------
+def test_grid_of_bundles_and_keys_expands_to_points_with_overrides():
+    sweep = SweepConfig.model_validate({"axes": {
+        "model": [{"label": "tiny-a", "set": {"model.name_or_path": "minilm", "train.batch_size": 8}},
+                  {"label": "tiny-b", "set": {"model.name_or_path": "minilm", "train.batch_size": 4}}],
+        "train.lr": [1.0e-5, 3.0e-5]}})
+    points = expand(sweep)
+    assert [p.label for p in points] == ["tiny-a, train.lr=1e-05", "tiny-a, train.lr=3e-05",
+                                         "tiny-b, train.lr=1e-05", "tiny-b, train.lr=3e-05"]
+    assert points[1].overrides == ("model.name_or_path=minilm", "train.batch_size=8", "train.lr=3.0e-05")
+    assert points[1].coords == {"model": "tiny-a", "train.lr": "3e-05"}
+    pcs = point_configs(sweep, lambda ov: load_config(None, ov), "worldpm")
+    cfg = pcs[1][1]
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.name) == (3e-5, 8, "worldpm-tiny-a_train.lr-3e-05")
+    assert len({c.name for _, c in pcs}) == 4  # history and the regression guard stay per point
+
+
+def test_bad_sweeps_are_one_line_errors():
+    with pytest.raises(ValidationError, match="a sweep cannot vary artifacts_dir"):
+        SweepConfig.model_validate({"axes": {"artifacts_dir": ["a", "b"]}})
+    with pytest.raises(ValidationError, match="has no values"):
+        SweepConfig.model_validate({"axes": {"train.lr": []}})
+    with pytest.raises(ValidationError, match="mixes"):
+        SweepConfig.model_validate({"axes": {"m": [{"label": "a", "set": {"train.lr": 1}}, 3]}})
+    with pytest.raises(ValidationError, match="unknown|Extra inputs"):
+        SweepConfig.model_validate({"axes": {"train.lr": [1]}, "grid": {}})
+    clash = SweepConfig.model_validate({"axes": {"m": [{"label": "a", "set": {"train.lr": 1.0}}],
+                                                 "train.lr": [2.0]}})
+    with pytest.raises(ConfigError, match="two axes set train.lr"):
+        expand(clash)
+    bad = SweepConfig.model_validate({"axes": {"train.epochs": [1, -3]}})
+    with pytest.raises(ConfigError, match=r"sweep point 'train.epochs=-3': .*train.epochs"):
+        point_configs(bad, lambda ov: load_config(None, ov), "worldpm")
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def test_sweep_report_fits_every_model_and_names_the_failed_point(tmp_path):
+    outcomes = [PointOutcome("tiny-a", "ok", curve_points("tiny-a", 0), keys={"train": "a" * 20}),
+                PointOutcome("tiny-b", "ok", curve_points("tiny-b", 1), keys={"train": "b" * 20}),
+                PointOutcome("tiny-c", "failed", error="train: CUDA out of memory at step 3 (log: /x/train.log)")]
+    fits = sweep_fits(outcomes)
+    assert fits.by_category
+    for model, per in ALPHA.items():
+        for (m, cat), (fit, _) in fits.panels.items():
+            if m == model:
+                assert abs(fit.alpha - per[cat]) < 0.02, (m, cat, fit)
+                assert fit.flat == (per[cat] == 0.0), (m, cat, fit)
+    table = alpha_table(outcomes, fits)
+    assert table[0] == ["model", "offset-bias (adversarial)", "rb-chat-hard (adversarial)", "math (objective)",
+                        "mt-bench (subjective)"]
+    assert table[3] == ["tiny-c"] + ["failed"] * 4
+    assert table[1][3].endswith("flat") and not table[2][3].endswith("flat")
+
+    res = write_sweep_report("sizes", outcomes, tmp_path, ["png"])
+    assert res["failed"] == ["tiny-c"]
+    png = tmp_path / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+    md = (tmp_path / "report.md").read_text()
+    assert "3 points, 2 finished, **1 failed: tiny-c**" in md
+    assert "- **tiny-c**: train: CUDA out of memory at step 3" in md
+    assert image_links(md) == ["sweep.png"]
+    assert "| model | adversarial | objective | subjective |" in md
+    saved = json.loads((tmp_path / "fits.json").read_text())
+    assert saved["panels_are"] == "categories" and len(saved["sets"]) == 8
+
+
+def test_eval_curve_and_grad_norm_figures(tmp_path):
+    pts = list(curve_points("tiny-b", 2))
+    rows = [{"step": s, "loss": 0.69 - 0.0005 * s, "pairs": 16, "grad_norm": 1.0 + (4.0 if s == 300 else 0.0)}
+            for s in range(2, 513, 2)]
+    assert plot_eval_curves(rows, pts, tmp_path, ["png"]) == ["eval_curves.png"]
+    spikes = grad_norm_spikes([r["step"] for r in rows], [r["grad_norm"] for r in rows])
+    assert [s.step for s in spikes] == [300]
+    assert plot_grad_norm(rows, spikes, tmp_path, ["png"]) == ["grad_norm.png"]
+    assert plot_eval_curves(rows, [], tmp_path, ["png"]) == []  # no records: no figure
+    for f in ("eval_curves.png", "grad_norm.png"):
+        assert (tmp_path / f).stat().st_size > 10000
