@@ -176,7 +176,9 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
                           "with PREFECT_API_URL set); choose another with --port")
     build_deployments(config_path, overrides, schedule=schedule, on_overlap=on_overlap)  # fail before starting
     url = f"http://{host}:{port}/api"
-    env = dict(os.environ)
+    # the UI asks the API at PREFECT_SERVER_API_HOST/PORT, not at `--port`: without these, the UI of a server on
+    # another port than 4200 talks to whatever answers on 4200 (seen in headless Chromium on Prefect 3.8.8)
+    env = dict(os.environ, PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
     env.pop("PREFECT_API_URL", None)
     if home:
         env["PREFECT_HOME"] = str(Path(home).resolve())
