@@ -24,6 +24,7 @@ def stage_config(cfg: PipelineConfig) -> dict:
 def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     from worldpm.report.figures import (
         plot_eval_accuracy,
+        plot_grad_norm,
         plot_length_bias,
         plot_loss,
         plot_reliability,
@@ -31,6 +32,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     )
     from worldpm.report.history import read_jsonl
     from worldpm.report.markdown import render_report
+    from worldpm.report.trainlog import grad_norm_spikes
 
     formats = list(scfg["formats"]) or ["png"]
     clean_dir, train_dir, eval_dir = (Path(inputs[s].path) for s in ("clean", "train", "evaluate"))
@@ -43,9 +45,13 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     rows = read_jsonl(train_dir / "metrics.jsonl")
 
     files: dict[str, list[str]] = {}
+    spikes = None
     if rows:
         files["loss"] = plot_loss(rows, scfg["smoothing"], out, formats)
         files["train_accuracy_margin"] = plot_train_accuracy_margin(rows, scfg["smoothing"], out, formats)
+        if any(r.get("grad_norm") is not None for r in rows):
+            spikes = grad_norm_spikes([r.get("step") for r in rows], [r.get("grad_norm") for r in rows])
+            files["grad_norm"] = plot_grad_norm(rows, spikes, out, formats)
     else:
         log.warning("plot: %s has no logged steps; no training curves", train_dir / "metrics.jsonl")
     files["eval_accuracy"] = plot_eval_accuracy(metrics, out, formats)
@@ -55,7 +61,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     # the report links the PNG where there is one (GitHub/VS Code previews render both; PNG is smaller)
     images = {k: next((f for f in v if f.endswith(".png")), v[0]) for k, v in files.items()}
     md = render_report(name=scfg["name"], clean_report=clean_report, train_summary=train_summary,
-                       metrics=metrics, images=images,
+                       metrics=metrics, images=images, spikes=spikes,
                        digests={s: ref.digest for s, ref in inputs.items()})
     (out / "report.md").write_text(md)
     log.info("plot: %d figures (%s) and report.md", len(files), ", ".join(formats))

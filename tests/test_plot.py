@@ -74,7 +74,7 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     res = pipeline.execute("plot", cfg, inputs, store, log=log)
     assert res.status == "ran"
     out = Path(res.path)
-    for stem in ("loss", "train_accuracy_margin", "eval_accuracy", "reliability", "length_bias"):
+    for stem in ("loss", "train_accuracy_margin", "grad_norm", "eval_accuracy", "reliability", "length_bias"):
         for ext in ("png", "svg"):
             f = out / f"{stem}.{ext}"
             assert f.stat().st_size > 5000, f
@@ -101,7 +101,8 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     import re
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5 and all((out / l).exists() for l in links)
+    assert len(links) == 6 and all((out / l).exists() for l in links)
+    assert "## Gradient norm" in md and "No spikes." in md  # steady norms: none
     # the output is a function of the inputs: a forced rerun gives the same content digest
     again = pipeline.execute("plot", cfg, inputs, store, force=True, log=log)
     assert again.ref.digest == res.ref.digest
@@ -283,7 +284,7 @@ def test_report_artifact_markdown_embeds_figures_and_has_no_dicts_or_empty_cells
 
     md = report_markdown(res.path)
     links = image_links(md)
-    assert len(links) == 5 and all(l.startswith("data:image/png;base64,") for l in links)
+    assert len(links) == 6 and all(l.startswith("data:image/png;base64,") for l in links)
     import base64
 
     assert all(base64.b64decode(l.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for l in links)
