@@ -299,3 +299,60 @@ def test_report_artifact_markdown_embeds_figures_and_has_no_dicts_or_empty_cells
         assert row in md, row
     # report.md in the artifact folder keeps its relative links (readable offline, next to the PNGs)
     assert image_links((Path(res.path) / "report.md").read_text())[0] == "loss.png"
+
+
+def _outside(fig) -> list[tuple[str, str]]:
+    """Titles, axis labels, texts and legends of ``fig`` that reach beyond the image (tick labels are left to
+    constrained layout: matplotlib does not draw those outside the axis limits)."""
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ticks = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels(which="both")}
+    bad = []
+    for a in fig.findobj(lambda a: isinstance(a, (Text, Legend))):
+        if id(a) in ticks or not a.get_visible() or (isinstance(a, Text) and not a.get_text().strip()):
+            continue
+        bb = a.get_window_extent(r)
+        if bb.x0 < -1 or bb.y0 < -1 or bb.x1 > fig.bbox.width + 1 or bb.y1 > fig.bbox.height + 1:
+            bad.append((type(a).__name__, a.get_text() if isinstance(a, Text) else "legend"))
+    return bad
+
+
+def test_titles_and_legends_stay_inside_every_figure(tmp_path, monkeypatch):
+    import worldpm.report.figures as F
+    from worldpm.report.eval_curve import EvalPoint
+    from worldpm.report.trainlog import grad_norm_spikes
+
+    drawn = []
+    save = F._save
+    monkeypatch.setattr(F, "_save", lambda fig, out, stem, formats: drawn.append((stem, fig)) or save(fig, out, stem,
+                                                                                                        formats))
+    store = ArtifactStore(tmp_path / "artifacts")
+    inputs = fake_upstream(store)
+    metrics = json.loads((Path(inputs["evaluate"].path) / "metrics.json").read_text())
+    rows = [json.loads(l) for l in (Path(inputs["train"].path) / "metrics.jsonl").read_text().splitlines()]
+    for m in (metrics, {"test": metrics["test"]}):  # two panels, and one (the narrowest figures)
+        F.plot_eval_accuracy(m, tmp_path, ["png"])
+        F.plot_reliability(m, tmp_path, ["png"])
+        F.plot_length_bias(m, tmp_path, ["png"])
+    F.plot_loss(rows, 0.9, tmp_path, ["png"])
+    F.plot_train_accuracy_margin(rows, 0.9, tmp_path, ["png"])
+    rows[90]["grad_norm"] = 9.0
+    F.plot_grad_norm(rows, grad_norm_spikes([r["step"] for r in rows], [r["grad_norm"] for r in rows]), tmp_path,
+                     ["png"])
+    pts = [EvalPoint(step=s, pairs_seen=16 * s, tokens_seen=100 * s, set=n, subset=None, category=c, n=50,
+                     bt_loss=0.7 * (16 / (16 * s)) ** a, accuracy=0.6, lc_accuracy=0.5)
+           for s in (1, 2, 4, 8, 16, 32, 64) for n, c, a in (("rewardbench-chat-hard", "adversarial", 0.05),
+                                                             ("mt-bench-human-judgements", "subjective", 0.0))]
+    F.plot_eval_curves(rows, pts, tmp_path, ["png"])
+    from worldpm.report.sweep import PointOutcome, write_sweep_report
+
+    write_sweep_report("a-sweep-with-a-long-name", [PointOutcome("Qwen2-tiny-random-a", "ok", tuple(pts)),
+                                                    PointOutcome("Qwen2-tiny-random-b", "failed", error="x")],
+                       tmp_path, ["png"])
+    stems = [s for s, _ in drawn]
+    assert set(stems) == {"eval_accuracy", "reliability", "length_bias", "loss", "train_accuracy_margin", "grad_norm",
+                          "eval_curves", "sweep"}
+    assert {s: _outside(f) for s, f in drawn if _outside(f)} == {}

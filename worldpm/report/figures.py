@@ -65,6 +65,14 @@ def epoch_means(steps: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> li
     return out
 
 
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` points (a character is ~0.55 em)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars))
+
+
 def _new_figure(w: float, h: float) -> Figure:
     fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -225,9 +233,11 @@ def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
         hx.tick_params(labelsize=7)
     for ax in axes[len(sets):] + hist_axes[len(sets):]:
         ax.set_visible(False)
-    fig.suptitle("Reliability (top) and the confidences it rests on (bottom: pairs per bin)", fontsize=11)
+    # one panel is 4.2 in wide: the title and the legend wrap to it rather than run off the image
+    fig.suptitle(_wrap("Reliability (top) and the confidences it rests on (bottom: pairs per bin)", 4.2 * cols, 11),
+                 fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=3 if cols >= 3 else 1, fontsize=8)
     return _save(fig, out, "reliability", formats)
 
 
@@ -273,9 +283,9 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
     ax.set_xlabel(f"evaluation set (length in {' / '.join(units)}); bars: accuracy with 95% intervals")
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("accuracy")
-    ax.set_title("Length: what the model learned beyond \"the longer answer wins\"")
+    ax.set_title(_wrap("Length: what the model learned beyond \"the longer answer wins\"", fig.get_figwidth() - 1, 12))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=7, ncols=2)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7, ncols=3)
     return _save(fig, out, "length_bias", formats)
 
 

@@ -31,8 +31,6 @@ def _num(x: Any, digits: int = 4) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     if isinstance(x, float):
-        if math.isfinite(x) and x.is_integer() and 1 <= abs(x) < 1e15:
-            return f"{int(x):,}"  # a count stored as a float (epochs 1.0): no decimals
         if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
             return f"{x:.3g}"
         return f"{x:.{digits}f}"
