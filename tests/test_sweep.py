@@ -114,3 +114,48 @@ def test_eval_curve_and_grad_norm_figures(tmp_path):
     assert plot_eval_curves(rows, [], tmp_path, ["png"]) == []  # no records: no figure
     for f in ("eval_curves.png", "grad_norm.png"):
         assert (tmp_path / f).stat().st_size > 10000
+
+
+def test_slot_plan_pins_points_to_disjoint_devices_and_runs_cpu_points_one_at_a_time():
+    from worldpm.sweep import plan_slots
+
+    plan = plan_slots([4, 4, 2, 2, 1], [0, 1, 2, 3, 4, 5, 6, 7], host="node-a")
+    assert plan.devices == [(0, 1, 2, 3), (4, 5, 6, 7), (0, 1), (2, 3), (4,)]
+    assert plan.limits == {f"worldpm-node-a-gpu-{d}": 1 for d in range(8)}
+    assert plan.per_point[2] == ("worldpm-node-a-gpu-0", "worldpm-node-a-gpu-1")
+    cpu = plan_slots([1, 1, 2], None, host="laptop")
+    assert cpu.limits == {"worldpm-laptop-cpu": 1} and cpu.per_point == [("worldpm-laptop-cpu",)] * 3
+    assert cpu.devices == [None] * 3
+    with pytest.raises(ConfigError, match="sweep point 2 runs 4 GPU processes; this host has 2 GPU"):
+        plan_slots([1, 4], [0, 1])
+
+
+def test_slot_plan_on_a_real_prefect_server_holds_devices_all_or_nothing(prefect_api_url):
+    """What the sweep flow will do with the plan: upsert the limits, then each point holds its devices through
+    prefect.concurrency.sync.concurrency. Points on disjoint devices hold them at once; a point whose devices are
+    held is refused (here: a timeout) and takes none of its slots meanwhile."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    from worldpm.sweep import plan_slots
+
+    plan = plan_slots([2, 2, 1], [0, 1, 2, 3], host=f"test-{uuid.uuid4().hex[:8]}")
+    assert plan.devices == [(0, 1), (2, 3), (0,)]
+    with get_client(sync_client=True) as client:
+        for name, slots in plan.limits.items():
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+
+        def active() -> dict[str, int]:
+            return {n[-5:]: client.read_global_concurrency_limit_by_name(n).active_slots for n in plan.limits}
+
+        with concurrency(list(plan.per_point[0]), occupy=1, strict=True):
+            with concurrency(list(plan.per_point[1]), occupy=1, strict=True):
+                assert active() == {"gpu-0": 1, "gpu-1": 1, "gpu-2": 1, "gpu-3": 1}
+                with pytest.raises(TimeoutError):
+                    with concurrency(list(plan.per_point[2]), occupy=1, strict=True, timeout_seconds=2):
+                        pass
+        assert active() == {"gpu-0": 0, "gpu-1": 0, "gpu-2": 0, "gpu-3": 0}
+        with concurrency(list(plan.per_point[2]), occupy=1, strict=True):
+            assert active()["gpu-0"] == 1

@@ -154,3 +154,41 @@ def point_configs(sweep: SweepConfig, load: Callable[[list[str]], Any], base_nam
             raise ConfigError(f"sweep point {p.label!r}: {e}") from None
         out.append((p, cfg))
     return out
+
+
+# ---- which devices a point holds: the slots of Prefect's global concurrency limits ---------------------------------
+@dataclass(frozen=True)
+class SlotPlan:
+    """Prefect global concurrency limits for a sweep on one host, and what each point takes from them.
+
+    ``limits``: {limit name: slots}, created (upserted) before the points start; ``per_point[i]``: the names point
+    i acquires, one slot of each, all at once (``prefect.concurrency.sync.concurrency(names, occupy=1,
+    strict=True)``: the server grants a multi-name request in one transaction, all or nothing); ``devices[i]``:
+    the GPUs point i is pinned to (its CUDA_VISIBLE_DEVICES), None on a CPU host. Limits are global to the
+    Prefect server, so their names carry the host: two GPU hosts on one server never wait on each other."""
+
+    limits: dict[str, int]
+    per_point: list[tuple[str, ...]]
+    devices: list[tuple[int, ...] | None]
+
+
+def plan_slots(processes: list[int], gpus: list[int] | None, host: str = "local") -> SlotPlan:
+    """One limit of one slot per GPU (``worldpm-<host>-gpu-<i>``); a point that runs p processes is pinned to a block
+    of p consecutive GPUs, the least loaded block so far (points on the same block run one after the other, points on
+    disjoint blocks at once). Without GPUs one limit ``worldpm-<host>-cpu`` of one slot: points run one at a time."""
+    h = _slug(host)
+    if not gpus:
+        name = f"worldpm-{h}-cpu"
+        return SlotPlan({name: 1}, [(name,)] * len(processes), [None] * len(processes))
+    load = {d: 0 for d in gpus}
+    per_point, devices = [], []
+    for i, p in enumerate(processes):
+        if p < 1 or p > len(gpus):
+            raise ConfigError(f"sweep point {i + 1} runs {p} GPU processes; this host has {len(gpus)} GPU(s)")
+        blocks = [tuple(gpus[j:j + p]) for j in range(0, len(gpus) - p + 1, p)]
+        block = min(blocks, key=lambda b: max(load[d] for d in b))
+        for d in block:
+            load[d] += 1
+        devices.append(block)
+        per_point.append(tuple(f"worldpm-{h}-gpu-{d}" for d in block))
+    return SlotPlan({f"worldpm-{h}-gpu-{d}": 1 for d in gpus}, per_point, devices)
