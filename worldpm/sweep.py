@@ -26,12 +26,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from worldpm.config import Strict
 from worldpm.errors import ConfigError
 
 FORBIDDEN = ("artifacts_dir", "name", "sweep", "serve", "schedule")
+
+
+class Strict(BaseModel):
+    """As config.py's: unknown keys are errors. Not imported from there, so that config.py can import SweepConfig
+    for its `sweep:` section without an import circle."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class SweepValue(Strict):

@@ -64,6 +64,8 @@ def human(value: Any, key: str = "") -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
+        if value == 0:
+            return "0"
         if (k == "seconds" or k.endswith("_seconds") or k.endswith("_s")) and not k.endswith("per_s"):
             return f"{value:.1f} s" if value < 60 else f"{value:,.0f} s ({_hms(value)})"
         if k.endswith(_PCT_KEYS) and 0 <= value <= 1:
