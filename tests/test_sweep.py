@@ -85,10 +85,12 @@ def test_sweep_report_fits_every_model_and_names_the_failed_point(tmp_path):
                 assert abs(fit.alpha - per[cat]) < 0.02, (m, cat, fit)
                 assert fit.flat == (per[cat] == 0.0), (m, cat, fit)
     table = alpha_table(outcomes, fits)
-    assert table[0] == ["model", "offset-bias (adversarial)", "rb-chat-hard (adversarial)", "math (objective)",
-                        "mt-bench (subjective)"]
-    assert table[3] == ["tiny-c"] + ["failed"] * 4
-    assert table[1][3].endswith("flat") and not table[2][3].endswith("flat")
+    assert table[0] == ["set", "category", "tiny-a", "tiny-b", "tiny-c"]
+    assert [r[:2] for r in table[1:]] == [["offset-bias", "adversarial"], ["rb-chat-hard", "adversarial"],
+                                          ["math", "objective"], ["mt-bench", "subjective"]]
+    assert all(r[4] == "failed" for r in table[1:])
+    math_row = table[3]
+    assert math_row[2].endswith("flat") and not math_row[3].endswith("flat")  # objective: only the larger falls
 
     res = write_sweep_report("sizes", outcomes, tmp_path, ["png"])
     assert res["failed"] == ["tiny-c"]

@@ -431,7 +431,7 @@ def plot_sweep(curves: dict[str, dict[str, object]], fits: dict[tuple[str, str],
     """The sweep figure, laid out like the paper's: one log-log panel per category (adversarial, objective,
     subjective, then the user's), each model's mean BT loss of the category's sets against pairs seen (markers)
     and its power-law fit (dashed), alpha with its 95% interval in the legend; under them the table of alpha by
-    model and set (``table``: a header row, then one row per model).
+    model and set (``table``: a header row, then one row per set, a column per model).
 
     ``curves``: {model: {category: eval_curve.Curve}}; ``fits``: {(model, category): scaling.PowerLawFit or None}.
     ``per="set"``: the panels are sets (a sweep whose eval sets have no category)."""

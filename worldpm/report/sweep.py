@@ -85,16 +85,15 @@ def _cell(fit: PowerLawFit | None, why: str) -> str:
 
 
 def alpha_table(outcomes: list[PointOutcome], fits: SweepFits) -> list[list[str]]:
-    """[header, row per model]: alpha [95% interval] of each set's fit, the sets grouped by category (paper's
-    order). ``+E``: the saturating fit was chosen; ``flat``: no trend; ``failed``: the point did not finish."""
+    """[header, one row per set]: alpha [95% interval] of each model's fit of the set, the sets grouped by category
+    (the paper's order), a column per model (a sweep has a few models and may have many sets). ``+E``: the
+    saturating fit was chosen; ``flat``: no trend; ``failed``: the point did not finish."""
     sets = _order(fits.set_category, lambda s: fits.set_category.get(s))
-    header = ["model"] + [s + (f" ({fits.set_category[s]})" if fits.set_category.get(s) else "") for s in sets]
-    rows = [header]
-    for o in outcomes:
-        if o.status != "ok":
-            rows.append([o.label] + ["failed"] * len(sets))
-            continue
-        rows.append([o.label] + [_cell(*fits.sets.get((o.label, s), (None, ""))) for s in sets])
+    rows = [["set", "category"] + [o.label for o in outcomes]]
+    for s in sets:
+        rows.append([s, fits.set_category.get(s) or "-"]
+                    + [_cell(*fits.sets.get((o.label, s), (None, ""))) if o.status == "ok" else "failed"
+                       for o in outcomes])
     return rows
 
 
@@ -115,11 +114,11 @@ def render_sweep_report(name: str, outcomes: list[PointOutcome], fits: SweepFits
     if "sweep" in images:
         out += [f"![Sweep: BT loss against pairs seen, per category, with power-law fits]({images['sweep']})", ""]
     table = alpha_table(outcomes, fits)
-    if len(table[0]) > 1:
+    if len(table) > 1:
         out += ["### alpha by model and set", "",
                 "alpha of L(D) = (D_c / D)^alpha with its 95% interval; `+E`: the fit with an irreducible loss E "
                 "was chosen (AICc); `flat`: no trend (the log-log slope's interval contains 0).", "",
-                "| " + " | ".join(table[0]) + " |", "| :--- |" + " :--- |" * (len(table[0]) - 1)]
+                "| " + " | ".join(table[0]) + " |", "| :--- | :--- |" + " :--- |" * (len(table[0]) - 2)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table[1:]] + [""]
     if fits.by_category:
         panels = _order({c for (_, c) in fits.panels})
