@@ -137,8 +137,8 @@ def variant_normalise(path: Path, out: Path, scfg: dict) -> int:
     logging.basicConfig(level=logging.WARNING)
     src = _scan(path)
     rows = src.select(pl.len()).collect().item() if path.suffix == ".parquet" else None
-    rep = normalise.normalise_frame(src, {"normalize_markup": scfg["normalize_markup"]}, out, logging.getLogger("bench"),
-                                    rows=rows)
+    rep = normalise.normalise_frame(src, normalise.NormaliseConfig(normalize_markup=scfg["normalize_markup"]), out,
+                                    logging.getLogger("bench"), rows=rows)
     return rep["rows_in"]
 
 
@@ -154,9 +154,10 @@ def variant_floor_normalised(path: Path, out: Path, scfg: dict) -> int:
 def variant_refilter(path: Path, out: Path, scfg: dict) -> int:
     """The clean stage's code path (the filters) on a normalise artifact, with a changed threshold: a tweak."""
     from tasks import clean
+    from worldpm.config import CleanRules
 
     logging.basicConfig(level=logging.WARNING)
-    filters = {k: v for k, v in scfg.items() if k != "normalize_markup"}
+    filters = CleanRules.model_validate({k: v for k, v in scfg.items() if k != "normalize_markup"})
     rep = clean.filter_pairs(path, filters, out, logging.getLogger("bench"),
                              normalize_markup=scfg["normalize_markup"])
     return rep["rows_in"]

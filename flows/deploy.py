@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from flows import policy
+from worldpm.procs import healthy, port_free, stop_group
 
 FLOW_NAME = "worldpm"
 DEPLOYMENTS = ("full", "clean")
@@ -120,42 +119,6 @@ def serve(config_path: str | None = None, overrides: list[str] | None = None, *,
 
 
 # ---- `worldpm server`: prefect server + serve, as two process groups ------------------------------------------
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def stop_group(proc: subprocess.Popen, name: str, grace: float = 30.0) -> int | None:
-    """SIGTERM the process group that `proc` leads, wait up to `grace` s, then SIGKILL it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            print(f"worldpm server: {name} did not stop in {grace:.0f}s; killing it", file=sys.stderr)
-    try:  # also whatever the leader left behind in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return proc.wait()
-
-
 class _Stop(Exception):
     pass
 
@@ -171,7 +134,7 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
 
     Each child leads its own session, so a Ctrl-C in the terminal reaches this process only, and the children
     stop in order: the deployments first (their flow runs are in that group), then the server."""
-    if not _port_free(host, port):
+    if not port_free(host, port):
         raise DeployError(f"{host}:{port} is in use (a Prefect server already running? then use `worldpm serve` "
                           "with PREFECT_API_URL set); choose another with --port")
     build_deployments(config_path, overrides, schedule=schedule, on_overlap=on_overlap)  # fail before starting
@@ -190,7 +153,7 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
         procs.append(("prefect server", server))
         print(f"worldpm server: starting the Prefect server on {url} (pid {server.pid})", flush=True)
         deadline = time.monotonic() + startup_timeout
-        while not _healthy(url):
+        while not healthy(url):
             if server.poll() is not None:
                 raise DeployError(f"the Prefect server exited with code {server.returncode} before it was healthy")
             if time.monotonic() > deadline:
@@ -223,7 +186,8 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
         for s in old:
             signal.signal(s, signal.SIG_IGN)
         for name, p in reversed(procs):
-            stop_group(p, name)
+            if not stop_group(p, grace=30.0):
+                print(f"worldpm server: {name} did not stop in 30s; killed it", file=sys.stderr)
         for s, h in old.items():
             signal.signal(s, h)
 

@@ -12,8 +12,8 @@ anything runs:
   then has serve's ``--set`` entries followed by its own (``effective_overrides``);
 * ``sources`` needs ``sources`` in the list; each must be a hub id or a path inside the project (the served
   config's folder);
-* the config that results must keep artifacts_dir, trust_remote_code and accelerate_args as served, and every
-  path that differs from the served config must lie inside the project.
+* the config that results must keep artifacts_dir, trust_remote_code, accelerate_args and callbacks as served,
+  and every path that differs from the served config must lie inside the project.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
 `worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set)
@@ -31,7 +31,7 @@ from worldpm.config import PipelineConfig, load_config, parse_override, source_f
 from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
-NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "serve")
+NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.callbacks", "serve")
 
 
 @dataclass
@@ -116,8 +116,9 @@ def effective_overrides(served: Served, overrides: list[str] | None) -> list[str
 
 
 def check_run(served: Served, config_path: str | None, overrides: list[str] | None,
-              sources: list[str] | None) -> None:
-    """ConfigError (one line, naming the parameter) unless a deployment run's parameters are allowed."""
+              sources: list[str] | None) -> PipelineConfig:
+    """The config a deployment run runs with (served --set entries, then its own: ``effective_overrides``),
+    validated once; ConfigError (one line, naming the parameter) unless its parameters are allowed."""
     where = f"a deployment run ({served.origin})"
     same = (lambda a, b: (a and str(Path(a).resolve())) == (b and str(Path(b).resolve())))
     if not same(config_path, served.config_path):
@@ -148,9 +149,11 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
         raise ConfigError(f"{where} may not move artifacts_dir (to {cfg.artifacts_dir})")
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:
         raise ConfigError(f"{where} may not turn on model.trust_remote_code")
-    if cfg.train.accelerate_args != base.train.accelerate_args or cfg.serve != base.serve:
-        raise ConfigError(f"{where} may not change train.accelerate_args or serve")
+    if cfg.train.accelerate_args != base.train.accelerate_args or cfg.train.callbacks != base.train.callbacks \
+            or cfg.serve != base.serve:
+        raise ConfigError(f"{where} may not change train.accelerate_args, train.callbacks or serve")
     before = _paths(base)
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):
             raise ConfigError(f"{where}: {name} {value!r} is outside the project folder {root}")
+    return cfg

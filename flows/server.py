@@ -26,15 +26,14 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from worldpm.procs import free_port, healthy, port_free, stop_group
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -57,31 +56,6 @@ def preferred_port() -> int:
         return int(raw)
     except ValueError:
         raise SystemExit(f"worldpm: WORLDPM_PREFECT_PORT={raw!r} is not a port number") from None
-
-
-def healthy(url: str, timeout: float = 2.0) -> bool:
-    """Whether a Prefect API answers at `url` (…/api): GET /health returns 200."""
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, ValueError):
-        return False
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -171,7 +145,7 @@ def start_background(home: Path, port: int, *, command: Callable[[int], list[str
             break
         if time.monotonic() > deadline:
             why = f"it did not answer {url}/health in {timeout:.0f}s"
-            _stop_group(proc.pid)
+            stop_group(proc.pid)
             break
         time.sleep(0.25)
     if why is not None:
@@ -202,35 +176,15 @@ def api_for_run(project: Path | None = None) -> str | None:
                 _say(f"Prefect server (UI): {rec.ui}  [background, pid {rec.pid}; `worldpm server stop` stops it]")
                 return rec.url
             if _is_our_server(rec.pid):  # alive but not answering (starting up, or stuck): ours to replace
-                _stop_group(rec.pid)
+                stop_group(rec.pid)
             (home / RECORD).unlink(missing_ok=True)
         port = preferred_port()
         url = f"http://{HOST}:{port}/api"
         if healthy(url):
             _say(f"Prefect server (UI): {url.removesuffix('/api')}  [already running on this machine]")
             return url
-        rec = start_background(home, port if _port_free(port) else _free_port(), command=server_command)
+        rec = start_background(home, port if port_free(HOST, port) else free_port(HOST), command=server_command)
         return rec.url if rec else None
-
-
-def _stop_group(pid: int, grace: float = 30.0) -> bool:
-    """SIGTERM the process group `pid` leads, wait up to `grace` s, then SIGKILL. True if it is gone."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # our own child (a failed start): reap it
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    return False
 
 
 # ---- `worldpm server status | stop` ---------------------------------------------------------------------------
@@ -266,7 +220,7 @@ def stop(project: Path | None = None) -> int:
             (home / RECORD).unlink(missing_ok=True)
             print(f"the background Prefect server (pid {rec.pid}) was not running; removed its record")
             return 0
-        gone = _stop_group(rec.pid)
+        gone = stop_group(rec.pid)
         (home / RECORD).unlink(missing_ok=True)
     print(f"stopped the background Prefect server {rec.ui} (pid {rec.pid})"
           + ("" if gone else " (it had to be killed)"))

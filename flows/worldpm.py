@@ -62,9 +62,9 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     cached by content."""
     served = policy.served_run()
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
-        policy.check_run(served, config_path, overrides, sources)
-        overrides = policy.effective_overrides(served, overrides)
-    cfg = load_config(config_path, overrides or [], sources or None)
+        cfg = policy.check_run(served, config_path, overrides, sources)
+    else:
+        cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
     results = run_pipeline(cfg, until=until, only=only, start=start, force=force)
     ran = [r["stage"] for r in results if r["status"] == "ran"]

@@ -1,13 +1,15 @@
 """The stages of the worldpm pipeline and the DAG they form, written once.
 
-Each stage is a module of this package with the same small protocol (worldpm/engine.py): ``stage_config(cfg)``
-(the part of the config its output depends on) and ``run(stage_cfg, inputs, out, log, work)`` (writes its
-artifact), optionally INPUT_FILES, NOT_IN_KEY, CONFIG_SECTION and ``after_commit``. A stage reads its inputs as
-artifacts by the names listed here; stages never import each other, and the library they stand on is worldpm/.
+Each stage is a module of this package that declares ``STAGE = StageSpec(config=..., run=...)`` (worldpm/engine.py):
+its typed config (a worldpm.config.StageConfig built from the pipeline config: the part its output depends on,
+in its key) and ``run(scfg, inputs, out, log, work)`` (writes its artifact), optionally the files it reads of its
+inputs and an ``after_commit`` hook. A stage reads its inputs as artifacts by the names listed here; stages never
+import each other, and the library they stand on is worldpm/.
 
     download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot
 
-To add a stage: write tasks/<name>.py with stage_config and run, and list it below after the stages it reads.
+To add a stage: write tasks/<name>.py with its config type, stage_config, run and STAGE, and list it below after
+the stages it reads.
 """
 from __future__ import annotations
 

@@ -39,15 +39,15 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import PipelineConfig
+from worldpm.config import CleanRules, PipelineConfig, StageConfig
 from worldpm.data import measures
 from worldpm.data.measures import IDENTICAL_LENGTH_RATIO, SIM_FLOOR  # noqa: F401 (named in the rules above)
 from worldpm.data.schema import COLUMNS
 from worldpm.data.splits import pair_files
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
-CONFIG_SECTION = "clean"
 # what this stage reads of the normalise artifact: not its report.json
 INPUT_FILES = {"normalise": ("pairs/*.parquet", "measures.parquet")}
 FIELDS = ("prompt", "chosen", "rejected")
@@ -57,38 +57,41 @@ DUPLICATE_DETAIL = "the same prompt, chosen and rejected as an earlier pair"
 _IDX = "__row"
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
-    """Every clean: setting but normalize_markup, which belongs to the normalise stage."""
-    return cfg.clean.model_dump(mode="json", exclude={"normalize_markup"})
+class CleanStageConfig(StageConfig):
+    clean: CleanRules  # every clean: setting but normalize_markup, which belongs to the normalise stage
 
 
-def rule_order(scfg: dict) -> list[str]:
+def stage_config(cfg: PipelineConfig) -> CleanStageConfig:
+    return CleanStageConfig(clean=cfg.clean.rules())
+
+
+def rule_order(rules: CleanRules) -> list[str]:
     """Every rule name, in attribution order (the report's rules and rejected_by_rule follow it)."""
-    rules = [f"empty_{f}" for f in FIELDS]
-    rules += [f"{f}.{k}" for f in FIELDS for k in ("min_chars", "max_chars", "min_tokens", "max_tokens")]
-    return rules + ["missing_margin", "min_margin", "identical", "near_identical", "duplicate"]
+    names = [f"empty_{f}" for f in FIELDS]
+    names += [f"{f}.{k}" for f in FIELDS for k in ("min_chars", "max_chars", "min_tokens", "max_tokens")]
+    return names + ["missing_margin", "min_margin", "identical", "near_identical", "duplicate"]
 
 
-def rule_settings(scfg: dict, normalize_markup: bool | None = None) -> dict:
+def rule_settings(rules: CleanRules, normalize_markup: bool | None = None) -> dict:
     """{rule: its setting} for report.json (None: the rule is off); normalize_markup: the normalise stage's."""
     out: dict = {f"empty_{f}": True for f in FIELDS}
     for f in FIELDS:
         for k in ("min_chars", "max_chars", "min_tokens", "max_tokens"):
-            out[f"{f}.{k}"] = scfg[f][k]
-    out.update(missing_margin=scfg["missing_margin"], min_margin=scfg["min_margin"], identical=True,
-               near_identical=scfg["near_identical"], duplicate=scfg["dedupe"],
-               normalize_markup=normalize_markup, chars_per_token=scfg["chars_per_token"])
+            out[f"{f}.{k}"] = getattr(getattr(rules, f), k)
+    out.update(missing_margin=rules.missing_margin, min_margin=rules.min_margin, identical=True,
+               near_identical=rules.near_identical, duplicate=rules.dedupe,
+               normalize_markup=normalize_markup, chars_per_token=rules.chars_per_token)
     return out
 
 
-def judged(lf: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
+def judged(lf: pl.LazyFrame, rules: CleanRules) -> pl.LazyFrame:
     """The measures table (worldpm/data/measures.py; with chosen/rejected when near_identical < SIM_FLOOR) ->
     `reason` and `detail` (null when the row survives) of every rule but `duplicate`, and `first`.
 
     Built as successive with_columns steps over helper columns, so that each measure is computed once: a single
     nested when/then expression would recompute them per reference."""
-    cpt = float(scfg["chars_per_token"])
-    t = scfg["near_identical"]
+    cpt = float(rules.chars_per_token)
+    t = rules.near_identical
     lf = lf.with_columns(__ratio=measures.length_ratio(pl.col("n_chosen"), pl.col("n_rejected")))
     if t is not None:
         cand = (pl.col("__ratio") >= t) & ~pl.col("same")
@@ -102,12 +105,12 @@ def judged(lf: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
     for f in FIELDS:
         checks.append((f"empty_{f}", pl.col(f"n_{f}") == 0, pl.lit(f"{f} is null or empty after normalisation")))
     for f in FIELDS:
-        lim = scfg[f]
+        lim = getattr(rules, f)
         n = pl.col(f"n_{f}")
         toks = (n.cast(pl.Float64) / cpt).ceil().cast(pl.Int64)
         for k, measure, unit in (("min_chars", n, "chars"), ("max_chars", n, "chars"),
                                  ("min_tokens", toks, "approx. tokens"), ("max_tokens", toks, "approx. tokens")):
-            val = lim[k]
+            val = getattr(lim, k)
             if val is None or (k.startswith("min") and val == 0):
                 continue
             lower = k.startswith("min")
@@ -115,11 +118,11 @@ def judged(lf: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
             checks.append((f"{f}.{k}", hit,
                            pl.format(f"{f}: {{}} {unit} {'<' if lower else '>'} {val}", measure)))
     margin = pl.col("margin")  # NaN/inf already null (normalise)
-    if scfg["missing_margin"] == "drop":
+    if rules.missing_margin == "drop":
         checks.append(("missing_margin", margin.is_null(), pl.lit("no margin (null, NaN or infinite)")))
-    if scfg["min_margin"] is not None:
-        checks.append(("min_margin", margin < scfg["min_margin"],
-                       pl.format(f"margin {{}} < {scfg['min_margin']}", margin)))
+    if rules.min_margin is not None:
+        checks.append(("min_margin", margin < rules.min_margin,
+                       pl.format(f"margin {{}} < {rules.min_margin}", margin)))
     checks.append(("identical", pl.col("same"),
                    pl.lit("chosen and rejected are the same text (ignoring case, whitespace and punctuation)")))
     if t is not None:
@@ -137,7 +140,7 @@ def _progress(log, what: str, t0: float, rows: int) -> None:
     log.info("clean: %s: %d rows in %.1fs (%.0f rows/s)", what, rows, dt, rows / max(dt, 1e-9))
 
 
-def filter_pairs(norm: Path, scfg: dict, out: Path, log, normalize_markup: bool | None = None) -> dict:
+def filter_pairs(norm: Path, rules: CleanRules, out: Path, log, normalize_markup: bool | None = None) -> dict:
     """The whole stage on a normalise artifact's folder (pairs/*.parquet + measures.parquet).
 
     Writes out/pairs.parquet, out/rejects.parquet, out/report.json; returns the report."""
@@ -146,16 +149,16 @@ def filter_pairs(norm: Path, scfg: dict, out: Path, log, normalize_markup: bool 
     if not files or not (norm / "measures.parquet").is_file():
         raise StageError(f"clean: {norm} is no normalise artifact (pairs/*.parquet and measures.parquet)")
     judge = pl.scan_parquet(norm / "measures.parquet")
-    t = scfg["near_identical"]
+    t = rules.near_identical
     if t is not None and t < SIM_FLOOR:
         judge = pl.concat([judge, pl.scan_parquet(files).select("chosen", "rejected")], how="horizontal")
     # pass 1: every rule on the measures; only (reason, detail, first) are collected
-    verdict = judged(judge, scfg).collect(engine="streaming").with_row_index(_IDX)
+    verdict = judged(judge, rules).collect(engine="streaming").with_row_index(_IDX)
     rows_in = verdict.height
     _progress(log, "judged", t0, rows_in)
 
     rejected = verdict.filter(pl.col("reason").is_not_null())
-    if scfg["dedupe"]:  # the first surviving occurrence of each (prompt, chosen, rejected) is kept
+    if rules.dedupe:  # the first surviving occurrence of each (prompt, chosen, rejected) is kept
         alive = verdict.filter(pl.col("reason").is_null())
         dups = alive.filter(~pl.col("first").is_first_distinct()).with_columns(
             reason=pl.lit("duplicate"), detail=pl.lit(DUPLICATE_DETAIL))
@@ -174,13 +177,13 @@ def filter_pairs(norm: Path, scfg: dict, out: Path, log, normalize_markup: bool 
 
     rows_out = pl.scan_parquet(out / "pairs.parquet").select(pl.len()).collect().item()
     rows_rejected = pl.scan_parquet(out / "rejects.parquet").select(pl.len()).collect().item()
-    rejected_by_rule = {r: counts[r] for r in rule_order(scfg) if counts.get(r)}
+    rejected_by_rule = {r: counts[r] for r in rule_order(rules) if counts.get(r)}
     if rows_in != rows_out + rows_rejected or rows_rejected != sum(rejected_by_rule.values()):
         raise StageError(f"clean: {rows_in} pairs in, {rows_out} kept + {rows_rejected} rejected written "
                          f"({rejected_by_rule}): rows were lost")
     report = {"rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rows_rejected,
-              "rejected_by_rule": rejected_by_rule, "rules": rule_settings(scfg, normalize_markup),
-              "rule_order": rule_order(scfg)}
+              "rejected_by_rule": rejected_by_rule, "rules": rule_settings(rules, normalize_markup),
+              "rule_order": rule_order(rules)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for r, n in rejected_by_rule.items():
         log.info("clean: %-20s %9d rejected", r, n)
@@ -189,13 +192,16 @@ def filter_pairs(norm: Path, scfg: dict, out: Path, log, normalize_markup: bool 
     return report
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: CleanStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     norm = inputs["normalise"]
     if not pair_files(norm):
         raise StageError(f"clean: the normalise artifact {norm.path} has no pairs/*.parquet")
     normalize_markup = norm.manifest().get("config", {}).get("normalize_markup")
-    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg)))
-    report = filter_pairs(Path(norm.path), scfg, out, log, normalize_markup=normalize_markup)
+    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg.clean)))
+    report = filter_pairs(Path(norm.path), scfg.clean, out, log, normalize_markup=normalize_markup)
     if report["rows_in"] and report["rows_out"] == 0:
         raise StageError(f"clean: every pair was rejected ({report['rejected_by_rule']}); loosen the clean rules")
     return {k: report[k] for k in ("rows_in", "rows_out", "rows_rejected", "rejected_by_rule")}
+
+
+STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES)

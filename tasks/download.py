@@ -31,9 +31,12 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import PipelineConfig, SourceConfig
+from pydantic import field_serializer
+
+from worldpm.config import PipelineConfig, SourceConfig, StageConfig
 from worldpm.data.sources import AdapterError, is_data_file, read_source_file
 from worldpm.data.sources.common import REJECTS_SCHEMA, empty_rejects
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef, file_digest
 
@@ -52,26 +55,37 @@ class HubUnreachable(StageError):
 
 
 # ---- the key: what the output depends on ---------------------------------------------------------------------
-def stage_config(cfg: PipelineConfig) -> dict:
-    """Source settings plus what identifies their content: a digest of each local file (path, size and mtime are
-    not content), the resolved commit of each hf source."""
+class ResolvedSource(StageConfig):
+    """One source with what identifies its content: a digest of each local file (path, size and mtime are not
+    content), the resolved commit of an hf source."""
+
+    source: SourceConfig
+    tag: str
+    files: dict[str, str] | None = None    # local: path -> content digest
+    resolved_revision: str | None = None   # hf: the commit sha
+
+    @field_serializer("source")
+    def _what_its_kind_reads(self, s: SourceConfig) -> dict:
+        # only the settings this kind of source reads: `rows` of a local source changes nothing, so no new key
+        return s.model_dump(mode="json", exclude_none=True, exclude=set(_UNUSED[s.kind]))
+
+
+class DownloadConfig(StageConfig):
+    sources: list[ResolvedSource]
+
+
+def stage_config(cfg: PipelineConfig) -> DownloadConfig:
     out = []
     for s in cfg.sources:
-        # only the settings this kind of source reads: `rows` of a local source changes nothing, so no new key
-        d = s.model_dump(mode="json", exclude_none=True, exclude=set(_UNUSED[s.kind]))
-        d["tag"] = s.tag()
-        if s.kind == "local":
-            d["files"] = {str(p): file_digest(p) for p in local_files(s)}
-        elif s.kind == "hf":
-            d["resolved_revision"] = resolve_revision(s)
-        out.append(d)
-    return {"sources": out}
+        files = {str(p): file_digest(p) for p in local_files(s)} if s.kind == "local" else None
+        rev = resolve_revision(s) if s.kind == "hf" else None
+        out.append(ResolvedSource(source=s, tag=s.tag(), files=files, resolved_revision=rev))
+    return DownloadConfig(sources=out)
 
 
 def local_files(s: SourceConfig) -> list[Path]:
     """The data files of a local source, sorted: a file, a directory (recursive) or a glob."""
-    assert s.path
-    p = Path(s.path)
+    p = Path(s.path or "")
     if p.is_file():
         return [p]
     if p.is_dir():
@@ -177,7 +191,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: DownloadConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     """Each file of each source -> pairs/<nnnnn>-<tag>.parquet, streamed. Accounting, checked per file:
     records == records that gave pairs + records rejected. The manifest's rows_in counts a record once per pair
     it gave (a StackExchange question gives several), so rows_in == rows_out (pairs) + rows_rejected holds too."""
@@ -188,9 +202,8 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     rej_dir.mkdir(parents=True)
     report: list[dict] = []
     n_file = 0
-    for src in scfg["sources"]:
-        s = SourceConfig.model_validate({k: v for k, v in src.items() if k in SourceConfig.model_fields})
-        tag = src["tag"]
+    for src in scfg.sources:
+        s, tag = src.source, src.tag
         entry: dict = {"kind": s.kind, "tag": tag, "format": s.format, "files": []}
         report.append(entry)
         if s.kind == "demo":
@@ -198,13 +211,13 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
             n_file += 1
             continue
         if s.kind == "hf":
-            sha = src["resolved_revision"]
+            sha = src.resolved_revision
             entry.update(repo_id=s.repo_id, revision=s.revision, resolved_revision=sha, allow_patterns=hf_patterns(s))
             log.info("download: %s@%s -> commit %s", s.repo_id, s.revision or "main", sha)
             files = hf_files(s, sha, log)
         else:
             entry["path"] = s.path
-            files = [Path(f) for f in src["files"]]
+            files = [Path(f) for f in src.files or {}]
         total_bytes = sum(f.stat().st_size for f in files) or 1
         done_bytes, t_src = 0, time.perf_counter()
         for i, f in enumerate(files, 1):
@@ -298,3 +311,6 @@ def _finish(report: list[dict], rej_dir: Path, out: Path, log) -> dict:
         "rejected_by_reason": by_reason,
         "sources": report,
     }
+
+
+STAGE = StageSpec(config=stage_config, run=run)

@@ -36,50 +36,68 @@ from typing import Any
 
 import polars as pl
 
-from worldpm.config import PipelineConfig, dpo_reference
-from worldpm.data.render import RenderSettings, tokenize_pairs
-from worldpm.data.text import text_settings
+from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, Strict, dpo_reference, runtime_field
 from worldpm.data.splits import read_split
+from worldpm.data.textpath import TextPath
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef, file_digest
 
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
+class EvalSetFile(Strict):
+    """An eval set: an input outside the store, so its content digest goes into the key."""
+
+    name: str
+    path: str
+    format: str
+    digest: str
+
+
+class DpoScoring(Strict):
+    """How a DPO policy scores a response: beta * (log pi - log ref) against this reference."""
+
+    beta: float
+    logp_average: bool
+    reference: ReferenceModel
+    precision: str
+    tokens_per_batch: int | None = runtime_field(None)
+
+
+class EvaluateStageConfig(StageConfig):
+    SECTION = "evaluate"
+    batch_size: int
+    ece_bins: int
+    eval_sets: list[EvalSetFile]
+    # how eval-set text is normalised, rendered and cut: the training text path (its parts may change while the
+    # tokenize output does not, e.g. a larger max_length with no long pair, so they are part of this key too)
+    text: TextPath
+    dpo: DpoScoring | None = None  # only with objective dpo: a BT evaluation's key does not move with DPO settings
+
+
+def stage_config(cfg: PipelineConfig) -> EvaluateStageConfig:
     e = cfg.evaluate
     sets = []
     for s in e.eval_sets:
         p = Path(s.path)
         if not p.is_file():
             raise StageError(f"evaluate.eval_sets {s.name!r}: no such file: {p}")
-        # the eval file is an input outside the store: its content digest goes into the key
-        sets.append({"name": s.name, "path": str(p), "format": s.format, "digest": file_digest(p)})
-    t = cfg.tokenize
-    out = {
-        "batch_size": e.batch_size,
-        "ece_bins": e.ece_bins,
-        "eval_sets": sets,
-        # how eval-set text is rendered and cut: the tokenize stage's settings (its output may not change when
-        # these do, e.g. a larger max_length with no long pair, so they are part of this key too)
-        "render": {"max_length": t.max_length, "plain_template": t.plain_template, "system_prompt": t.system_prompt},
-        # how eval-set text is normalised: clean.normalize_markup, the normalise stage's setting, so eval text is
-        # training text
-        "text": {"normalize_markup": cfg.clean.normalize_markup},
-    }
-    if cfg.train.objective == "dpo":  # only then: a BT evaluation's key does not move with DPO settings
-        out["dpo"] = {"beta": cfg.train.beta, "logp_average": cfg.train.logp_average,
-                      "reference": dpo_reference(cfg), "precision": cfg.train.precision}
-    return out
+        sets.append(EvalSetFile(name=s.name, path=str(p), format=s.format, digest=file_digest(p)))
+    t = cfg.train
+    dpo = DpoScoring(beta=t.beta, logp_average=t.logp_average, reference=dpo_reference(cfg), precision=t.precision,
+                     tokens_per_batch=t.ref_tokens_per_batch) if t.objective == "dpo" else None
+    return EvaluateStageConfig(batch_size=e.batch_size, ece_bins=e.ece_bins, eval_sets=sets, text=TextPath.of(cfg),
+                               dpo=dpo)
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     from worldpm.modeling.scoring import (
         ImplicitReward,
         RewardScorer,
+        evaluate_pairs,
         pick_device,
         predictions,
-        prepare_pairs,
         read_eval_file,
         summarize_predictions,
     )
@@ -90,19 +108,18 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         raise StageError(f"evaluate: the test split has no pairs ({tok_dir / 'test.parquet'}): an evaluation of 0 "
                          "pairs measures nothing; give shard.test a fraction above 0")
     device = pick_device()
-    bins = int(scfg["ece_bins"])
-    if scfg.get("dpo"):
+    bins = scfg.ece_bins
+    if scfg.dpo is not None:
         ref_ref = inputs.get("ref_logps")
         if ref_ref is None or ref_ref.manifest().get("objective") != "dpo":
             raise StageError(f"evaluate: train.objective dpo needs the ref_logps artifact of a dpo config "
                              f"({ref_ref.path if ref_ref else 'none given'})")
-        scorer = ImplicitReward(scfg, tok_dir, train_dir, ref_ref, device, log)
+        scorer = ImplicitReward(scfg.dpo, tok_dir, train_dir, ref_ref, device, log)
         log.info("evaluate: DPO policy %s on %s: implicit reward beta * log(pi/ref), beta %g", train_dir / "model",
                  device, scorer.beta)
     else:
         tman = inputs["tokenize"].manifest()
-        scorer = RewardScorer(train_dir, tok_dir, device, int(scfg["batch_size"]), tman.get("padding_side", "right"),
-                              log)
+        scorer = RewardScorer(train_dir, tok_dir, device, scfg.batch_size, tman.get("padding_side", "right"), log)
         if tman.get("pad_token_id") is not None and int(tman["pad_token_id"]) != scorer.pad_id:
             raise StageError(f"evaluate: the model's pad_token_id {scorer.pad_id} ({train_dir}/model/config.json) "
                              f"differs from the tokenizer's {tman['pad_token_id']} ({tok_dir}/tokenizer)")
@@ -114,37 +131,28 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     test = test.with_columns(subset=pl.lit(None, pl.String))
     c, r = scorer.rewards(test, "test", cached_reference=True)
     tp = predictions("test", test, c, r, test["chosen_response_tokens"], test["rejected_response_tokens"])
-    markup = bool((scfg.get("text") or {}).get("normalize_markup", True))
     metrics["test"] = {**summarize_predictions(tp, bins), **scorer.tag,
-                       "text": {**text_settings(markup), "by": "the normalise stage"}}
+                       "text": {**scfg.text.describe(), "by": "the normalise stage"}}
     preds.append(tp)
     log.info("evaluate: test: %d pairs, accuracy %s, BT loss %s", tp.height, _fmt(metrics["test"]["accuracy"]),
              _fmt(metrics["test"]["bt_loss"]))
 
-    rs = RenderSettings.of(scfg["render"])
     rejects: list[pl.DataFrame] = []
-    for es in scfg["eval_sets"]:
-        name = es["name"]
-        pairs, rej, info = read_eval_file(es["path"], es["format"], name)
+    for es in scfg.eval_sets:
+        name = es.name
+        pairs, rej, info = read_eval_file(es.path, es.format, name)
         if rej.height:
             rejects.append(rej.select(pl.lit(name).alias("set"), "file", "line", "reason", "detail"))
             log.warning("evaluate: %s: %d record(s) could not become a pair (rejects.parquet)", name, rej.height)
-        pairs, text_info = prepare_pairs(pairs, markup)
-        t = tokenize_pairs(pairs, scorer.tok, rs)
-        log.info("evaluate: %s: %d pairs, %s normalisation changed %d texts, %d truncated to %d tokens", name,
-                 t.height, text_info["normalization"], text_info["texts_changed"], int(t["truncated"].sum() or 0),
-                 rs.max_length)
-        c, r = scorer.rewards(t, name, cached_reference=False)
-        p = predictions(name, t, c, r, t["chosen_response_tokens"], t["rejected_response_tokens"])
-        summary = summarize_predictions(p, bins)
-        metrics[name] = {**summary, **info, **scorer.tag, "text": text_info}
+        summary, p = evaluate_pairs(scorer, pairs, scfg.text, bins=bins, set_name=name, log=log)
+        metrics[name] = {**summary, **info, **scorer.tag}
         preds.append(p)
         log.info("evaluate: %s: %d pairs, accuracy %s%s", name, p.height, _fmt(summary["accuracy"]),
                  "".join(f", {k} {_fmt(v['accuracy'])}" for k, v in summary["sections"].items()))
     template = inputs["tokenize"].manifest().get("template")
-    return {**_write(out, metrics, preds, rejects, device), "text": text_settings(markup),
+    return {**_write(out, metrics, preds, rejects, device), "text": scfg.text.describe(),
             **({"template": template} if template else {}),
-            **({"score": "dpo_implicit_reward"} if scfg.get("dpo") else {})}
+            **({"score": "dpo_implicit_reward"} if scfg.dpo is not None else {})}
 
 
 def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
@@ -181,3 +189,6 @@ def _write(out: Path, metrics: dict, preds: list[pl.DataFrame], rejects: list[pl
 
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+STAGE = StageSpec(config=stage_config, run=run, after_commit=after_commit)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import PipelineConfig
+from worldpm.config import PipelineConfig, StageConfig
 from worldpm.data import measures, text
 from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS
 from worldpm.data.splits import pair_files
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
-CONFIG_SECTION = "clean"  # its setting lives in pipeline.yaml's clean: section (status names it clean.<key>)
 ROW_GROUP = 50_000        # fixed, so equal input gives byte-identical output (early cutoff downstream)
 PART_ROWS = ROW_GROUP     # pairs a file of pairs/ (one row group), normalised in memory at once
 # what this stage reads of the download artifact: the pairs, not sources.json (a hub source's resolved revision
@@ -40,16 +40,21 @@ PART_ROWS = ROW_GROUP     # pairs a file of pairs/ (one row group), normalised i
 INPUT_FILES = {"download": ("pairs/*.parquet",)}
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
-    return {"normalize_markup": cfg.clean.normalize_markup}
+class NormaliseConfig(StageConfig):
+    SECTION = "clean"  # its setting lives in pipeline.yaml's clean: section (status names it clean.<key>)
+    normalize_markup: bool
 
 
-def normalised(src: pl.LazyFrame, scfg: dict) -> pl.LazyFrame:
+def stage_config(cfg: PipelineConfig) -> NormaliseConfig:
+    return NormaliseConfig(normalize_markup=cfg.clean.normalize_markup)
+
+
+def normalised(src: pl.LazyFrame, scfg: NormaliseConfig) -> pl.LazyFrame:
     """The canonical frame with normalised prompt contents, chosen and rejected; NaN/inf margins -> null."""
     lf = src.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])
     margin = pl.col("margin")
     lf = lf.with_columns(margin=pl.when(margin.is_finite()).then(margin).otherwise(pl.lit(None, pl.Float64)))
-    return text.normalize_pairs(lf, markup=scfg["normalize_markup"]).select(COLUMNS)
+    return text.normalize_pairs(lf, markup=scfg.normalize_markup).select(COLUMNS)
 
 
 def _eta(done: int, total: int | None, seconds: float) -> str:
@@ -77,7 +82,7 @@ def parts(src: pl.LazyFrame, n: int):
         yield pl.concat(pending, rechunk=True)
 
 
-def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | None = None) -> dict:
+def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, rows: int | None = None) -> dict:
     """The whole stage on a canonical lazy frame (the download artifact, or any scan: the benchmark).
 
     The input streams through in parts of PART_ROWS pairs: each is normalised and measured in memory (one
@@ -118,7 +123,7 @@ def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | N
         raise StageError(f"normalise: {rows if rows is not None else '?'} pairs in, {rows_out} written, "
                          f"{table.height} measured: rows were lost")
     report = {"rows_in": rows_out, "rows_out": rows_out, "rows_rejected": 0, "files": len(files),
-              "normalize_markup": scfg["normalize_markup"],
+              "normalize_markup": scfg.normalize_markup,
               "exact_copies": int(table.height - table["first"].n_unique()) if table.height else 0}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log.info("normalise: %d pairs normalised and measured in %.1fs (%d exact copies among them)",
@@ -126,7 +131,7 @@ def normalise_frame(src: pl.LazyFrame, scfg: dict, out: Path, log, rows: int | N
     return report
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: NormaliseConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     files = pair_files(inputs["download"])
     if not files:
         raise StageError(f"normalise: the download artifact {inputs['download'].path} has no pairs/*.parquet")
@@ -137,6 +142,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     src = pl.scan_parquet(files)
     rows = src.select(pl.len()).collect().item()  # from the Parquet footers: no data read
     log.info("normalise: %d pairs in %d file(s); markup normalisation %s", rows, len(files),
-             "on" if scfg["normalize_markup"] else "off (line endings and control characters only)")
+             "on" if scfg.normalize_markup else "off (line endings and control characters only)")
     report = normalise_frame(src, scfg, out, log, rows=rows)
     return {k: report[k] for k in ("rows_in", "rows_out", "rows_rejected")}
+
+
+STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES)

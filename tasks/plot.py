@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from worldpm.config import PipelineConfig
+from worldpm.config import PipelineConfig, PlotConfig, StageConfig
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
@@ -17,11 +18,16 @@ from worldpm.store import ArtifactRef
 READS = {"clean": ("report.json",), "train": ("train_summary.json", "metrics.jsonl"), "evaluate": ("metrics.json",)}
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
-    return {"name": cfg.name, **cfg.plot.model_dump(mode="json")}
+class PlotStageConfig(StageConfig):
+    name: str  # the pipeline's, in the report's title
+    plot: PlotConfig
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def stage_config(cfg: PipelineConfig) -> PlotStageConfig:
+    return PlotStageConfig(name=cfg.name, plot=cfg.plot)
+
+
+def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     from worldpm.report.figures import (
         plot_eval_accuracy,
         plot_grad_norm,
@@ -34,7 +40,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     from worldpm.report.markdown import render_report
     from worldpm.report.trainlog import grad_norm_spikes
 
-    formats = list(scfg["formats"]) or ["png"]
+    formats = list(scfg.plot.formats) or ["png"]
     clean_dir, train_dir, eval_dir = (Path(inputs[s].path) for s in ("clean", "train", "evaluate"))
 
     clean_report = _read_json(clean_dir / "report.json")
@@ -47,8 +53,8 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     files: dict[str, list[str]] = {}
     spikes = None
     if rows:
-        files["loss"] = plot_loss(rows, scfg["smoothing"], out, formats)
-        files["train_accuracy_margin"] = plot_train_accuracy_margin(rows, scfg["smoothing"], out, formats)
+        files["loss"] = plot_loss(rows, scfg.plot.smoothing, out, formats)
+        files["train_accuracy_margin"] = plot_train_accuracy_margin(rows, scfg.plot.smoothing, out, formats)
         if any(r.get("grad_norm") is not None for r in rows):
             spikes = grad_norm_spikes([r.get("step") for r in rows], [r.get("grad_norm") for r in rows])
             files["grad_norm"] = plot_grad_norm(rows, spikes, out, formats)
@@ -60,7 +66,7 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     files = {k: v for k, v in files.items() if v}
     # the report links the PNG where there is one (GitHub/VS Code previews render both; PNG is smaller)
     images = {k: next((f for f in v if f.endswith(".png")), v[0]) for k, v in files.items()}
-    md = render_report(name=scfg["name"], clean_report=clean_report, train_summary=train_summary,
+    md = render_report(name=scfg.name, clean_report=clean_report, train_summary=train_summary,
                        metrics=metrics, images=images, spikes=spikes,
                        digests={s: ref.digest for s, ref in inputs.items()})
     (out / "report.md").write_text(md)
@@ -75,3 +81,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise StageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+STAGE = StageSpec(config=stage_config, run=run, reads=READS)

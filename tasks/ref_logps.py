@@ -16,7 +16,7 @@ Output per split (train, eval, test), rows in the tokenize split's order:
 With ``train.objective: bt`` nothing is needed: the artifact is a one-line marker (objective.json) whose content
 never changes, so the BT training key does not move when DPO settings or this file change.
 
-Batches are length-sorted sequences up to a token budget (``WORLDPM_REF_TOKENS_PER_BATCH``, default 16k on CPU,
+Batches are length-sorted sequences up to a token budget (``train.ref_tokens_per_batch``, default 16k on CPU,
 64k on a GPU; not part of the key: it changes the values only at float rounding level). fp32 on CPU; on a GPU bf16
 when train.precision is auto/bf16 (as the policy trains), fp32 when it is fp32. One process, one device.
 """
@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from worldpm.config import PipelineConfig, dpo_reference
+from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, dpo_reference, runtime_field
 from worldpm.data.splits import SPLITS, token_arrays
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
@@ -40,18 +41,26 @@ OUT_SCHEMA = {"pair_id": pl.String, "ref_chosen_logp": pl.Float64, "ref_rejected
 MARKER = "objective.json"
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
+class RefLogpsConfig(StageConfig):
+    objective: str
+    reference: ReferenceModel | None = None  # dpo only
+    precision: str | None = None             # dpo only
+    tokens_per_batch: int | None = runtime_field(None)
+
+
+def stage_config(cfg: PipelineConfig) -> RefLogpsConfig:
     t = cfg.train
     if t.objective != "dpo":
-        return {"objective": t.objective}
-    return {"objective": "dpo", "reference": dpo_reference(cfg), "precision": t.precision}
+        return RefLogpsConfig(objective=t.objective)
+    return RefLogpsConfig(objective="dpo", reference=dpo_reference(cfg), precision=t.precision,
+                          tokens_per_batch=t.ref_tokens_per_batch)
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
-    if scfg["objective"] != "dpo":
-        (out / MARKER).write_text(json.dumps({"objective": scfg["objective"]}) + "\n")
-        log.info("ref_logps: train.objective is %s: no reference log-probs needed", scfg["objective"])
-        return {"objective": scfg["objective"], "rows_in": 0, "rows_out": 0, "rows_rejected": 0}
+def run(scfg: RefLogpsConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+    if scfg.objective != "dpo" or scfg.reference is None:
+        (out / MARKER).write_text(json.dumps({"objective": scfg.objective}) + "\n")
+        log.info("ref_logps: train.objective is %s: no reference log-probs needed", scfg.objective)
+        return {"objective": scfg.objective, "rows_in": 0, "rows_out": 0, "rows_rejected": 0}
 
     import torch
 
@@ -64,9 +73,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         raise StageError(f"ref_logps: {e}") from None
     pad_id = tok.pad_token_id
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = logps.pick_dtype(scfg["precision"], device)
-    tokens_per_batch = logps.tokens_per_batch(device)
-    ref_cfg = scfg["reference"]
+    dtype = logps.pick_dtype(scfg.precision or "auto", device)
+    tokens_per_batch = logps.tokens_per_batch(device, scfg.tokens_per_batch)
+    ref_cfg = scfg.reference
     t0 = time.perf_counter()
     try:
         model = logps.load_reference(ref_cfg, tok, device, dtype)
@@ -74,10 +83,11 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         raise StageError(f"ref_logps: {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
     log.info("ref_logps: reference %s (%s parameters) on %s, %s, %d tokens per batch",
-             ref_cfg["name_or_path"] if not ref_cfg.get("from_config") else
-             f"from_config {ref_cfg['from_config'].get('model_type')} (seed {ref_cfg.get('init_seed')})",
+             ref_cfg.name_or_path if not ref_cfg.from_config else
+             f"from_config {ref_cfg.from_config.get('model_type')} (seed {ref_cfg.init_seed})",
              f"{n_params:,}", device, str(dtype).replace("torch.", ""), tokens_per_batch)
-    (out / MARKER).write_text(json.dumps({"objective": "dpo", "reference": ref_cfg}, sort_keys=True) + "\n")
+    (out / MARKER).write_text(json.dumps({"objective": "dpo", "reference": ref_cfg.model_dump(mode="json")},
+                                         sort_keys=True) + "\n")
 
     splits: dict[str, dict] = {}
     tot = tot_tokens = 0
@@ -125,3 +135,6 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
 
 def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+STAGE = StageSpec(config=stage_config, run=run)

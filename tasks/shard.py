@@ -12,8 +12,9 @@ from pathlib import Path
 import polars as pl
 import xxhash
 
-from worldpm.config import PipelineConfig
+from worldpm.config import PipelineConfig, ShardConfig, StageConfig
 from worldpm.data.splits import SPLITS
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
@@ -21,8 +22,12 @@ INPUT_FILES = {"clean": ("pairs.parquet",)}  # not report.json: its rule setting
 _SCALE = float(2**64)
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
-    return cfg.shard.model_dump(mode="json")
+class ShardStageConfig(StageConfig):
+    shard: ShardConfig
+
+
+def stage_config(cfg: PipelineConfig) -> ShardStageConfig:
+    return ShardStageConfig(shard=cfg.shard)
 
 
 def split_fraction(group_ids: pl.Series, salt: str) -> pl.Series:
@@ -71,7 +76,7 @@ def check_no_empty_split(splits: dict[str, dict], fractions: dict[str, float], r
             raise StageError(msg)
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: ShardStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     src = Path(inputs["clean"].path) / "pairs.parquet"
     if not src.exists():
         raise StageError(f"shard: the clean artifact has no pairs.parquet ({src})")
@@ -80,9 +85,10 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     gids = lf.select(pl.col("group_id")).collect(engine="streaming").to_series()
     if gids.null_count():
         raise StageError(f"shard: {gids.null_count()} rows without group_id in {src}")
-    fractions = {s: scfg[s] for s in SPLITS}
-    assignment = assign_splits(gids, fractions, scfg["salt"])
-    rows_per_file = int(scfg["rows_per_file"])
+    sc = scfg.shard
+    fractions = {s: getattr(sc, s) for s in SPLITS}
+    assignment = assign_splits(gids, fractions, sc.salt)
+    rows_per_file = sc.rows_per_file
 
     # Each split is written in order of the cleaned table, rows_per_file rows a file, from a streamed scan.
     splits: dict[str, dict] = {}
@@ -124,9 +130,9 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
     rows_in = lf.select(pl.len()).collect().item()
     if total != rows_in:
         raise StageError(f"shard: wrote {total} rows of {rows_in}: rows were lost")
-    check_no_empty_split(splits, fractions, rows_in, assignment.height, scfg["salt"], log)
+    check_no_empty_split(splits, fractions, rows_in, assignment.height, sc.salt, log)
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
-    warnings = small_split_warnings(splits, fractions, int(scfg.get("min_split_pairs", 0)))
+    warnings = small_split_warnings(splits, fractions, sc.min_split_pairs)
     for w in warnings:
         log.warning("shard: %s", w)
     return {"rows_in": rows_in, "rows_out": total, "rows_rejected": 0, "splits": splits,
@@ -147,3 +153,6 @@ def small_split_warnings(splits: dict[str, dict], fractions: dict[str, float], m
             out.append(f"the {split} split has {n} pairs ({info['groups']} questions), under shard.min_split_pairs "
                        f"{min_pairs}: an accuracy on it has a 95% interval of {width}; raise shard.{split} or add data")
     return out
+
+
+STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import PipelineConfig
-from worldpm.data.render import IDS, ParallelEncoder, Renderer, RenderSettings, renderer, tokenize_frame
+from worldpm.config import PipelineConfig, StageConfig, Strict, TokenizeConfig
+from worldpm.data.render import IDS, ParallelEncoder, Renderer, renderer, tokenize_frame
 from worldpm.data.splits import SPLITS, data_files
+from worldpm.data.textpath import RenderSettings
+from worldpm.engine import StageSpec
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
@@ -33,45 +35,60 @@ REJECT_SCHEMA = {"pair_id": pl.String, "split": pl.String, "reason": pl.String, 
                  "rejected_len": pl.Int32}
 
 
-def stage_config(cfg: PipelineConfig) -> dict:
+class Tokenizer(Strict):
+    """What decides the tokenizer (model.tokenizer, else the model's own); weights and training settings do not
+    change the token ids."""
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class TokenizeStageConfig(StageConfig):
+    tokenize: TokenizeConfig
+    tokenizer: Tokenizer
+
+    @property
+    def render(self) -> RenderSettings:
+        """The text path's template and cut (the part of TextPath.of(cfg) this stage applies)."""
+        return RenderSettings.of(self.tokenize)
+
+
+def stage_config(cfg: PipelineConfig) -> TokenizeStageConfig:
     m = cfg.model
-    return {
-        **cfg.tokenize.model_dump(mode="json"),
-        # what decides the tokenizer; model weights and training settings do not change the token ids
-        "tokenizer": m.tokenizer or m.name_or_path,
-        "revision": None if m.tokenizer else m.revision,
-        "trust_remote_code": m.trust_remote_code,
-    }
+    tokenizer = Tokenizer(name_or_path=m.tokenizer or m.name_or_path, revision=None if m.tokenizer else m.revision,
+                          trust_remote_code=m.trust_remote_code)
+    return TokenizeStageConfig(tokenize=cfg.tokenize, tokenizer=tokenizer)
 
 
-def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+def run(scfg: TokenizeStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
     from worldpm.modeling import models
 
+    t = scfg.tokenize
     try:
-        tok = models.load_tokenizer({"name_or_path": scfg["tokenizer"], "revision": scfg.get("revision"),
-                                     "trust_remote_code": scfg.get("trust_remote_code", False)})
+        tok = models.load_tokenizer(scfg.tokenizer)
     except models.ModelError as e:
         raise StageError(f"tokenize: {e}") from None
     tok.padding_side = "right"
     tok.save_pretrained(out / "tokenizer")
     try:
-        r = renderer(tok, RenderSettings.of(scfg), what="tokenize.max_length")
+        r = renderer(tok, scfg.render, what="tokenize.max_length")
     except StageError as e:
         raise StageError(f"tokenize: {e}") from None
-    max_length = int(scfg["max_length"])
+    max_length = t.max_length
     info = r.describe()
     # BERT-style tokenizers put a [CLS] first; the model (not the tokenizer) decides, this is for the manifest
     reward_token = "last" if r.chat or getattr(tok, "cls_token", None) is None else "first"
     log.info("tokenize: %s template, head %r, suffix %r, reward token %s, max_length %d, policy %s",
-             info["template"], r.head_text, r.suffix_text, reward_token, max_length, scfg["overlength"])
+             info["template"], r.head_text, r.suffix_text, reward_token, max_length, t.overlength)
     files = data_files(inputs["shard"])
-    enc = ParallelEncoder(tok, int(scfg["num_proc"]))
+    enc = ParallelEncoder(tok, t.num_proc)
     splits: dict[str, dict] = {}
     rejects: list[pl.DataFrame] = []
     t0 = time.perf_counter()
     try:
         for split in SPLITS:
-            splits[split] = tokenize_split(split, files.get(split, []), r, enc, scfg, out, rejects, log)
+            splits[split] = tokenize_split(split, files.get(split, []), r, enc, t, out, rejects, log)
     finally:
         enc.close()
     for split, c in splits.items():  # emptied here: fail here, not in the trainer or in an evaluation of 0 pairs
@@ -90,28 +107,27 @@ def run(scfg: dict, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) 
         "rows_in": total["rows_in"], "rows_out": total["rows_out"], "rows_rejected": total["dropped"],
         "truncated": total["truncated"], "dropped": total["dropped"], "splits": splits,
         "pad_token_id": tok.pad_token_id, "padding_side": "right", "max_length": max_length,
-        "overlength": scfg["overlength"], "reward_token": reward_token,
+        "overlength": t.overlength, "reward_token": reward_token,
         "template": info,
         # the settings a scorer needs to render new text as this artifact's (train copies them into worldpm.json)
-        "render": {"max_length": max_length, "plain_template": scfg["plain_template"],
-                   "system_prompt": scfg["system_prompt"], "overlength": scfg["overlength"]},
+        "render": {**scfg.render.model_dump(), "overlength": t.overlength},
         "pairs_per_s": round(total["rows_in"] / max(time.perf_counter() - t0, 1e-9), 1),
     }
 
 
-def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncoder, scfg: dict, out: Path,
+def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncoder, tc: TokenizeConfig, out: Path,
                    rejects: list[pl.DataFrame], log) -> dict:
     """Stream one split's shard files in batches into <out>/<split>.parquet; over-length pairs are truncated or
     appended to `rejects`. Returns the split's counts."""
     import pyarrow.parquet as pq
 
-    max_length = int(scfg["max_length"])
-    drop = scfg["overlength"] == "drop"
+    max_length = tc.max_length
+    drop = tc.overlength == "drop"
     path = out / f"{split}.parquet"
     writer = None
     n_in = n_out = n_trunc = n_drop = tokens = 0
     t0 = time.perf_counter()
-    batches = pl.scan_parquet(paths).collect_batches(chunk_size=int(scfg["batch_size"]), engine="streaming") \
+    batches = pl.scan_parquet(paths).collect_batches(chunk_size=tc.batch_size, engine="streaming") \
         if paths else []
     for batch in batches:
         if batch.height == 0:
@@ -145,3 +161,6 @@ def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncod
     log.info("tokenize: %s: %d in, %d out, %d truncated, %d dropped (over %d tokens)",
              split, n_in, n_out, n_trunc, n_drop, max_length)
     return {"rows_in": n_in, "rows_out": n_out, "truncated": n_trunc, "dropped": n_drop, "tokens": tokens}
+
+
+STAGE = StageSpec(config=stage_config, run=run)

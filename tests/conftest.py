@@ -114,3 +114,88 @@ def worldpm_cli(prefect_api_url, tmp_path):
         return p
 
     return run
+
+
+# ---- the trainer in process --------------------------------------------------------------------------------------
+# The train stage launches the recipe through `accelerate launch` (a new Python process, its imports, torch's start):
+# ~10 s a run on 2 cores. Here every train stage runs the recipe in this process instead, through the stage itself
+# (its checks, its manifest, the commit), unless a test is marked `launch`: those are the tests where several
+# processes are the point (2 CPU processes, ZeRO-3, the launched end to end run, the launcher's failure line).
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "launch: launches the trainer for real (`accelerate launch`), not in process")
+
+
+class InProcessTrainer:
+    """tasks.train's launch.run, replaced: the recipe in this process, its progress lines to the stage's log.
+    `callbacks` (recipe.Callback objects) go to the next runs."""
+
+    def __init__(self):
+        self.callbacks: list = []
+        self.runs = 0
+
+    def __call__(self, args, gpus, log, timeout_s=None):
+        import contextlib
+        import io
+
+        from worldpm.modeling.trainer import recipe
+
+        class Lines(io.TextIOBase):
+            def write(self, s):
+                for line in s.splitlines():
+                    if line.strip():
+                        log.info("%s", line)
+                return len(s)
+
+        self.runs += 1
+        with contextlib.redirect_stdout(Lines()):
+            summary = recipe.train(args, list(self.callbacks))
+        return summary, 1
+
+
+@pytest.fixture(autouse=True)
+def in_process_trainer(request, monkeypatch):
+    trainer = InProcessTrainer()
+    if request.node.get_closest_marker("launch") is None:
+        from worldpm.modeling.trainer import launch
+
+        monkeypatch.setattr(launch, "run", trainer)
+    else:  # launched processes import the test callbacks (tests/support.py) by name
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"),
+                                                                       os.environ.get("PYTHONPATH")])))
+    return trainer
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory, se_paired):
+    """240 real StackExchange pairs sharded and tokenized at max_length 64 (MiniLM's tokenizer):
+    (store, tokenize ref, shard ref)."""
+    from support import LOG, se_shard
+    from tasks import PIPELINE
+    from worldpm.config import load_config
+    from worldpm.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path_factory.mktemp("train") / "store")
+    cfg = load_config(None, ["tokenize.max_length=64", "shard.train=0.9", "shard.eval=0.05", "shard.test=0.05"])
+    shard = se_shard(store, se_paired, cfg, head=240)
+    tok = PIPELINE.execute("tokenize", cfg, {"shard": shard}, store, log=LOG)
+    return store, tok.ref, shard
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, tokenized) -> Path:
+    """A random tiny Qwen2 reward model saved as a checkpoint: plain, DDP and ZeRO-3 runs then start from the very
+    same weights (zero.Init draws a from_config model's weights differently)."""
+    import torch
+    import yaml
+    from transformers import AutoTokenizer
+
+    from support import TINY_QWEN
+    from worldpm.modeling import models
+
+    d = tmp_path_factory.mktemp("tiny-qwen")
+    tok = AutoTokenizer.from_pretrained(Path(tokenized[1].path) / "tokenizer")
+    torch.manual_seed(0)
+    models.build_reward_model({"from_config": yaml.safe_load(TINY_QWEN)}, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

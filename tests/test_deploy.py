@@ -332,7 +332,8 @@ def test_served_deployments_run_cache_and_rerun_clean(prefect_api_url, se_paired
         report = json.loads((artifacts / next(iter(new)) / "report.json").read_text())
         assert report["rules"]["min_margin"] == 2
 
-        # 4. one run at a time per deployment: two runs submitted together do not overlap
+        # 4. one run at a time per deployment: two runs submitted together do not overlap (whether the second had
+        # to wait for its slot depends on timing: a fast first run can end before the second is picked up)
         with _client() as c:
             ids = [c.create_flow_run_from_deployment(clean.id).id for _ in range(2)]
             deadline = time.monotonic() + RUN_TIMEOUT
@@ -344,8 +345,6 @@ def test_served_deployments_run_cache_and_rerun_clean(prefect_api_url, se_paired
             assert [r.state.name for r in runs] == ["Completed", "Completed"], [r.state for r in runs]
             a, b = sorted(runs, key=lambda r: r.start_time)
             assert a.end_time <= b.start_time, (a.start_time, a.end_time, b.start_time, b.end_time)
-            waited = {s.name for s in c.read_flow_run_states(b.id)}
-            assert "AwaitingConcurrencySlot" in waited, waited
 
         # 5. a run may override only what the served config allows: never artifacts_dir (issue 12 case 6)
         elsewhere = tmp_path / "elsewhere"

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from tasks import PIPELINE as pipeline
-from worldpm.data.splits import scan_pairs
+from worldpm.data.splits import pair_files
 from worldpm.errors import StageError
 from tasks import download
 from worldpm.data import demo
@@ -26,8 +26,8 @@ def run_download(tmp_path, sources: list[str], *overrides: str):
 
 
 def test_demo_is_deterministic_and_offline():
-    a, b = demo.generate(200, seed=1), demo.generate(200, seed=1)
-    assert a.equals(b) and not a.equals(demo.generate(200, seed=2))
+    a, b = demo.generate(200, seed=1, max_pairs_per_question=3), demo.generate(200, seed=1, max_pairs_per_question=3)
+    assert a.equals(b) and not a.equals(demo.generate(200, seed=2, max_pairs_per_question=3))
     assert (a["margin"] > 0).all() and a["group_id"].n_unique() == 200  # every question gives a pair
     assert (a["margin"] == a["chosen_score"] - a["rejected_score"]).all()
     assert a.group_by("group_id").len()["len"].max() <= 3
@@ -54,7 +54,7 @@ def test_local_directory_of_every_format(tmp_path, shared_data):
         assert f["candidate_pairs"] == f["pairs"] + f["equal_score_pairs"] + f["capped_pairs"]
     rejects = pl.read_parquet(Path(res.path) / "rejects.parquet")
     assert rejects.height == m["records_rejected"] == sum(m["rejected_by_reason"].values())
-    pairs = scan_pairs(res.ref).collect()
+    pairs = pl.scan_parquet(pair_files(res.ref)).collect()
     assert pairs.height == m["rows_out"] and pairs["pair_id"].null_count() == 0
     assert json.loads((Path(res.path) / "sources.json").read_text())[0]["kind"] == "local"
 
@@ -81,7 +81,7 @@ def test_glob_and_several_tagged_sources(tmp_path, se_paired, shared_data):
         "  - {kind: demo, rows: 20}\n")
     cfg = load_config(cfg_file)
     res = pipeline.execute("download", cfg, {}, ArtifactStore(cfg.artifacts_dir))
-    counts = dict(scan_pairs(res.ref).group_by("source").len().collect().rows())
+    counts = dict(pl.scan_parquet(pair_files(res.ref)).group_by("source").len().collect().rows())
     assert counts["paired"] == 1396 and counts["med"] == 100 and counts["demo"] > 20
 
 
@@ -96,7 +96,7 @@ def test_hf_source_offline_fails_with_one_line(tmp_path, monkeypatch):
 def test_hf_pinned_sha_needs_no_network_for_the_key(tmp_path):
     sha = "0" * 40
     cfg = load_config(None, [], [f"owner/name@{sha}"])
-    assert download.stage_config(cfg)["sources"][0]["resolved_revision"] == sha
+    assert download.stage_config(cfg).sources[0].resolved_revision == sha
 
 
 def test_a_source_with_only_bad_records_stops(tmp_path):
@@ -112,7 +112,7 @@ def test_stack_exchange_paired_end_to_end(tmp_path, se_paired):
     assert res.status == "ran" and cfg.sources[0].kind == "local"
     m = res.manifest
     assert (m["rows_in"], m["rows_out"], m["rows_rejected"]) == (1396, 1396, 0)
-    pairs = scan_pairs(res.ref).collect()
+    pairs = pl.scan_parquet(pair_files(res.ref)).collect()
     assert dict(pairs.schema) == CANONICAL_SCHEMA
     assert dict(pairs.group_by("domain").len().rows()) == {"beer.stackexchange.com": 1267,
                                                           "coffee.stackexchange.com": 129}

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from flows import cli
+from support import LOG, TINY_QWEN, tiny_cfg, train_inputs
 from tasks import PIPELINE as pipeline
-from worldpm.data.render import RenderSettings, renderer
-
-from test_train import LOG, TINY_QWEN, tiny_cfg, tokenized, train_inputs  # noqa: F401  (the module fixture)
+from worldpm.data.render import Renderer, renderer
+from worldpm.data.textpath import RenderSettings
 
 ROWS = [
     {"prompt": "How long should a lager ferment?", "response": "Two to three weeks at 10 C, then lager it cold."},
@@ -48,6 +48,22 @@ def grpo_reward_model(model_dir: Path):
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model.eval(), tok, info, eos_fallback
+
+
+def full_text(r: Renderer, prompt: list[dict], response: str) -> str:
+    """One side as a single string with its special tokens written out ("[CLS]...[SEP]" for BERT, the chat
+    template's markers without the trailing newline after the end marker): what a GRPO user hands the reward model,
+    which tokenizes it with add_special_tokens=False. Before any cut at max_length; normalised by the caller."""
+    if r.chat:
+        return r.render(prompt, response).rstrip()
+    msgs = [{"role": m["role"], "content": m["content"] or ""} for m in prompt]
+    if len(msgs) == 1 and msgs[0]["role"] == "user":
+        body = msgs[0]["content"]
+    else:
+        body = "\n\n".join(f"{m['role'].title()}: {m['content']}" for m in msgs)
+    specials = lambda ids: "".join(r.tok.convert_ids_to_tokens(ids))  # noqa: E731
+    tail_special = r.tail_ids[len(r.encode(r.suffix_text)):] if r.suffix_text else r.tail_ids
+    return specials(r.head_ids) + r.head_text + body + r.mid_text + response + r.suffix_text + specials(tail_special)
 
 
 def grpo_rewards(model, tok, texts: list[str]) -> np.ndarray:
@@ -74,7 +90,7 @@ def ppo_rewards(model, query_responses: torch.Tensor, pad_token_id: int, context
 
 
 @pytest.fixture(scope="module")
-def exports(tokenized) -> dict[str, Path]:  # noqa: F811
+def exports(tokenized) -> dict[str, Path]:
     """{encoder: a tiny BERT reward model folder, decoder: a tiny Qwen2 one}, each exported by the train stage."""
     store, ref, _ = tokenized
     out = {}
@@ -123,8 +139,8 @@ def test_the_loading_contract(exported):
 
 
 def test_trl_grpo_path_gives_worldpm_scores(exported, tmp_path):
-    """GRPO's reward call on the texts worldpm renders (render.Renderer.full_text after the recorded
-    normalisation, special tokens written out) gives `worldpm score`'s scores, for an encoder and a decoder."""
+    """GRPO's reward call on the texts worldpm renders (full_text below, after the recorded normalisation, special
+    tokens written out) gives `worldpm score`'s scores, for an encoder and a decoder."""
     from worldpm.data.text import normalize_frame
     from worldpm.data.schema import MESSAGE
     import polars as pl
@@ -139,7 +155,7 @@ def test_trl_grpo_path_gives_worldpm_scores(exported, tmp_path):
                          schema={"prompt": pl.List(MESSAGE), "chosen": pl.String, "rejected": pl.String})
     norm = normalize_frame(frame, card["text"]["normalize_markup"])
     assert "<b>" not in norm["prompt"][2][0]["content"]  # the HTML row was normalised as training text is
-    texts = [r.full_text(p, c) for p, c in zip(norm["prompt"].to_list(), norm["chosen"].to_list())]
+    texts = [full_text(r, p, c) for p, c in zip(norm["prompt"].to_list(), norm["chosen"].to_list())]
     np.testing.assert_allclose(grpo_rewards(model, tok, texts), ours, rtol=1e-4, atol=1e-5)
 
 

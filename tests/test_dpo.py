@@ -187,7 +187,7 @@ def dpo_setup(tmp_path_factory, se_paired):
     from tasks import PIPELINE as pipeline
     from worldpm.store import ArtifactStore
 
-    from test_tokenize import se_shard
+    from support import se_shard
 
     store = ArtifactStore(tmp_path_factory.mktemp("dpo") / "store")
     cfg = dpo_cfg()
@@ -262,9 +262,12 @@ def implicit_accuracy(model, obj: DPO, data, pad_id: int) -> tuple[float, float]
     rc, rr = [], []
     for lo in range(0, len(data), 32):
         b = collate_pairs(data, list(range(lo, min(lo + 32, len(data)))), pad_id)
-        c, r = obj.implicit_rewards(model, b)
-        rc.append(c)
-        rr.append(r)
+        with torch.no_grad():  # beta * (log pi - log ref) of the chosen and the rejected responses
+            sums, counts = obj.policy_logps(model, b)
+            ref = torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]).float()
+            r = obj.beta * (obj.scores(sums.float(), counts) - obj.scores(ref, counts))
+        rc.append(r[:b["n_pairs"]])
+        rr.append(r[b["n_pairs"]:])
     c, r = torch.cat(rc), torch.cat(rr)
     acc = float(((c > r).float() + 0.5 * (c == r).float()).mean())
     return acc, float(torch.cat([c, r]).abs().max())
@@ -350,7 +353,7 @@ def test_dpo_preset_validates_and_keys_the_reference_apart_from_beta():
     cfg = load_config(path)
     assert cfg.train.objective == "dpo" and cfg.train.beta == 0.1
     sc = ref_logps.stage_config(cfg)
-    assert sc["reference"]["name_or_path"] == cfg.model.name_or_path  # the same checkpoint, frozen
+    assert sc.reference.name_or_path == cfg.model.name_or_path  # the same checkpoint, frozen
     assert ref_logps.stage_config(load_config(path, ["train.beta=0.5", "train.lr=1e-6", "train.dpo_loss=ipo"])) == sc
     other = ref_logps.stage_config(load_config(path, ["train.reference=Qwen/Qwen2.5-1.5B-Instruct"]))
-    assert other["reference"]["name_or_path"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert other.reference.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct"

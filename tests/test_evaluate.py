@@ -293,7 +293,7 @@ def test_stage_key_follows_eval_file_content_and_counts_rejects(staged):
     bad.write_text(RB.read_text() + '{"prompt": "p", "chosen": null, "rejected": "r", "subset": "hep-go"}\n')
     cfg2 = load_config(cfg_path, ["evaluate.eval_sets.0.path=eval_sets/rb_bad.jsonl"])
     key1, scfg = pipeline.resolve("evaluate", cfg2, inputs)
-    assert key1 != key0 and scfg["eval_sets"][0]["digest"].startswith("xxh3:")
+    assert key1 != key0 and scfg.eval_sets[0].digest.startswith("xxh3:")
     res = pipeline.execute("evaluate", cfg2, inputs, store, log=LOG)
     rejects = pl.read_parquet(Path(res.path) / "rejects.parquet")
     assert rejects["reason"].to_list() == ["missing_chosen"] and rejects["set"].to_list() == ["rb"]

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from support import LOG, tiny_cfg, train_inputs
 from tasks import PIPELINE as pipeline
 from worldpm.config import load_config
 from worldpm.errors import ConfigError
 from worldpm.modeling import length as L
 from worldpm.modeling.objectives import BradleyTerry, bt_loss
 from worldpm.modeling.trainer.data import load_pairs
-
-from test_train import LOG, tiny_cfg, tokenized, train_inputs  # noqa: F401  (the module fixture)
 
 # 7 pairs: chosen longer in 4 (0, 1, 2, 5), shorter in 2 (3, 4), equal in 1 (6)
 CT = np.array([10, 20, 30, 5, 1, 9, 4])
@@ -82,7 +81,7 @@ def test_decorrelation_penalty_and_weighted_offset_bt_loss_by_hand():
     assert float(bt_loss(rc, rr)) == pytest.approx((sp(1) + sp(-1) + sp(0)) / 3, rel=1e-6)
 
 
-def test_length_control_needs_the_lengths_before_truncation(tokenized):  # noqa: F811
+def test_length_control_needs_the_lengths_before_truncation(tokenized):
     from worldpm.modeling.trainer.data import PairDataError
 
     store, ref, _ = tokenized
@@ -112,7 +111,7 @@ def test_length_options_are_validated():
 
 @pytest.mark.parametrize("opts", [("train.length_balance=reweight", "train.length_debias=poe"),
                                   ("train.length_balance=subsample", "train.length_debias=decorrelate")])
-def test_training_with_length_control_records_what_it_did(tokenized, opts):  # noqa: F811
+def test_training_with_length_control_records_what_it_did(tokenized, opts):
     store, ref, _ = tokenized
     data = load_pairs(Path(ref.path) / "train.parquet")
     ct, rt = data.response_tokens()
@@ -134,7 +133,7 @@ def test_training_with_length_control_records_what_it_did(tokenized, opts):  # n
         assert lc["poe"]["beta"] == pytest.approx(L.fit_length_expert(L.log_length_diff(ct, rt), w), abs=1e-5)
     # the model folder records the text path it was trained on (what `worldpm score` / `evaluate` then follow)
     card = json.loads((out / "model" / "worldpm.json").read_text())
-    assert card["text"] == {"normalize_markup": True, "normalization": "markup"}
+    assert card["text"]["normalize_markup"] is True and card["text"]["normalization"] == "markup"
     assert card["render"]["max_length"] == 64 and card["render"]["plain_template"] == "{prompt}\n\n{response}"
     # the exported model is the plain reward head: one output, nothing to strip at scoring
     cfgj = json.loads((out / "model" / "config.json").read_text())

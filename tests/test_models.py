@@ -102,9 +102,9 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
     """A LoRA model with a trained head, saved as the trainer saves it (merged + adapter), scores the same."""
     from accelerate import Accelerator
 
-    from worldpm.modeling.trainer.save import save_final
-    from worldpm.modeling.trainer.setup import setup_model
     from worldpm.modeling.objectives import build_objective
+    from worldpm.modeling.trainer.recipe import build_model
+    from worldpm.modeling.trainer.save import save_final
 
     # the real MiniLM base: an adapter is reloaded on top of its base model (a from_config base has no weights to
     # reload)
@@ -112,7 +112,7 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
                        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = setup_model(build_objective({"objective": "bt"}), mcfg, tok, acc)
+    model = build_model(build_objective({"objective": "bt"}), mcfg, tok, acc)
     assert any("classifier" in n and p.requires_grad for n, p in model.named_parameters())
     # "train": move the LoRA weights and the head away from their initial values
     with torch.no_grad():
@@ -142,11 +142,12 @@ def test_lora_saved_model_reloads_with_its_head(tmp_path, tok, se_texts):
 def test_qlora_on_cpu_is_a_clear_error(tok):
     from accelerate import Accelerator
 
-    from worldpm.modeling.trainer.setup import setup_model
     from worldpm.modeling.objectives import build_objective
+    from worldpm.modeling.trainer.recipe import build_model
+    from worldpm.modeling.trainer.step import TrainingStop
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
     mcfg = ModelConfig(name_or_path="minilm", lora={"enabled": True, "quantize_4bit": True})
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        setup_model(build_objective({"objective": "bt"}), mcfg, tok, Accelerator(cpu=True))
+    with pytest.raises(TrainingStop, match="needs a CUDA GPU"):
+        build_model(build_objective({"objective": "bt"}), mcfg, tok, Accelerator(cpu=True))

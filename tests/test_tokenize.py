@@ -9,12 +9,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from support import se_pairs, se_shard
 from tasks import PIPELINE as pipeline
 from worldpm.data import render
 from worldpm.data.splits import SPLITS, read_split
 from worldpm.modeling import models
 from worldpm.config import load_config
-from worldpm.data.sources import read_source_file
 from worldpm.errors import StageError
 from worldpm.store import ArtifactStore
 
@@ -22,24 +22,6 @@ LOG = logging.getLogger("test")
 CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{%- endif %}")
-
-
-def se_pairs(se_paired: Path) -> pl.DataFrame:
-    """The shared lvwerra/stack-exchange-paired sample through the real source adapter (canonical schema)."""
-    frames = [read_source_file(p, "stack_exchange_paired").pairs.collect()
-              for p in sorted(se_paired.rglob("*.parquet"))]
-    return pl.concat(frames)
-
-
-def se_shard(store: ArtifactStore, se_paired: Path, cfg, head: int | None = None):
-    """A committed clean artifact (the canonical pairs) and the real shard stage over it."""
-    pairs = se_pairs(se_paired)
-    if head:
-        pairs = pairs.head(head)
-    tmp = store.new_tmp("clean", "fixture")
-    pairs.write_parquet(tmp / "pairs.parquet")
-    clean = store.commit("clean", "fixture", tmp, {"rows_out": pairs.height})
-    return pipeline.execute("shard", cfg, {"clean": clean}, store, log=LOG).ref
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +92,7 @@ def test_a_split_that_drop_empties_stops_tokenize_naming_the_rule(shard_ref):
                                          r"tokenize.max_length=160 tokens and tokenize.overlength=drop removed it"):
         run_tokenize(store, shard, "tokenize.max_length=160", "tokenize.overlength=drop")
     assert not list((store.root / "tokenize").glob("*/manifest.json")) or all(
-        json.loads(p.read_text())["config"]["max_length"] != 160
+        json.loads(p.read_text())["config"]["tokenize"]["max_length"] != 160
         for p in (store.root / "tokenize").glob("*/manifest.json"))
 
 

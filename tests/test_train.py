@@ -1,9 +1,9 @@
-"""train: the sampler, the loss, the launch through `accelerate launch`, checkpoints and resume, nan stops, and (slow)
-MiniLM trained on the shared StackExchange sample on CPU."""
+"""train: the sampler, the loss, the recipe in process (checkpoints and resume, nan and out-of-memory stops), the
+launch configuration and the launcher's failure line; launched (`accelerate launch`): 2 CPU processes, DeepSpeed ZeRO-3
+on CPU, and (slow) MiniLM trained on the shared StackExchange sample end to end."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
@@ -14,50 +14,20 @@ import pytest
 import torch
 import yaml
 
+from support import (LOG, TINY_QWEN, TRACE_ENV, CrashAfter, ListLog, NanAt, OomAt, SimulatedCrash, Trace, curve,
+                     se_shard, tiny_cfg, traced, train_inputs)
 from tasks import PIPELINE as pipeline
-from worldpm.errors import StageError
-from tasks import train
-from worldpm.data.splits import read_split
-from worldpm.modeling import models
 from worldpm.config import load_config
-from worldpm.store import ArtifactStore
+from worldpm.data.splits import read_split
+from worldpm.errors import StageError
+from worldpm.modeling import models
+from worldpm.modeling.objectives import bt_loss
+from worldpm.modeling.trainer import launch
 from worldpm.modeling.trainer import save as trainer_save
-from worldpm.modeling.trainer import setup as trainer_setup
 from worldpm.modeling.trainer import step as trainer_step
 from worldpm.modeling.trainer.data import PairBatchSampler, StepPlan, collate_pairs, load_pairs, padding_fraction
-from worldpm.modeling.objectives import bt_loss
-
-from test_tokenize import se_shard
-
-LOG = logging.getLogger("test")
-TINY_BERT = "{model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}"
-TINY_QWEN = ("{model_type: qwen2, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
-             "num_key_value_heads: 2, intermediate_size: 128}")
-
-
-class ListLog(logging.Logger):
-    def __init__(self):
-        super().__init__("capture", logging.DEBUG)
-        self.lines: list[str] = []
-
-    def _log(self, level, msg, args, *a, **k):  # noqa: D401 - capture every formatted line
-        self.lines.append(msg % args if args else msg)
-
-
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory, se_paired):
-    """240 real pairs sharded and tokenized at max_length 64 (MiniLM's tokenizer)."""
-    store = ArtifactStore(tmp_path_factory.mktemp("train") / "store")
-    cfg = load_config(None, ["tokenize.max_length=64", "shard.train=0.9", "shard.eval=0.05", "shard.test=0.05"])
-    shard = se_shard(store, se_paired, cfg, head=240)
-    tok = pipeline.execute("tokenize", cfg, {"shard": shard}, store, log=LOG)
-    return store, tok.ref, shard
-
-
-def train_inputs(store, tok_ref) -> dict:
-    """train's inputs: the tokenize artifact and ref_logps (for bt a constant marker, computed in no time)."""
-    rl = pipeline.execute("ref_logps", load_config(None, []), {"tokenize": tok_ref}, store, log=LOG)
-    return {"tokenize": tok_ref, "ref_logps": rl.ref}
+from worldpm.modeling.trainer.step import TrainingStop
+from worldpm.store import ArtifactStore
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -101,16 +71,16 @@ def test_sampler_is_deterministic_complete_and_new_each_epoch():
 def test_token_budget_micro_batches_fit_and_cover_the_epoch():
     rng = np.random.default_rng(1)
     c, r = rng.integers(5, 300, size=500), rng.integers(5, 300, size=500)
-    s = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens=2048, packed_cost=c + r)
+    s = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens_per_batch=2048, packed_cost=c + r)
     batches = s.global_batches(0)
     assert all((c[b] + r[b]).sum() <= 2048 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(500))
     # budgets are filled: a micro-batch and its successor's first pair would not have fit together
     assert np.mean([(c[b] + r[b]).sum() for b in batches]) > 2048 * 0.8
-    padded = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens=2048)
+    padded = PairBatchSampler(np.maximum(c, r), 8, seed=0, max_tokens_per_batch=2048)
     assert all(2 * len(b) * np.maximum(c, r)[b].max() <= 2048 for b in padded.global_batches(0))
     with pytest.raises(ValueError, match=r"train.max_tokens_per_batch 300 is below the \d+ tokens of the longest"):
-        PairBatchSampler(np.maximum(c, r), 8, max_tokens=300, packed_cost=c + r)
+        PairBatchSampler(np.maximum(c, r), 8, max_tokens_per_batch=300, packed_cost=c + r)
 
 
 def test_the_eval_split_keeps_the_token_budget(tokenized):
@@ -119,7 +89,7 @@ def test_the_eval_split_keeps_the_token_budget(tokenized):
     import contextlib
 
     from worldpm.modeling.trainer.data import Layout
-    from worldpm.modeling.trainer.evaluate import evaluate_split
+    from worldpm.modeling.trainer.recipe import evaluate_split
 
     _, ref, _ = tokenized
     data = load_pairs(Path(ref.path) / "train.parquet")
@@ -145,7 +115,7 @@ def test_the_eval_split_keeps_the_token_budget(tokenized):
 
     for layout in (Layout(packed=True, row_tokens=0), Layout(packed=False)):
         rec = Recorder()
-        out = evaluate_split(torch.nn.Linear(1, 1), rec, data, Acc(), 0, 32, 0, layout, max_tokens=512)
+        out = evaluate_split(torch.nn.Linear(1, 1), rec, data, Acc(), 0, 32, 0, layout, max_tokens_per_batch=512)
         assert out["pairs"] == len(data) == sum(n for n, _ in rec.batches)
         assert all(tokens <= 512 for _, tokens in rec.batches) and len(rec.batches) > len(data) / 32
         rec = Recorder()
@@ -201,32 +171,32 @@ def test_collate_puts_chosen_then_rejected_in_one_batch(tokenized):
 
 
 def test_launch_configs_cpu_gpu_and_deepspeed(tmp_path):
-    t = load_config(None, ["train.deepspeed.enabled=true", "train.deepspeed.offload_optimizer=true",
-                           "train.batch_size=4", "train.grad_accum=2"]).train.model_dump(mode="json")
-    plain = {**t, "deepspeed": {**t["deepspeed"], "enabled": False}}
-    acfg, n = train.accelerate_config(plain, 0, "fp32", tmp_path)
+    def t(*sets):
+        return load_config(None, ["train.deepspeed.enabled=true", "train.deepspeed.offload_optimizer=true",
+                                  "train.batch_size=4", "train.grad_accum=2", *sets]).train
+
+    acfg, n = launch.accelerate_config(t("train.deepspeed.enabled=false"), 0, "fp32", tmp_path)
     assert n == 1 and acfg["use_cpu"] and acfg["distributed_type"] == "NO" and acfg["mixed_precision"] == "no"
-    acfg, n = train.accelerate_config(t, 4, "bf16", tmp_path)
+    acfg, n = launch.accelerate_config(t(), 4, "bf16", tmp_path)
     assert n == 4 and acfg["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in acfg
     ds = json.loads(Path(acfg["deepspeed_config"]["deepspeed_config_file"]).read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    t["deepspeed"]["enabled"] = False
-    acfg, n = train.accelerate_config(t, 2, "bf16", tmp_path)
+    acfg, n = launch.accelerate_config(t("train.deepspeed.enabled=false"), 2, "bf16", tmp_path)
     assert acfg["distributed_type"] == "MULTI_GPU" and n == 2
-    # several CPU processes: launched like GPUs (torchrun), made MULTI_CPU over gloo by the trainer (cpu=True)
-    acfg, n = train.accelerate_config({**t, "num_processes": 2}, 0, "fp32", tmp_path)
+    # several CPU processes: launched like GPUs (torchrun), made MULTI_CPU over gloo by the recipe (cpu=True)
+    acfg, n = launch.accelerate_config(t("train.deepspeed.enabled=false", "train.num_processes=2"), 0, "fp32", tmp_path)
     assert n == 2 and acfg["distributed_type"] == "MULTI_GPU" and acfg["use_cpu"] is True
     # DeepSpeed without a GPU: its CPU accelerator, nothing to offload
     with pytest.raises(StageError, match="nothing to offload"):
-        train.accelerate_config({**t, "deepspeed": {**t["deepspeed"], "enabled": True}}, 0, "fp32", tmp_path)
-    no_offload = {**t["deepspeed"], "enabled": True, "offload_optimizer": False}
-    acfg, n = train.accelerate_config({**t, "num_processes": 2, "deepspeed": no_offload}, 0, "fp32", tmp_path)
+        launch.accelerate_config(t(), 0, "fp32", tmp_path)
+    acfg, n = launch.accelerate_config(t("train.num_processes=2", "train.deepspeed.offload_optimizer=false"), 0,
+                                       "fp32", tmp_path)
     assert n == 2 and acfg["distributed_type"] == "DEEPSPEED" and not acfg["use_cpu"]
-    cmd = train.launch_command(tmp_path / "a.yaml", tmp_path / "args.json", ["--num_machines", "2"])
+    cmd = launch.launch_command(tmp_path / "a.yaml", tmp_path / "args.json", ["--num_machines", "2"])
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--num_machines" in cmd
-    assert cmd[-4:] == ["-m", "worldpm.modeling.trainer.main", "--args-json", str(tmp_path / "args.json")]
+    assert cmd[-4:] == ["-m", "worldpm.modeling.trainer.recipe", "--args-json", str(tmp_path / "args.json")]
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path):
@@ -235,7 +205,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
             "time.sleep(120)']); print(p.pid, flush=True); time.sleep(120)")
     log = ListLog()
     with pytest.raises(StageError, match="killed after train.timeout_s=2s"):
-        train.stream_process([sys.executable, "-c", code], log, {}, tmp_path / "err.log", 2)
+        launch.stream_process([sys.executable, "-c", code], log, {}, tmp_path / "err.log", 2)
     child = int(log.lines[0])
     deadline = time.time() + 10  # signal delivery is asynchronous
     while alive(child) and time.time() < deadline:
@@ -272,7 +242,7 @@ Traceback (most recent call last):
     raise ChildFailedError(
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-worldpm.modeling.trainer.main FAILED
+worldpm.modeling.trainer.recipe FAILED
 ------------------------------------------------------------
 Root Cause (first observed failure):
 [0]:
@@ -284,16 +254,18 @@ Root Cause (first observed failure):
 def test_failure_line_is_the_workers_exception_not_the_launchers():
     """torchrun prefixes a worker's lines with [rankN]: and ends with its own ChildFailedError report; accelerate's
     plain launcher ends with CalledProcessError: the line that says why is the worker's exception."""
-    assert train.program_failure(1, TORCHRUN_TAIL) == (1, "AttributeError: 'dict' object has no attribute 'model_type'")
+    assert launch.program_failure(1, TORCHRUN_TAIL) == (1, "AttributeError: 'dict' object has no attribute 'model_type'")
     plain = ["Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
              "ValueError: tokenize artifact has no pad token",
              "Traceback (most recent call last):", "    raise CalledProcessError(returncode=process.returncode, cmd=cmd)",
              "subprocess.CalledProcessError: Command '['python', '-m', 'x']' returned non-zero exit status 2."]
-    assert train.program_failure(1, plain) == (2, "ValueError: tokenize artifact has no pad token")
-    assert train.describe_exit(-9).startswith("was killed by SIGKILL (the OOM killer?")
+    assert launch.program_failure(1, plain) == (2, "ValueError: tokenize artifact has no pad token")
+    assert launch.describe_exit(-9).startswith("was killed by SIGKILL (the OOM killer?")
 
 
+@pytest.mark.launch
 def test_a_training_program_that_raises_shows_its_exception_line(tokenized):
+    """Launched: the stage's one-line error is the worker's own exception line (from failure.json), with the full log."""
     store, ref, _ = tokenized
     # 4 attention heads over 3 key/value heads: transformers builds it, the first forward pass raises
     bad = "{model_type: qwen2, hidden_size: 64, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 3, " \
@@ -306,7 +278,7 @@ def test_a_training_program_that_raises_shows_its_exception_line(tokenized):
     assert "full log: " in msg and msg.rstrip(")").endswith("stderr.log")
 
 
-def test_no_training_pairs_and_out_of_memory_are_one_line_errors(tokenized, tmp_path, monkeypatch):
+def test_no_training_pairs_and_out_of_memory_stop_the_run_in_one_line(tokenized, tmp_path, in_process_trainer):
     from worldpm.store import ArtifactRef
     import polars as pl
     import shutil
@@ -316,41 +288,35 @@ def test_no_training_pairs_and_out_of_memory_are_one_line_errors(tokenized, tmp_
     shutil.copytree(ref.path, empty)
     pl.read_parquet(empty / "train.parquet").head(0).write_parquet(empty / "train.parquet")
     inputs = {**train_inputs(store, ref), "tokenize": ArtifactRef("tokenize", "empty", str(empty), "d-empty")}
-    with pytest.raises(StageError, match=r"exited with 3: .*train.parquet: no training pairs \(the train split is empty"):
+    with pytest.raises(TrainingStop, match=r"train.parquet: no training pairs \(the train split is empty"):
         pipeline.execute("train", tiny_cfg("train.max_steps=2"), inputs, store, log=LOG)
-    monkeypatch.setenv(trainer_setup.OOM_ENV, "2")
-    with pytest.raises(StageError, match=r"out of memory at step 2 in a micro-batch of 4 pairs, \d+ tokens \(\d+ packed\): "
-                                         r"lower train.batch_size \(now 4\) or set train.max_tokens_per_batch, or set "
-                                         r"train.gradient_checkpointing=true"):
+    in_process_trainer.callbacks = [OomAt()]
+    with pytest.raises(TrainingStop, match=r"^out of memory at step 2 in a micro-batch of 4 pairs, \d+ tokens \(\d+ "
+                                           r"packed\): lower train.batch_size \(now 4\) or set "
+                                           r"train.max_tokens_per_batch, or set train.gradient_checkpointing=true$"):
         pipeline.execute("train", tiny_cfg("train.max_steps=3"), train_inputs(store, ref), store, log=LOG)
 
 
-# ---- launched runs (tiny random-initialised BERT, CPU) ----------------------------------------------------------
+# ---- the recipe in process (tiny random-initialised BERT, CPU) --------------------------------------------------
 
-def tiny_cfg(*extra: str):
-    return load_config(None, [f"model.from_config={TINY_BERT}", "train.batch_size=4", "train.max_steps=6",
-                              "train.log_every=1", "train.checkpoint_every=2", "train.lr=1e-3",
-                              "train.eval_max_pairs=16", *extra])
-
-
-def test_killed_run_resumes_from_its_checkpoint(tokenized, monkeypatch):
+def test_killed_run_resumes_from_its_checkpoint(tokenized, in_process_trainer):
     store, ref, _ = tokenized
-    cfg = tiny_cfg()
-    monkeypatch.setenv(trainer_setup.CRASH_ENV, "3")
-    with pytest.raises(StageError, match="exited with 17"):
+    cfg = tiny_cfg("train.seed=11")
+    in_process_trainer.callbacks = [CrashAfter()]  # after step 3; the checkpoint of step 2 stays
+    with pytest.raises(SimulatedCrash):
         pipeline.execute("train", cfg, train_inputs(store, ref), store, log=LOG)
     key, _ = pipeline.resolve("train", cfg, train_inputs(store, ref))
     work = store.work_dir("train", key)
     assert [p.name for p in trainer_save.complete_checkpoints(work / "checkpoints")] == ["step-00000002"]
     assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    monkeypatch.delenv(trainer_setup.CRASH_ENV)
+    in_process_trainer.callbacks = []
     log = ListLog()
     res = pipeline.execute("train", cfg, train_inputs(store, ref), store, log=log)
     assert res.status == "ran" and res.manifest["resumed_from_step"] == 2 and res.manifest["steps"] == 6
     assert any("resumed from checkpoint step-00000002: step 2/6" in ln for ln in log.lines)
     assert any(ln.startswith("step 6/6 ") and "ETA" in ln and "tokens/s" in ln for ln in log.lines)
     out = Path(res.ref.path)
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = curve(out)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # step 3 redone once, not twice
     need = {"step", "epoch", "loss", "accuracy", "margin", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "elapsed_s"}
     assert all(need <= m.keys() for m in steps)
@@ -367,42 +333,36 @@ def test_killed_run_resumes_from_its_checkpoint(tokenized, monkeypatch):
     a = models.score_token_ids(m, ids, m.config.pad_token_id)
     b = models.score_token_ids(models.load_reward_model(out), ids, m.config.pad_token_id, padding_side="left")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert json.loads((out / "model" / "worldpm.json").read_text())["reward_token"] == "first"
+    card = json.loads((out / "model" / "worldpm.json").read_text())
+    assert card["reward_token"] == "first"
+    # the text path the model was trained on, from the one TextPath value (normalisation + template and cut)
+    assert card["text"]["normalize_markup"] is True and card["render"]["max_length"] == cfg.tokenize.max_length
 
 
-def test_nan_loss_stops_the_run_with_step_and_pair_ids(tokenized, monkeypatch):
+def test_nan_loss_stops_the_run_with_step_and_pair_ids(tokenized, in_process_trainer):
     store, ref, _ = tokenized
-    monkeypatch.setenv(trainer_setup.NAN_ENV, "2")
-    with pytest.raises(StageError, match=r"non-finite loss \(nan\) at step 2; pair ids: \S+"):
+    in_process_trainer.callbacks = [NanAt()]
+    with pytest.raises(trainer_step.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 2; pair ids: \S+"):
         pipeline.execute("train", tiny_cfg("train.max_steps=3", "train.seed=5"), train_inputs(store, ref), store, log=LOG)
 
 
-def curve(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def test_the_recipe_in_process_repeats_itself(tokenized, tmp_path):
+    """Tests call the recipe in process, one run after another in one Python process: the same run twice gives the
+    same curve (the accelerate state of the first run does not leak into the second)."""
+    from tasks import train as train_stage
+    from worldpm.modeling.trainer import recipe
 
-
-def traced(trace_dir: Path) -> dict[tuple[int, int, int], list[str]]:
-    """(step, rank, micro) -> pair ids, the last run of each (a resumed run redoes the steps after its checkpoint)."""
-    seen: dict = {}
-    for f in sorted(trace_dir.glob("rank*.jsonl")):
-        for ln in f.read_text().splitlines():
-            e = json.loads(ln)
-            seen[(e["step"], e["rank"], e["micro"])] = e["pair_ids"]
-    return seen
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen_dir(tmp_path_factory, tokenized) -> Path:
-    """A random tiny Qwen2 reward model saved as a checkpoint: plain, DDP and ZeRO-3 runs then start from the very
-    same weights (zero.Init draws a from_config model's weights differently)."""
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tiny-qwen")
-    tok = AutoTokenizer.from_pretrained(Path(tokenized[1].path) / "tokenizer")
-    torch.manual_seed(0)
-    models.build_reward_model({"from_config": yaml.safe_load(TINY_QWEN)}, tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    store, ref, _ = tokenized
+    cfg = tiny_cfg("train.max_steps=3", "train.seed=3")
+    scfg = pipeline["train"].config(cfg)
+    runs = []
+    for i in range(2):
+        out, work = tmp_path / f"out{i}", tmp_path / f"work{i}"
+        out.mkdir()
+        summary = recipe.train(train_stage.trainer_args(scfg, train_inputs(store, ref), out, work))
+        runs.append([m["loss"] for m in curve(out)])
+        assert summary["steps"] == 3 and (out / "model" / "worldpm.json").is_file()
+    assert runs[0] == runs[1] and len(runs[0]) == 3
 
 
 def multi(model_dir: Path) -> list[str]:
@@ -411,25 +371,35 @@ def multi(model_dir: Path) -> list[str]:
             "train.log_every=1", "train.checkpoint_every=10", "train.eval_max_pairs=24", "train.warmup_ratio=0.1"]
 
 
+def plain_run(monkeypatch, in_process_trainer, cfg, inputs, store):
+    """The 1-process reference run of a launched test, in process (a cache hit once one test made it)."""
+    with monkeypatch.context() as m:
+        m.setattr(launch, "run", in_process_trainer)
+        return pipeline.execute("train", cfg, inputs, store, log=LOG)
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_dir, monkeypatch, tmp_path):
+@pytest.mark.launch
+def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_dir, monkeypatch, tmp_path,
+                                                          in_process_trainer):
     """The train stage with 2 CPU processes (torchrun, gloo) against 1 process with the same global batch (4 pairs x
     2 accumulations = 4 pairs x 2 processes): the same loss curve; every pair once in the epoch across the two;
     metrics reduced over both (each line counts 8 pairs); one model, scoring as the 1-process one. The 2-process
     run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint."""
     store, ref, _ = tokenized
     one_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2", "train.num_processes=1"])
-    two_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2"])
+    two_sets = multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2"]
     inputs = train_inputs(store, ref)
-    monkeypatch.setenv(trainer_setup.TRACE_ENV, str(tmp_path / "one"))
-    one = pipeline.execute("train", one_cfg, inputs, store, log=LOG)
-    monkeypatch.setenv(trainer_setup.TRACE_ENV, str(tmp_path / "two"))
-    monkeypatch.setenv(trainer_setup.CRASH_ENV, "12")
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "one"))
+    in_process_trainer.callbacks = [Trace()]
+    one = plain_run(monkeypatch, in_process_trainer, one_cfg, inputs, store)
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "two"))
+    crashing = load_config(None, two_sets + ["train.callbacks=[support:Trace, support:CrashAfter12Launched]"])
     with pytest.raises(StageError, match="exited with 17"):
-        pipeline.execute("train", two_cfg, inputs, store, log=LOG)
-    monkeypatch.delenv(trainer_setup.CRASH_ENV)
+        pipeline.execute("train", crashing, inputs, store, log=LOG)
     log = ListLog()
-    two = pipeline.execute("train", two_cfg, inputs, store, log=log)
+    two = pipeline.execute("train", load_config(None, two_sets + ["train.callbacks=[support:Trace]"]), inputs, store,
+                           log=log)
     assert two.manifest["num_processes"] == 2 and two.manifest["resumed_from_step"] == 10
     assert any("2 processes a step" in ln for ln in log.lines)
 
@@ -487,14 +457,15 @@ def assert_saved_model_is_the_trained_one(out: Path, tok_ref, atol: float) -> di
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_on_cpu_trains_as_plain_and_saves_a_model_that_scores_the_same(tokenized, tiny_qwen_dir):
+@pytest.mark.launch
+def test_deepspeed_zero3_on_cpu_trains_as_plain_and_saves_a_model_that_scores_the_same(tokenized, tiny_qwen_dir,
+                                                                                      monkeypatch, in_process_trainer):
     """DeepSpeed ZeRO-3 through its CPU accelerator (DS_ACCELERATOR=cpu, gloo), 2 processes: parameters
     partitioned (numel 0 on every process) and still counted in full, the loss curve of the plain 1-process run of
     the same global batch, and a saved folder that plain transformers reloads and that scores as before saving."""
     store, ref, _ = tokenized
-    plain = pipeline.execute("train", load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2",
-                                                                               "train.num_processes=1"]),
-                             train_inputs(store, ref), store, log=LOG)  # a cache hit after the test above
+    plain = plain_run(monkeypatch, in_process_trainer, load_config(None, multi(tiny_qwen_dir) + [
+        "train.grad_accum=2", "train.num_processes=1"]), train_inputs(store, ref), store)
     cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2", "train.deepspeed.enabled=true",
                                      "train.deepspeed.zero_stage=3", "train.deepspeed.offload_optimizer=false"])
     log = ListLog()
@@ -508,6 +479,7 @@ def test_deepspeed_zero3_on_cpu_trains_as_plain_and_saves_a_model_that_scores_th
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: the DeepSpeed ZeRO-3 GPU path needs CUDA")
+@pytest.mark.launch
 def test_gpu_deepspeed_zero3_tiny_qwen(tokenized):
     """On a GPU: ZeRO-3 in bf16 trains (the loss moves, every step finite), the saved folder reloads with plain
     transformers and scores the eval split as the trainer did before saving, the parameter count is whole."""
@@ -541,6 +513,7 @@ E2E_SETTINGS = ["tokenize.max_length=128", "shard.train=0.8", "shard.eval=0.0", 
 
 
 @pytest.mark.slow
+@pytest.mark.launch
 def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
     """The embedded default (MiniLM from PyPI) on the shared StackExchange sample: the loss falls and the test
     split accuracy (scored on its own by models.score_token_ids) is above chance."""
@@ -574,4 +547,8 @@ def test_timeout_reaches_the_stage_but_not_its_key():
     with_timeout, without = load_config(None, ["train.timeout_s=5"]), load_config(None, [])
     key_a, scfg_a = pipeline.resolve("train", with_timeout, refs)
     key_b, _ = pipeline.resolve("train", without, refs)
-    assert scfg_a["runtime"]["timeout_s"] == 5 and key_a == key_b
+    assert scfg_a.train.timeout_s == 5 and key_a == key_b
+    # so do the observers (callbacks) and DPO's settings under bt; a setting of what is trained moves it
+    observed = load_config(None, ["train.callbacks=[support:Trace]", "train.beta=0.5", "train.dpo_loss=ipo"])
+    assert pipeline.resolve("train", observed, refs)[0] == key_b
+    assert pipeline.resolve("train", load_config(None, ["train.lr=1e-3"]), refs)[0] != key_b

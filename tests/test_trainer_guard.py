@@ -74,6 +74,7 @@ def test_the_launcher_runs_with_a_parent_death_signal():
 
 
 @pytest.mark.slow
+@pytest.mark.launch
 def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_paired, tmp_path):
     coffee = se_paired / "reward" / "coffee.stackexchange.com-00000-of-00001.parquet"
     cfg_path = tmp_path / "pipeline.yaml"
@@ -118,7 +119,7 @@ def test_sigkill_of_the_run_group_takes_the_trainer_with_it(prefect_api_url, se_
 
     # one trainer a work folder: a second one on the folder a first one trains in refuses at once
     lock = work / "trainer.lock"
-    cmd = [sys.executable, "-m", "worldpm.modeling.trainer.main", "--args-json", args_json]
+    cmd = [sys.executable, "-m", "worldpm.modeling.trainer.recipe", "--args-json", args_json]
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as fh:
         first = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)

@@ -28,40 +28,36 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import SOURCE_FORMATS, CleanConfig, TokenizeConfig
+from worldpm.config import SOURCE_FORMATS, PipelineConfig, TokenizeConfig
+from worldpm.data.textpath import RenderSettings, TextPath
 from worldpm.errors import StageError
 
 log = logging.getLogger("worldpm.evaluate")
 _TOK = TokenizeConfig()
-_CLEAN = CleanConfig()
 
 
-def _render_settings(args, model, card: dict | None = None) -> "object":
-    """--max-length / --template / --no-system-prompt, else the model's worldpm.json `render`, else the defaults."""
-    from worldpm.data.render import RenderSettings
-
-    trained = (card or {}).get("render") or {}
+def _text_path(args, model, card: dict) -> tuple[TextPath, str]:
+    """The text path the model was trained with (its worldpm.json; pipeline.yaml's defaults for what it does not
+    record), with --normalize / --max-length / --template / --no-system-prompt on top; and where the normalisation
+    came from."""
+    text, origin = TextPath.from_card(card, TextPath.of(PipelineConfig()))
+    rs = text.render
     max_length = args.max_length
     limit = getattr(model.config, "max_position_embeddings", None)
     if max_length is None:
-        max_length = int(trained.get("max_length") or _TOK.max_length)
-        max_length = min(max_length, limit) if limit else max_length
+        max_length = min(rs.max_length, limit) if limit else rs.max_length
     elif limit and max_length > limit:
         raise StageError(f"--max-length {max_length} exceeds the model's max_position_embeddings {limit}")
-    template = args.template if args.template is not None else trained.get("plain_template", _TOK.plain_template)
-    system = trained.get("system_prompt", _TOK.system_prompt)
-    return RenderSettings(max_length=max_length, plain_template=template,
-                          system_prompt=None if args.no_system_prompt else system)
-
-
-def _normalize_markup(args, card: dict) -> tuple[bool, str]:
-    """(normalize markup?, where that came from): --normalize, else worldpm.json's `text`, else clean's default."""
+    render = RenderSettings.of({"max_length": max_length,
+                                "plain_template": rs.plain_template if args.template is None else args.template,
+                                "system_prompt": None if args.no_system_prompt else rs.system_prompt})
     if args.normalize != "auto":
-        return args.normalize == "markup", "--normalize"
-    trained = card.get("text") or {}
-    if "normalize_markup" in trained:
-        return bool(trained["normalize_markup"]), "the model's worldpm.json"
-    return _CLEAN.normalize_markup, "clean's default; the model folder records none"
+        markup, why = args.normalize == "markup", "--normalize"
+    else:
+        markup = text.normalize_markup
+        why = ("the model's worldpm.json" if origin["normalize_markup"] != "the default"
+               else "clean's default; the model folder records none")
+    return TextPath.model_construct(normalize_markup=markup, render=render), why
 
 
 def _stdout_is_ours(cmd):
@@ -78,15 +74,14 @@ def _stdout_is_ours(cmd):
 # ---- evaluate ---------------------------------------------------------------------------------------------------
 @_stdout_is_ours
 def cmd_evaluate(args, stdout) -> int:
-    from worldpm.modeling.scoring import evaluate_pairs, load_model_dir, model_card, read_eval_file
+    from worldpm.modeling.scoring import RewardScorer, evaluate_pairs, model_card, read_eval_file
 
     data = Path(args.data)
     if not data.is_file():
         raise StageError(f"--data {data}: no such file")
     card = model_card(args.model)
-    model, tok, pad_id = load_model_dir(args.model, device=args.device)
-    rs = _render_settings(args, model, card)
-    markup, why = _normalize_markup(args, card)
+    scorer = RewardScorer(args.model, None, args.device, args.batch_size, log=log)
+    text, why = _text_path(args, scorer.model, card)
     pairs, rejects, info = read_eval_file(data, args.format, data.stem)
     if rejects.height:
         log.warning("%s: %d record(s) could not become a pair: %s", data, rejects.height,
@@ -94,9 +89,8 @@ def cmd_evaluate(args, stdout) -> int:
                               rejects.group_by("reason").len().sort("reason").iter_rows(named=True)))
     if pairs.height == 0:
         raise StageError(f"{data}: no pairs to evaluate")
-    summary, preds = evaluate_pairs(model, tok, pad_id, pairs, rs, batch_size=args.batch_size, bins=args.bins,
-                                    set_name=data.stem, log=log, device=args.device, normalize_markup=markup)
-    summary = {**summary, **info, "model": str(Path(args.model).resolve()), "max_length": rs.max_length}
+    summary, preds = evaluate_pairs(scorer, pairs, text, bins=args.bins, set_name=data.stem, log=log)
+    summary = {**summary, **info, "model": str(Path(args.model).resolve()), "max_length": text.render.max_length}
     summary["text"]["from"] = why
     if args.predictions:
         p = Path(args.predictions)
@@ -225,7 +219,7 @@ def _prompt_messages(df: pl.DataFrame, name: str) -> pl.Expr:
 @_stdout_is_ours
 def cmd_score(args, stdout) -> int:
     from worldpm.data.render import renderer, tokenize_pairs
-    from worldpm.data.text import NORMALIZERS, normalize_frame
+    from worldpm.data.text import normalize_frame
     from worldpm.modeling.scoring import load_model_dir, model_card, score_pairs, score_sequences
 
     df, name = _read_rows(args)
@@ -243,9 +237,9 @@ def cmd_score(args, stdout) -> int:
     prompt = _prompt_messages(df, name)
     card = model_card(args.model)
     model, tok, pad_id = load_model_dir(args.model, device=args.device)
-    rs = _render_settings(args, model, card)
-    markup, why = _normalize_markup(args, card)
-    log.info("score: %s normalisation (%s), max_length %d", NORMALIZERS[markup], why, rs.max_length)
+    text, why = _text_path(args, model, card)
+    rs = text.render
+    log.info("score: %s normalisation (%s), max_length %d", text.describe()["normalization"], why, rs.max_length)
     r = renderer(tok, rs)
     out = open(args.output, "w") if args.output else stdout
     total = 0
@@ -259,7 +253,7 @@ def cmd_score(args, stdout) -> int:
             bad = frame.select(pl.arg_where(pl.col("prompt").is_null() | (pl.col("prompt").list.len() == 0)))
             if bad.height:
                 raise StageError(f"{name}: row {total + bad.item(0, 0) + 1}: empty or missing prompt")
-            t = tokenize_pairs(normalize_frame(frame, markup), tok, rs, r=r)
+            t = tokenize_pairs(normalize_frame(frame, text.normalize_markup), tok, rs, r=r)
             if mode == "pair":
                 c, rj = score_pairs(model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), pad_id,
                                     args.batch_size, device=args.device)

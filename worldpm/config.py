@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,60 @@ SOURCE_FORMATS = (
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- what a cache key sees -------------------------------------------------------------------------------------
+# A field's json_schema_extra says when it stays out of the key of a stage whose config holds it: "runtime" (how a
+# run is watched, never what it writes: a timeout, observers), or the objective it alone serves (DPO's beta does
+# not retrain a BT model). key_dict reads these marks; nothing is popped by hand.
+_KEY = "worldpm_key"
+
+
+def runtime_field(default: Any = None, **kw: Any) -> Any:
+    """A setting that changes how a stage runs, never what it writes: out of every cache key."""
+    return Field(default, json_schema_extra={_KEY: "runtime"}, **kw)
+
+
+def objective_field(objective: str, default: Any, **kw: Any) -> Any:
+    """A setting that only `objective` reads: out of the key of a model whose `objective` is another."""
+    return Field(default, json_schema_extra={_KEY: f"objective:{objective}"}, **kw)
+
+
+def _key_exclude(model: BaseModel) -> dict | None:
+    """pydantic's nested `exclude` of what `model` and the models inside it keep out of a key."""
+    out: dict = {}
+    for name, info in type(model).model_fields.items():
+        mark = (info.json_schema_extra or {}).get(_KEY) if isinstance(info.json_schema_extra, dict) else None
+        if mark == "runtime" or (mark and mark.startswith("objective:")
+                                 and getattr(model, "objective", None) != mark.split(":", 1)[1]):
+            out[name] = True
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = _key_exclude(value)
+            if sub:
+                out[name] = sub
+        elif isinstance(value, (list, tuple)):
+            subs = {i: s for i, v in enumerate(value) if isinstance(v, BaseModel) and (s := _key_exclude(v))}
+            if subs:
+                out[name] = subs
+    return out or None
+
+
+def key_dict(model: BaseModel) -> dict:
+    """The canonical JSON of a stage config as its cache key sees it: runtime fields and other objectives' fields
+    left out (what the manifest records as the stage's config)."""
+    return model.model_dump(mode="json", exclude=_key_exclude(model))
+
+
+class StageConfig(BaseModel):
+    """A stage's typed config (tasks/<stage>.py declares its own): the part of pipeline.yaml its output depends on,
+    built from the validated PipelineConfig (its sections are the same objects, not validated again). Its
+    key_dict is in the stage's cache key. SECTION: where its top-level fields live in pipeline.yaml when they are
+    not sections themselves (normalise's normalize_markup is clean.normalize_markup), for `worldpm status`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    SECTION: ClassVar[str] = ""
 
 
 class SourceConfig(Strict):
@@ -84,10 +138,10 @@ class FieldLimits(Strict):
     max_tokens: int | None = Field(None, ge=1)
 
 
-class CleanConfig(Strict):
-    """Cleaning rules, each named; a rule set to false/None is off. Every dropped row lands in rejects.parquet."""
+class CleanRules(Strict):
+    """The clean stage's rules, each named; a rule set to false/None is off. Every dropped row lands in
+    rejects.parquet."""
 
-    normalize_markup: bool = Field(True, description="HTML/Markdown residue -> plain text; code blocks kept")
     chars_per_token: float = Field(4.0, gt=0, description="for the approximate token length filters")
     prompt: FieldLimits = FieldLimits()
     chosen: FieldLimits = FieldLimits()
@@ -98,6 +152,16 @@ class CleanConfig(Strict):
         0.95, ge=0, le=1, description="drop pairs whose chosen/rejected similarity is >= this (None: exact only)"
     )
     dedupe: bool = Field(True, description="drop exact duplicate pairs (same prompt, chosen, rejected)")
+
+
+class CleanConfig(CleanRules):
+    """pipeline.yaml's `clean:`: the normalise stage's setting (normalize_markup) and the clean stage's rules."""
+
+    normalize_markup: bool = Field(True, description="HTML/Markdown residue -> plain text; code blocks kept")
+
+    def rules(self) -> CleanRules:
+        """The clean stage's part (the same values, not validated again)."""
+        return CleanRules.model_construct(**{k: getattr(self, k) for k in CleanRules.model_fields})
 
 
 class ShardConfig(Strict):
@@ -206,7 +270,11 @@ class TrainConfig(Strict):
         "(~30% more compute, activation memory of one layer instead of all): docs/training.md says what fits where")
     checkpoint_every: int = Field(50, ge=1, description="steps between accelerator.save_state checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the stage's work dir")
-    timeout_s: float | None = Field(None, gt=0, description="kill the training process group after this long")
+    timeout_s: float | None = runtime_field(None, gt=0, description="kill the training process group after this long")
+    callbacks: list[str] = runtime_field(
+        [], description="trainer callbacks, `module:Class` import paths of worldpm.modeling.trainer.recipe.Callback "
+        "subclasses, made with no arguments in every training process (observers: they must not change what is "
+        "trained, they are in no cache key); the module must be importable where the trainer runs")
     log_every: int = Field(10, ge=1)
     eval_max_pairs: int = Field(
         2000, ge=0, description="eval split pairs scored at the end of training for train_summary.json (0: all)")
@@ -218,18 +286,21 @@ class TrainConfig(Strict):
         "--machine_rank, '0', --main_process_ip, 10.0.0.1, --main_process_port, '29500']")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     # dpo
-    reference: str | None = Field(
-        None, description="dpo: the frozen reference model (hub id or local dir); null: the policy's own starting "
+    reference: str | None = objective_field(
+        "dpo", None, description="dpo: the frozen reference model (hub id or local dir); null: the policy's own starting "
         "point (model.name_or_path / model.from_config). Its log-probs are cached by the ref_logps stage")
-    beta: float = Field(0.1, gt=0, description="dpo: the KL strength; implicit reward = beta * log(pi/ref)")
-    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid", description="dpo: sigmoid -logsigmoid(beta*h) (DPO) | ipo (h - 1/(2 beta))^2 | hinge "
+    beta: float = objective_field("dpo", 0.1, gt=0, description="dpo: the KL strength; implicit reward = beta * log(pi/ref)")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = objective_field(
+        "dpo", "sigmoid", description="dpo: sigmoid -logsigmoid(beta*h) (DPO) | ipo (h - 1/(2 beta))^2 | hinge "
         "relu(1 - beta*h), h = chosen log-ratio - rejected log-ratio")
-    rpo_alpha: float | None = Field(
-        None, ge=0, description="dpo: add rpo_alpha * NLL of the chosen response per token (RPO); null: none")
-    logp_average: bool = Field(
-        False, description="dpo: false sums response-token log-probs (the DPO paper); true averages them per "
+    rpo_alpha: float | None = objective_field(
+        "dpo", None, ge=0, description="dpo: add rpo_alpha * NLL of the chosen response per token (RPO); null: none")
+    logp_average: bool = objective_field(
+        "dpo", False, description="dpo: false sums response-token log-probs (the DPO paper); true averages them per "
         "token (IPO's choice)")
+    ref_tokens_per_batch: int | None = runtime_field(
+        None, ge=64, description="dpo: padded tokens per batch of the frozen reference's log-prob pass (ref_logps, "
+        "evaluate); null: 16384 on CPU, 65536 on a GPU. In no key: it moves the values at float rounding level only")
 
     @model_validator(mode="after")
     def _length_control_is_bt(self) -> "TrainConfig":
@@ -300,7 +371,7 @@ class ServeConfig(Strict):
         default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
         description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
         "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
-        "artifacts_dir, model.trust_remote_code, train.accelerate_args or serve.*, and never a path outside the "
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.callbacks or serve.*, and never a path outside the "
         "config's folder, whatever this says")
 
 
@@ -462,17 +533,29 @@ def minilm_version() -> str | None:
         return None
 
 
-def dpo_reference(cfg: PipelineConfig) -> dict:
-    """The frozen DPO reference as a model-config dict (what logps.build_causal_lm reads), plus init_seed for a
-    random-initialised from_config model: train.reference when set, else the policy's own starting point."""
+class ReferenceModel(Strict):
+    """The frozen DPO reference (what logps.load_reference builds): a checkpoint, or a random-initialised
+    from_config model drawn from init_seed."""
+
+    name_or_path: str
+    revision: str | None = None
+    from_config: dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    init_seed: int | None = None
+
+
+def dpo_reference(cfg: PipelineConfig) -> ReferenceModel:
+    """train.reference when set, else the policy's own starting point (model.name_or_path / model.from_config;
+    a from_config model is drawn from train.seed, as the trainer draws the policy)."""
     m, t = cfg.model, cfg.train
     if t.reference:
-        ref = {"name_or_path": t.reference, "revision": None, "from_config": None}
+        name, rev, spec = t.reference, None, None
     else:
-        ref = {"name_or_path": m.name_or_path, "revision": m.revision, "from_config": m.from_config}
-    ref.update(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
-               init_seed=t.seed if ref["from_config"] else None)
-    if not ref["from_config"] and ref["name_or_path"] == "minilm":
+        name, rev, spec = m.name_or_path, m.revision, m.from_config
+    if not spec and name == "minilm":
         raise ConfigError("train.objective dpo needs a causal LM (a decoder such as qwen2 or llama); the reference "
                           "is 'minilm', an encoder: set model.name_or_path / model.from_config or train.reference")
-    return ref
+    return ReferenceModel.model_construct(
+        name_or_path=name, revision=rev, from_config=spec, trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation, init_seed=t.seed if spec else None)

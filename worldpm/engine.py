@@ -1,23 +1,22 @@
-"""How one stage is keyed, skipped or run, and which stages a run selects. No Prefect here: flows/ wires these.
+"""The DAG and its execution: how one stage is keyed, skipped or run, and which stages a run selects. No Prefect
+here (flows/ wires these); the code version of a stage is worldpm/codeversion.py's.
 
-A stage is a module of ``tasks/`` that follows one small protocol (see tasks/__init__.py, which lists the stages
-and their edges: the DAG, written once):
+A stage is a module of ``tasks/`` that declares ``STAGE = StageSpec(...)`` (see tasks/__init__.py, which lists the
+stages and their edges: the DAG, written once):
 
-    stage_config(cfg: PipelineConfig) -> dict   the part of the config its output depends on (goes into the key)
-    run(stage_cfg, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict
+    config(cfg: PipelineConfig) -> C            the stage's typed config (a config.StageConfig): the part of the
+                                                config its output depends on; its canonical JSON goes into the key
+                                                (fields marked config.runtime_field stay out of it)
+    run(scfg: C, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict
                                                 writes its artifact into `out` (a temporary folder renamed into
                                                 place on success) and returns manifest fields (rows_in, rows_out,
                                                 rows_rejected, ...). `work` is a per-key scratch folder that
                                                 survives a crash (training checkpoints live there) and is deleted
                                                 after the commit.
-    optional:
-    INPUT_FILES: {upstream: (glob, ...)}        read only these files of an upstream artifact (their digest is
+    input_files: {upstream: (glob, ...)}        read only these files of an upstream artifact (their digest is
                                                 what the key sees): early cutoff on what the stage really reads
-    NOT_IN_KEY: (top-level stage_config keys)   change how a stage runs (a timeout), never what it writes
-    CONFIG_SECTION: str                         the pipeline.yaml section its stage_config keys live in, when
-                                                not the stage's name (normalise: "clean"), for `worldpm status`
-    READS: {upstream: (glob, ...)}              the files of an upstream artifact the stage opens: checked against
-                                                their content digests before it runs (default: INPUT_FILES, else
+    reads: {upstream: (glob, ...)}              the files of an upstream artifact the stage opens: checked against
+                                                their content digests before it runs (default: input_files, else
                                                 the whole artifact)
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
@@ -26,48 +25,66 @@ The engine knows stages only through the `Pipeline` it is handed: nothing in wor
 """
 from __future__ import annotations
 
-import ast
 import fnmatch
-import hashlib
-import importlib.util
-import json
 import logging
-import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
-from worldpm.config import PipelineConfig
+from worldpm.codeversion import code_version as _code_version
+from worldpm.config import PipelineConfig, StageConfig, key_dict
 from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
+
+C = TypeVar("C", bound=StageConfig)
+Log = logging.Logger | logging.LoggerAdapter
+
+
+@dataclass(frozen=True)
+class StageSpec(Generic[C]):
+    """What a stage module declares as ``STAGE``: its typed config, its run, and what it reads of its inputs."""
+
+    config: Callable[[PipelineConfig], C]
+    run: Callable[[C, dict[str, ArtifactRef], Path, Log, Path], dict]
+    input_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    after_commit: Callable[[PipelineConfig, ArtifactRef, Log], None] | None = None
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One node of the DAG: its name, the module that implements it, the stages whose artifacts it reads."""
+    """One node of the DAG: its name, the module that implements it (its STAGE; its source files are the stage's
+    code version), the stages whose artifacts it reads."""
 
     name: str
     module: ModuleType
     upstream: tuple[str, ...] = ()
 
-    def config(self, cfg: PipelineConfig) -> dict:
-        return self.module.stage_config(cfg)
+    @property
+    def spec(self) -> StageSpec:
+        return self.module.STAGE
+
+    def config(self, cfg: PipelineConfig) -> StageConfig:
+        return self.spec.config(cfg)
 
     @property
-    def input_files(self) -> dict[str, tuple[str, ...]]:
-        return getattr(self.module, "INPUT_FILES", {})
-
-    @property
-    def not_in_key(self) -> tuple[str, ...]:
-        return tuple(getattr(self.module, "NOT_IN_KEY", ()))
+    def input_files(self) -> Mapping[str, tuple[str, ...]]:
+        return self.spec.input_files
 
     def reads(self, upstream: str) -> tuple[str, ...] | None:
         """The files of `upstream` this stage opens (globs), None for all of them."""
-        return (getattr(self.module, "READS", {}).get(upstream) or self.input_files.get(upstream)) or None
+        return (self.spec.reads.get(upstream) or self.input_files.get(upstream)) or None
+
+    @property
+    def code_version(self) -> str:
+        return _code_version(self.name, self.module)
+
+
+def code_version(stage: Stage) -> str:
+    return stage.code_version
 
 
 class Pipeline:
@@ -79,6 +96,8 @@ class Pipeline:
         for s in self.stages:
             if s.name in self._by_name:
                 raise ValueError(f"stage {s.name!r} is listed twice")
+            if not isinstance(getattr(s.module, "STAGE", None), StageSpec):
+                raise ValueError(f"stage {s.name!r}: {s.module.__name__} declares no STAGE = StageSpec(...)")
             bad = [u for u in s.upstream if u not in self._by_name]
             if bad:
                 raise ValueError(f"stage {s.name!r} reads {', '.join(bad)}, which must come before it")
@@ -113,7 +132,7 @@ class Pipeline:
         return resolve(self[name], cfg, inputs)
 
     def execute(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-                force: bool = False, log: logging.Logger | logging.LoggerAdapter | None = None) -> "StageResult":
+                force: bool = False, log: Log | None = None) -> "StageResult":
         """Run stage `name` or take it from the cache (see `execute`): usable without Prefect."""
         return execute(self[name], cfg, inputs, store, force=force, log=log)
 
@@ -136,7 +155,7 @@ class Pipeline:
 
     def run(self, cfg: PipelineConfig, store: ArtifactStore, *, until: str | None = None, only: str | None = None,
             start: str | None = None, force: Iterable[str] = (), run_one: "RunOne | None" = None,
-            log: logging.Logger | logging.LoggerAdapter | None = None) -> list[dict]:
+            log: Log | None = None) -> list[dict]:
         """Resolve or run the selected stages in DAG order: [{stage, key, status, path, seconds}] for every stage.
 
         ``run_one(name, inputs, force, cache_only) -> StageResult`` runs one stage (the flow passes its Prefect
@@ -200,172 +219,6 @@ class Pipeline:
         raise StageError("the run kept finding damaged artifacts after rebuilding them; see the warnings above")
 
 
-# ---- the stage code version: the source files a stage's module imports, followed through the project ------------
-
-_code_cache: dict[str, str] = {}
-# Imported by every stage, yet unable to change what a stage writes except through values that are in its key
-# already: the settings (a default or a validator changes the stage_config a key is made of), the store (digests
-# are keyed), the one-line errors; and the trainer's process guard (who may run, never what it computes). Left
-# out, so that editing them does not recompute every artifact.
-KEY_NEUTRAL = ("worldpm/config.py", "worldpm/errors.py", "worldpm/store.py", "worldpm/modeling/trainer/guard.py")
-
-
-def _project_roots() -> dict[str, Path]:
-    """{top-level package: its folder} of the packages whose code can change a stage's output."""
-    roots = {}
-    for top in ("worldpm", "tasks"):
-        spec = importlib.util.find_spec(top)
-        if spec and spec.submodule_search_locations:
-            roots[top] = Path(list(spec.submodule_search_locations)[0]).resolve()
-    return roots
-
-
-def _module_file(name: str, roots: dict[str, Path]) -> Path | None:
-    top, _, rest = name.partition(".")
-    if top not in roots:
-        return None
-    base = roots[top].joinpath(*rest.split(".")) if rest else roots[top]
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    return None
-
-
-def _package_of(path: Path, roots: dict[str, Path]) -> str:
-    for top, root in roots.items():
-        if path.is_relative_to(root):
-            parts = [top, *path.relative_to(root).with_suffix("").parts]
-            return ".".join(parts[:-1])  # the package a module (or an __init__.py) is in
-    return ""
-
-
-_parse_lock = threading.Lock()
-
-
-def _parse(f: Path) -> ast.AST:
-    """ast.parse, retried: CPython 3.11's AST constructor keeps its recursion depth in per-interpreter state, so a
-    parse that overlaps one in another thread of a flow run can fail with "SystemError: AST constructor recursion
-    depth mismatch" (seen here in a served flow run; python/cpython#106905 and the reports around it). Our own
-    parses take a lock; one that collides with another thread's is retried."""
-    text = f.read_text()
-    for attempt in range(10):
-        try:
-            with _parse_lock:
-                return ast.parse(text, filename=str(f))
-        except SystemError:
-            if attempt == 9:
-                raise
-            time.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-_names_cache: dict[str, list[str]] | None = None  # "file|package|size|mtime_ns" -> the names it imports
-_names_dirty = False
-_memo_lock = threading.RLock()  # stages resolve in the threads of a flow run
-
-
-def _names_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "worldpm" / "imports.json"
-
-
-def _names_memo() -> dict[str, list[str]]:
-    """The import lists of the project's files, memoised by (file, size, mtime) across processes (parsing ~100
-    files was ~0.8 s of every `worldpm run`, cached or not). Only what a file imports is memoised, never its
-    content: the code version always hashes the files as they are. Call with _memo_lock held."""
-    global _names_cache
-    if _names_cache is None:
-        try:
-            loaded = json.loads(_names_file().read_text())
-            _names_cache = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            _names_cache = {}
-    return _names_cache
-
-
-def _save_names_memo() -> None:
-    global _names_dirty
-    with _memo_lock:
-        if not _names_dirty:
-            return
-        path = _names_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(_names_memo()))
-            os.replace(tmp, path)  # atomic: a reader sees the old memo or the new one
-        except OSError:  # a read-only home: the memo stays in this process
-            pass
-        _names_dirty = False
-
-
-def _imported_names(f: Path, pkg: str) -> list[str]:
-    """The module names file `f` imports anywhere in its body, memoised per (file, size, mtime) (_names_memo)."""
-    global _names_dirty
-    st = f.stat()
-    prefix = f"{f}|{pkg}|"
-    memo = f"{prefix}{st.st_size}|{st.st_mtime_ns}"
-    with _memo_lock:
-        cache = _names_memo()
-        if memo in cache:
-            return cache[memo]
-        names: list[str] = []
-        for node in ast.walk(_parse(f)):
-            if isinstance(node, ast.Import):
-                names += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
-                    base = ".".join([*up, base] if base else up)
-                names.append(base)
-                names += [f"{base}.{a.name}" for a in node.names]  # `from pkg import module`
-        for old in [k for k in cache if k.startswith(prefix)]:  # the file's earlier versions
-            del cache[old]
-        cache[memo] = names
-        _names_dirty = True
-        return names
-
-
-def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Path]:
-    """`path` and every project source file it imports, directly or not, at module level or inside a function
-    (a stage imports heavy libraries lazily), with the __init__.py of every package on the way."""
-    roots = roots or _project_roots()
-    seen: set[Path] = set()
-    todo = [path.resolve()]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        seen.add(f)
-        for name in _imported_names(f, _package_of(f, roots)):
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):  # the packages on the way are executed too
-                m = _module_file(".".join(parts[:i]), roots)
-                if m is not None and m.resolve() not in seen:
-                    todo.append(m.resolve())
-    return sorted(seen)
-
-
-def code_version(stage: Stage) -> str:
-    """sha256 of the stage module's source and of every project file it imports (not Prefect's TASK_SOURCE,
-    which misses the helpers a task calls, and not a hand-kept list, which drifts from the imports)."""
-    if stage.name in _code_cache:
-        return _code_cache[stage.name]
-    roots = _project_roots()
-    h = hashlib.sha256()
-    for f in imported_files(Path(stage.module.__file__), roots):
-        top = next(t for t, r in roots.items() if f.is_relative_to(r))
-        rel = f"{top}/{f.relative_to(roots[top]).as_posix()}"
-        if rel in KEY_NEUTRAL:
-            continue
-        h.update(rel.encode())
-        h.update(f.read_bytes())
-    _save_names_memo()
-    _code_cache[stage.name] = h.hexdigest()[:16]
-    return _code_cache[stage.name]
-
-
 # ---- keys, execution ----------------------------------------------------------------------------------------------
 
 RunOne = Callable[[str, "dict[str, ArtifactRef]", bool, bool], "StageResult"]
@@ -388,7 +241,7 @@ class StageResult:
 
 def input_digest(stage: Stage, upstream: str, ref: ArtifactRef) -> str:
     """The digest of what a stage reads from an upstream artifact: the whole artifact, or only the files its
-    module names in INPUT_FILES (shard reads clean's pairs.parquet, not its report.json, whose rule settings
+    spec names in input_files (shard reads clean's pairs.parquet, not its report.json, whose rule settings
     change with every threshold: a threshold that drops nothing must not rerun shard)."""
     patterns = stage.input_files.get(upstream)
     if not patterns:
@@ -401,7 +254,7 @@ def input_digest(stage: Stage, upstream: str, ref: ArtifactRef) -> str:
 
 
 def damaged_inputs(stage: Stage, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-                   log: logging.Logger | logging.LoggerAdapter | None = None) -> list[str]:
+                   log: Log | None = None) -> list[str]:
     """The upstream stages whose artifact, as far as `stage` reads it, no longer matches its manifest's content
     digests; each is set aside (named in the log) so that it is rebuilt. Called before a stage runs."""
     bad = []
@@ -424,20 +277,20 @@ def damaged_inputs(stage: Stage, inputs: dict[str, ArtifactRef], store: Artifact
     return bad
 
 
-def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
-    """The stage's key and config given its upstream artifacts."""
+def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, StageConfig]:
+    """The stage's key and typed config given its upstream artifacts. The key hashes the config's canonical JSON
+    without its runtime fields (config.key_dict)."""
     missing = [u for u in stage.upstream if u not in inputs]
     if missing:
         raise StageError(f"stage {stage.name} needs {', '.join(missing)} first")
     scfg = stage.config(cfg)
-    keyed = {k: v for k, v in scfg.items() if k not in stage.not_in_key}
-    key = stage_key(stage.name, code_version(stage), keyed,
+    key = stage_key(stage.name, stage.code_version, key_dict(scfg),
                     {u: input_digest(stage, u, inputs[u]) for u in stage.upstream})
     return key, scfg
 
 
 def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
-            force: bool = False, log: logging.Logger | logging.LoggerAdapter | None = None) -> StageResult:
+            force: bool = False, log: Log | None = None) -> StageResult:
     """Skip the stage if its key is committed (unless forced); otherwise run it and commit atomically."""
     name = stage.name
     log = log or logging.getLogger(f"worldpm.{name}")
@@ -457,7 +310,7 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
             log.info("%s: running (key %s)", name, key)
             upstream = {u: inputs[u] for u in stage.upstream}
             try:
-                stats = stage.module.run(scfg, upstream, tmp, log, store.work_dir(name, key)) or {}
+                stats = stage.spec.run(scfg, upstream, tmp, log, store.work_dir(name, key)) or {}
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -465,8 +318,8 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
             _check_counts(name, stats)
             manifest = {
                 "pipeline": cfg.name,
-                "code_version": code_version(stage),
-                "config": scfg,
+                "code_version": stage.code_version,
+                "config": key_dict(scfg),
                 "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)} for u, ref in upstream.items()},
                 "seconds": round(seconds, 3),
                 **stats,
@@ -474,9 +327,8 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
             ref = store.commit(name, key, tmp, manifest, replace=force)
             store.drop_work_dir(name, key)
     log.info("%s: done in %.1fs -> %s", name, seconds, ref.path)
-    hook = getattr(stage.module, "after_commit", None)
-    if hook is not None:
-        hook(cfg, ref, log)
+    if stage.spec.after_commit is not None:
+        stage.spec.after_commit(cfg, ref, log)
     return StageResult(name, key, "ran", ref.path, time.perf_counter() - t0, ref, ref.manifest())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from worldpm import engine
-from worldpm.config import PipelineConfig
+from worldpm.config import PipelineConfig, StageConfig, key_dict
 from worldpm.engine import Pipeline, Stage
 from worldpm.errors import StageError
 from worldpm.store import ArtifactRef, ArtifactStore
@@ -35,7 +35,7 @@ def _short(v: Any, n: int = 40) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def explain(stage: Stage, cfg: PipelineConfig, scfg: dict, inputs: dict[str, ArtifactRef],
+def explain(stage: Stage, cfg: PipelineConfig, scfg: StageConfig, inputs: dict[str, ArtifactRef],
             store: ArtifactStore) -> str:
     """Why `stage` is not cached: the difference to its newest earlier artifact of this pipeline."""
     previous = [m for m in store.manifests(stage.name) if m.get("pipeline") == cfg.name] or store.manifests(stage.name)
@@ -43,13 +43,14 @@ def explain(stage: Stage, cfg: PipelineConfig, scfg: dict, inputs: dict[str, Art
         return "never run in this store"
     last = previous[0]
     reasons = []
-    if last.get("code_version") != engine.code_version(stage):
+    if last.get("code_version") != stage.code_version:
         reasons.append("stage code changed")
-    old, new = _flatten(last.get("config", {})), _flatten(scfg)
+    old, new = _flatten(last.get("config", {})), _flatten(key_dict(scfg))
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    section = getattr(stage.module, "CONFIG_SECTION", stage.name)  # the key as pipeline.yaml spells it
+    section = type(scfg).SECTION  # the key as pipeline.yaml spells it: clean.normalize_markup, not normalize_markup
     for k in changed[:5]:
-        reasons.append(f"{section}.{k}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
+        name = f"{section}.{k}" if section else k
+        reasons.append(f"{name}: {_short(old.get(k))} -> {_short(new.get(k))}" if k else "config changed")
     if len(changed) > 5:
         reasons.append(f"and {len(changed) - 5} more setting(s)")
     for u, ref in inputs.items():

@@ -122,9 +122,6 @@ class ArtifactRef:
     def manifest(self) -> dict:
         return json.loads((Path(self.path) / MANIFEST).read_text())
 
-    def to_dict(self) -> dict:
-        return {"stage": self.stage, "key": self.key, "path": self.path, "digest": self.digest}
-
 
 class StoreBusy(StageError):
     """gc / verify while a run holds the store: they refuse rather than delete what the run reads."""

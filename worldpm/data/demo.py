@@ -13,6 +13,7 @@ from itertools import combinations
 
 import polars as pl
 
+from worldpm.config import SourceConfig
 from worldpm.data.schema import CANONICAL_SCHEMA
 from worldpm.data.sources.common import pair_id
 
@@ -106,9 +107,11 @@ def _weak_answer(rng: random.Random) -> str:
     return rng.choice(VAGUE) + ("" if rng.random() < 0.5 else " " + rng.choice(OFF_TOPIC))
 
 
-def generate(rows: int = 600, seed: int = 0, tag: str = "demo", max_pairs_per_question: int = 3) -> pl.DataFrame:
+def generate(rows: int = SourceConfig.model_fields["rows"].default, seed: int = 0, tag: str = "demo",
+             max_pairs_per_question: int = SourceConfig.model_fields["max_pairs_per_question"].default) -> pl.DataFrame:
     """`rows` questions -> canonical pairs (several per question, every question at least one), the same for the
-    same (rows, seed, tag). Pairs of a question: the widest vote gaps first, at most max_pairs_per_question."""
+    same (rows, seed, tag). Pairs of a question: the widest vote gaps first, at most max_pairs_per_question.
+    The defaults are pipeline.yaml's (SourceConfig's)."""
     rng = random.Random(seed)
     names = sorted(DOMAINS)
     out: list[dict] = []

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from worldpm.data.textpath import RenderSettings
 from worldpm.errors import StageError
 
 _U = "WORLDPMUSERSENTINEL"
@@ -123,23 +123,6 @@ class Renderer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def full_text(self, prompt: list[dict], response: str) -> str:
-        """One side as a single string, special tokens written out ("[CLS]...[SEP]" for BERT, the chat template's
-        markers without the trailing newline after the end marker): the text to hand a reward model downstream
-        where it is tokenized with add_special_tokens=False (TRL's GRPO reward path). Before any cut at max_length;
-        the normalisation (step 1) is the caller's."""
-        if self.chat:
-            return self.render(prompt, response).rstrip()
-        msgs = [{"role": m["role"], "content": m["content"] or ""} for m in prompt]
-        if len(msgs) == 1 and msgs[0]["role"] == "user":
-            body = msgs[0]["content"]
-        else:
-            body = "\n\n".join(f"{m['role'].title()}: {m['content']}" for m in msgs)
-        specials = lambda ids: "".join(self.tok.convert_ids_to_tokens(ids))  # noqa: E731
-        tail_special = self.tail_ids[len(self.encode(self.suffix_text)):] if self.suffix_text else self.tail_ids
-        return specials(self.head_ids) + self.head_text + body + self.mid_text + response + self.suffix_text + \
-            specials(tail_special)
 
     def describe(self) -> dict:
         return {"template": "chat" if self.chat else "plain", "head": self.head_text,
@@ -324,21 +307,6 @@ def tokenize_frame(df: pl.DataFrame, r: Renderer, enc: ParallelEncoder, max_leng
 
 
 # ---- one renderer for training and scoring -------------------------------------------------------------------------
-@dataclass
-class RenderSettings:
-    """How text becomes token ids: tokenize's settings (pipeline.yaml `tokenize:`), shared by every scorer."""
-
-    max_length: int
-    plain_template: str
-    system_prompt: str | None
-
-    @classmethod
-    def of(cls, tokenize_cfg) -> "RenderSettings":
-        """From a TokenizeConfig (or its dict)."""
-        get = tokenize_cfg.get if isinstance(tokenize_cfg, dict) else lambda k: getattr(tokenize_cfg, k)
-        return cls(int(get("max_length")), get("plain_template"), get("system_prompt"))
-
-
 def renderer(tok, rs: RenderSettings, what: str = "max_length") -> Renderer:
     """The Renderer of a tokenizer, checked: the template leaves room for text within max_length, and a chat
     template's end marker (where a decoder reads its reward) is not the pad token."""

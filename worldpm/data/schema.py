@@ -20,6 +20,3 @@ CANONICAL_SCHEMA: dict[str, pl.DataType] = {
 }
 COLUMNS = list(CANONICAL_SCHEMA)
 
-
-def empty_frame() -> pl.DataFrame:
-    return pl.DataFrame(schema=CANONICAL_SCHEMA)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
 SPLITS = ("train", "eval", "test")
@@ -22,14 +21,6 @@ def _root(ref: ArtifactRef | str | Path) -> Path:
 def pair_files(ref: ArtifactRef | str | Path) -> list[Path]:
     """The canonical pair files of a download or normalise artifact (pairs/*.parquet), sorted."""
     return sorted((_root(ref) / "pairs").glob("*.parquet"))
-
-
-def scan_pairs(ref: ArtifactRef | str | Path) -> pl.LazyFrame:
-    """A download or normalise artifact's pairs as one lazy frame."""
-    files = pair_files(ref)
-    if not files:
-        raise StageError(f"the download artifact {_root(ref)} has no pairs/*.parquet")
-    return pl.scan_parquet(files)
 
 
 def data_files(ref: ArtifactRef | str | Path) -> dict[str, list[str]]:

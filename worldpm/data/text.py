@@ -385,20 +385,11 @@ def normalize_pairs(lf: pl.LazyFrame, markup: bool = True) -> pl.LazyFrame:
     )
 
 
-NORMALIZERS = {True: "markup", False: "light"}
-
-
 def normalize_frame(frame: pl.DataFrame | pl.LazyFrame, markup: bool) -> pl.DataFrame:
     """normalize_pairs on pairs from outside the training data (eval sets, `worldpm evaluate`, `worldpm score`),
     collected: the one implementation, so eval text is normalised exactly as the normalise stage's."""
     lf = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
     return normalize_pairs(lf, markup=markup).collect()
-
-
-def text_settings(markup: bool) -> dict:
-    """What a scorer records about the normalisation (metrics.json, worldpm.json)."""
-    return {"normalize_markup": bool(markup), "normalization": NORMALIZERS[bool(markup)],
-            "function": "worldpm.data.text.normalize_columns" if markup else "worldpm.data.text.light_text"}
 
 
 def canonical_text(text: pl.Expr) -> pl.Expr:

@@ -99,13 +99,3 @@ class DPO:
                      "logps_chosen": pi[:b].detach().mean(), "logps_rejected": pi[b:].detach().mean(),
                      "kl": (sums.detach().float() - ref_sums).mean()}
         return loss, stats
-
-    @torch.no_grad()
-    def implicit_rewards(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """beta * (log pi - log ref) of the chosen and the rejected responses (evaluate)."""
-        b = batch["n_pairs"]
-        sums, counts = self.policy_logps(model, batch)
-        ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(sums.device).float()
-        r = self.beta * (self.scores(sums.float(), counts) - self.scores(ref, counts))
-        return r[:b], r[b:]
-

@@ -19,18 +19,15 @@ too: the ref_logps stage fills its cache with it and evaluate scores eval sets w
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from worldpm.config import ReferenceModel
 from worldpm.errors import StageError
 from worldpm.modeling import models
-
-TOKENS_ENV = "WORLDPM_REF_TOKENS_PER_BATCH"
-
 
 # ---- the model ----------------------------------------------------------------------------------------------------
 
@@ -179,10 +176,10 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 # ---- the frozen reference -------------------------------------------------------------------------------------------
 
-def tokens_per_batch(device: str) -> int:
-    """Padded tokens per reference batch: WORLDPM_REF_TOKENS_PER_BATCH, default 16k on CPU, 64k on a GPU (not
-    part of any key: it changes the values only at float rounding level)."""
-    return int(os.environ.get(TOKENS_ENV) or (65536 if device.startswith("cuda") else 16384))
+def tokens_per_batch(device: str, configured: int | None = None) -> int:
+    """Padded tokens per reference batch: train.ref_tokens_per_batch, default 16k on CPU, 64k on a GPU (not part
+    of any key: it changes the values only at float rounding level)."""
+    return int(configured or (65536 if device.startswith("cuda") else 16384))
 
 
 def pick_dtype(precision: str, device: str):
@@ -191,10 +188,10 @@ def pick_dtype(precision: str, device: str):
     return torch.float32
 
 
-def load_reference(ref_cfg: dict, tokenizer, device: str, dtype=None):
+def load_reference(ref_cfg: ReferenceModel, tokenizer, device: str, dtype=None):
     """The frozen reference model (eval mode, no gradients) on `device`."""
     try:
-        model = build_causal_lm(ref_cfg, tokenizer, dtype=dtype, init_seed=ref_cfg.get("init_seed"))
+        model = build_causal_lm(ref_cfg, tokenizer, dtype=dtype, init_seed=ref_cfg.init_seed)
     except models.ModelError as e:
         raise StageError(f"reference model: {e}") from None
     model.to(device).eval()

@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from worldpm.data.render import RenderSettings, tokenize_pairs
-from worldpm.data.text import normalize_frame, text_settings
+from worldpm.data.render import tokenize_pairs
 from worldpm.data.splits import token_arrays
+from worldpm.data.text import normalize_frame
+from worldpm.data.textpath import TextPath
 from worldpm.errors import StageError
 from worldpm.modeling import metrics as M
 from worldpm.store import ArtifactRef
@@ -159,34 +160,33 @@ def read_eval_file(path: str | Path, fmt: str = "auto", name: str | None = None)
     return pairs, rejects, info
 
 
-def prepare_pairs(pairs: pl.DataFrame, normalize_markup: bool) -> tuple[pl.DataFrame, dict]:
+def prepare_pairs(pairs: pl.DataFrame, text: TextPath) -> tuple[pl.DataFrame, dict]:
     """Pairs read from outside the training data, normalised as the normalise stage normalises training text.
 
-    (normalised pairs, text info: text.text_settings + texts_changed, the number of prompt/chosen/rejected
+    (normalised pairs, text info: TextPath.describe + texts_changed, the number of prompt/chosen/rejected
     texts the normalisation changed). Nothing is dropped: a benchmark keeps every pair, even one whose text
     normalises to empty (the clean stage would reject it from training)."""
-    norm = normalize_frame(pairs, normalize_markup)
+    norm = normalize_frame(pairs, text.normalize_markup)
     changed = 0
     if pairs.height:
         msgs = lambda df: df["prompt"].list.eval(pl.element().struct.field("content")).list.join("\x03")  # noqa: E731
         changed = int(msgs(pairs).ne_missing(msgs(norm)).sum() + pairs["chosen"].ne_missing(norm["chosen"]).sum()
                       + pairs["rejected"].ne_missing(norm["rejected"]).sum())
-    return norm, {**text_settings(normalize_markup), "texts_changed": changed}
+    return norm, {**text.describe(), "texts_changed": changed}
 
 
-def evaluate_pairs(model, tok, pad_id: int, pairs: pl.DataFrame, rs: RenderSettings, *, batch_size: int = 32,
-                   bins: int = 10, set_name: str = "eval", log=None, device: str | None = None,
-                   num_proc: int = 1, normalize_markup: bool = True) -> tuple[dict, pl.DataFrame]:
+def evaluate_pairs(scorer, pairs: pl.DataFrame, text: TextPath, *, bins: int = 10, set_name: str = "eval",
+                   log=None, num_proc: int = 1) -> tuple[dict, pl.DataFrame]:
     """(metrics.summarize of the set + truncated count + text info, predictions) for canonical pairs with optional
-    subset, through the training text path (prepare_pairs, then render + tokenize)."""
-    pairs, text_info = prepare_pairs(pairs, normalize_markup)
-    t = tokenize_pairs(pairs, tok, rs, num_proc=num_proc)
+    subset, through the training text path (prepare_pairs, then render + tokenize), scored by `scorer` (a
+    RewardScorer, or an ImplicitReward for a DPO policy)."""
+    pairs, text_info = prepare_pairs(pairs, text)
+    t = tokenize_pairs(pairs, scorer.tok, text.render, num_proc=num_proc)
     if log is not None:
         log.info("evaluate: %s: %d pairs, %s normalisation changed %d texts, %d truncated to %d tokens", set_name,
                  t.height, text_info["normalization"], text_info["texts_changed"], int(t["truncated"].sum() or 0),
-                 rs.max_length)
-    c, r = score_pairs(model, t["chosen_ids"].to_list(), t["rejected_ids"].to_list(), pad_id, batch_size,
-                       log=log, label=set_name, device=device)
+                 text.render.max_length)
+    c, r = scorer.rewards(t, set_name, cached_reference=False)
     if "subset" not in t.columns:
         t = t.with_columns(subset=pl.lit(None, pl.String))
     preds = predictions(set_name, t, c, r, t["chosen_response_tokens"], t["rejected_response_tokens"])
@@ -227,8 +227,10 @@ class RewardScorer:
 
     tag: dict = {}
 
-    def __init__(self, model_dir: Path, tok_dir: Path, device: str, batch_size: int, padding_side: str, log):
-        self.model, self.tok, self.pad_id = load_model_dir(model_dir, device=device, tokenizer_dir=tok_dir / "tokenizer")
+    def __init__(self, model_dir: Path, tok_dir: Path | None, device: str | None, batch_size: int,
+                 padding_side: str = "right", log=None):
+        self.model, self.tok, self.pad_id = load_model_dir(
+            model_dir, device=device, tokenizer_dir=tok_dir / "tokenizer" if tok_dir is not None else None)
         self.device, self.batch_size, self.padding_side, self.log = device, batch_size, padding_side, log
 
     def rewards(self, t: pl.DataFrame, label: str, cached_reference: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -242,11 +244,11 @@ class ImplicitReward:
     loaded here; the reference's log-probs are the ref_logps artifact's (test split) or computed by the reference
     loaded lazily (eval sets), both through logps.response_logps, the code that filled the cache."""
 
-    def __init__(self, scfg: dict, tok_dir: Path, train_dir: Path, ref_ref: ArtifactRef, device: str, log):
+    def __init__(self, d, tok_dir: Path, train_dir: Path, ref_ref: ArtifactRef, device: str, log):
+        """d: the evaluate stage's DpoScoring (beta, logp_average, reference, precision, tokens_per_batch)."""
         from worldpm.modeling import logps, models
 
-        d = scfg["dpo"]
-        self.beta, self.average, self.ref_cfg = float(d["beta"]), bool(d["logp_average"]), d["reference"]
+        self.beta, self.average, self.ref_cfg = float(d.beta), bool(d.logp_average), d.reference
         self.tag = {"score": "dpo_implicit_reward", "beta": self.beta, "logp_average": self.average}
         self.ref_ref, self.device, self.log = ref_ref, device, log
         try:
@@ -255,13 +257,13 @@ class ImplicitReward:
             raise StageError(f"evaluate: {e}") from None
         self.pad_id = self.tok.pad_token_id
         # the policy in the dtype the reference was computed in, so that rewards start from 0
-        self.dtype = logps.pick_dtype(d["precision"], device)
+        self.dtype = logps.pick_dtype(d.precision, device)
         try:
             self.policy = logps.load_causal_lm(resolve_model_dir(train_dir), dtype=self.dtype, device=device)
         except models.ModelError as e:
             raise StageError(f"evaluate: {e}") from None
         self.reference = None
-        self.tokens_per_batch = logps.tokens_per_batch(device)
+        self.tokens_per_batch = logps.tokens_per_batch(device, d.tokens_per_batch)
 
     def logps(self, model, t: pl.DataFrame, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         from worldpm.modeling.logps import response_logps

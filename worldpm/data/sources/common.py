@@ -11,7 +11,6 @@ pair_id and the default group_id, and casts to the canonical schema.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import polars as pl
 import xxhash
 
-from worldpm.data.schema import CANONICAL_SCHEMA, COLUMNS, MESSAGE
+from worldpm.data.schema import COLUMNS, MESSAGE
 
 REJECTS_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String,
@@ -122,11 +121,6 @@ def pair_id(tag: str, prompt: list[dict], chosen: str, rejected: str) -> str:
     """Python twin of pair_id_expr (tests, the demo generator)."""
     pk = "\x1d".join(f"{m.get('role') or ''}\x1e{m.get('content') or ''}" for m in prompt)
     return xxhash.xxh3_128_hexdigest("\x1f".join([tag, pk, chosen or "", rejected or ""]).encode())
-
-
-def prompt_group(prompt: list[dict]) -> str:
-    text = "\n".join(m.get("content") or "" for m in prompt)
-    return "p:" + xxhash.xxh3_64_hexdigest(re.sub(r"\s+", " ", text.lower()).strip().encode())
 
 
 # ---- messages -----------------------------------------------------------------------------------------------
@@ -304,6 +298,3 @@ def finish(staged: pl.LazyFrame, raw_columns: list[str], ctx: Ctx, *, per_record
             pl.col("_rec").n_unique().cast(pl.Int64).alias("n"))
     return Finished(pairs, rejects, pair_records)
 
-
-def cast_canonical(df: pl.DataFrame) -> pl.DataFrame:
-    return df.select([pl.col(c).cast(t) for c, t in CANONICAL_SCHEMA.items()])

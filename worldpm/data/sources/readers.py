@@ -181,7 +181,7 @@ def _jsonl_by_line(path: Path, tag: str, work: Path | None) -> RawTable:
         n = _validate(lf)
     except pl.exceptions.PolarsError as e:  # every line is JSON, yet polars cannot type a column
         raise AdapterError(f"{path}: records do not share one schema: {_first_line(e)}") from None
-    assert n == good, (n, good)
+    _check_count(path, n, good)
     return RawTable(lf, good + len(bad), rejects, "jsonl")
 
 
@@ -232,7 +232,7 @@ def _read_json(path: Path, tag: str, work: Path | None) -> RawTable:
         n = _validate(lf)
     except pl.exceptions.PolarsError as e:
         raise AdapterError(f"{path}: records do not share one schema: {_first_line(e)}") from None
-    assert n == good
+    _check_count(path, n, good)
     return RawTable(lf, good + len(bad), reject_rows(tag, path, bad), "json")
 
 
@@ -315,12 +315,13 @@ def _csv_by_record(path: Path, tag: str, work: Path | None) -> RawTable:
         n = _validate(lf)
     except pl.exceptions.PolarsError as e:
         raise AdapterError(f"{path}: not a readable CSV file: {_first_line(e)}") from None
-    assert n == good, (n, good)
+    _check_count(path, n, good)
     return RawTable(lf, good + len(bad), reject_rows(tag, path, bad), "csv")
 
 
-def peek(lf: pl.LazyFrame, column: str, n: int = 5) -> list:
-    """The first few values of a column (format detection looks at them)."""
-    return lf.select(pl.col(column)).head(n).collect().to_series().to_list()
+def _check_count(path: Path, read: int, staged: int) -> None:
+    """The staged copy holds every record that was judged readable: a difference would lose records silently."""
+    if read != staged:
+        raise AdapterError(f"{path}: {staged} records were staged but {read} read back: records would be lost")
 
 

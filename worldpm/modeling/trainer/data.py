@@ -133,14 +133,15 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
     )
 
 
-def cut_micro_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None = None,
+def cut_micro_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
+                      max_tokens_per_batch: int | None = None,
                       packed_cost: np.ndarray | None = None) -> list[np.ndarray]:
-    """`order` cut into consecutive micro-batches: of ``batch_size`` pairs, or with ``max_tokens`` as many pairs as
-    fit in the budget (packed: a pair costs ``packed_cost``, its real tokens; padded: n pairs cost 2 n x the longest
-    side, ``lengths``). A pair over the budget on its own is a micro-batch of one."""
-    if max_tokens is None:
+    """`order` cut into consecutive micro-batches: of ``batch_size`` pairs, or with ``max_tokens_per_batch`` as many
+    pairs as fit in the budget (packed: a pair costs ``packed_cost``, its real tokens; padded: n pairs cost 2 n x
+    the longest side, ``lengths``). A pair over the budget on its own is a micro-batch of one."""
+    if max_tokens_per_batch is None:
         return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    budget, out, start = max_tokens, [], 0
+    budget, out, start = max_tokens_per_batch, [], 0
     if packed_cost is not None:
         used = 0
         for j, c in enumerate(packed_cost[order].tolist()):
@@ -169,13 +170,13 @@ class PairBatchSampler:
     shuffle the micro-batches (the one holding the longest pair first: out-of-memory shows at step 1). A larger
     window means less padding and less mixing. With ``group_by_length=False`` it is a plain shuffle.
 
-    A micro-batch is ``batch_size`` pairs, or with ``max_tokens`` as many consecutive pairs as fit in that many
-    tokens: packed, a pair costs its real tokens (``packed_cost``, chosen + rejected); padded, a micro-batch of n
+    A micro-batch is ``batch_size`` pairs, or with ``max_tokens_per_batch`` as many consecutive pairs as fit in that
+    many tokens: packed, a pair costs its real tokens (``packed_cost``, chosen + rejected); padded, a micro-batch of n
     pairs costs 2 n x its longest side. Which process runs which micro-batch is StepPlan's business.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, *, seed: int = 0, group_by_length: bool = True,
-                 window: int = 64, max_tokens: int | None = None, packed_cost: np.ndarray | None = None):
+                 window: int = 64, max_tokens_per_batch: int | None = None, packed_cost: np.ndarray | None = None):
         if len(lengths) == 0:
             raise ValueError("PairBatchSampler: no pairs")
         self.lengths = np.asarray(lengths)
@@ -183,18 +184,19 @@ class PairBatchSampler:
         self.seed = seed
         self.group_by_length = group_by_length
         self.window = max(1, window)
-        self.max_tokens = max_tokens
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.packed_cost = None if packed_cost is None else np.asarray(packed_cost, dtype=np.int64)
-        if max_tokens is not None:
+        if max_tokens_per_batch is not None:
             worst = int(self.packed_cost.max()) if self.packed_cost is not None else 2 * int(self.lengths.max())
-            if worst > max_tokens:
-                raise ValueError(f"train.max_tokens_per_batch {max_tokens} is below the {worst} tokens of the longest "
-                                 f"pair (chosen + rejected{'' if self.packed_cost is not None else ', padded'}): "
+            if worst > max_tokens_per_batch:
+                raise ValueError(f"train.max_tokens_per_batch {max_tokens_per_batch} is below the {worst} tokens of "
+                                 f"the longest pair (chosen + rejected"
+                                 f"{'' if self.packed_cost is not None else ', padded'}): "
                                  f"raise it to at least {worst} or lower tokenize.max_length")
         self._cache: dict[int, list[np.ndarray]] = {}
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
-        return cut_micro_batches(order, self.lengths, self.batch_size, self.max_tokens, self.packed_cost)
+        return cut_micro_batches(order, self.lengths, self.batch_size, self.max_tokens_per_batch, self.packed_cost)
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch in self._cache:

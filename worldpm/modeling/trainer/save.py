@@ -58,9 +58,12 @@ def resume(accelerator, ckpt_dir: Path, micro_per_step: int | None = None) -> tu
     return int(state["step"]), done[-1]
 
 
-def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, objective: str) -> None:
+def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, objective: str,
+               card: dict | None = None) -> None:
     """<out>/model in HF format. LoRA: merged into the base (plain HF folder) and the adapter with its trained
-    head kept beside it (<out>/adapter); QLoRA or LoRA under ZeRO-3: the adapter folder is the model."""
+    head kept beside it (<out>/adapter); QLoRA or LoRA under ZeRO-3: the adapter folder is the model.
+    worldpm.json records the objective, the reward token, the padding, and `card` (the text path the model was
+    trained on: TextPath.card)."""
     lora = mcfg.lora.enabled
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save)
     unwrapped = accelerator.unwrap_model(model)
@@ -83,7 +86,8 @@ def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, obj
         reward_token = "first" if models.is_encoder(models.config_of(unwrapped)) else "last"
         (dest / "worldpm.json").write_text(json.dumps({
             "objective": objective, "reward_token": reward_token,
-            "pad_token_id": tokenizer.pad_token_id, "padding_side": "right", "lora": bool(lora)}, indent=2))
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": "right", "lora": bool(lora), **(card or {})},
+            indent=2))
     accelerator.wait_for_everyone()
 
 

@@ -1,6 +1,5 @@
-"""The training loop: each optimizer step, this process's grad_accum micro-batches (collated ahead on a thread), one
-optimizer step, a log line (and a line in metrics.jsonl) every log_every steps, a checkpoint every
-checkpoint_every steps.
+"""The parts of a training step (recipe.py's loop): the micro-batches collated ahead on a thread, the statistics kept
+on the device between log lines, the non-finite-loss guard, and the errors that stop a run in one line.
 
 No host synchronisation per step: statistics and the losses stay on the device and are read (one all-reduce, one
 copy to the host) at each log line; that is also where a non-finite loss stops the run, naming its step and pairs,
@@ -11,9 +10,7 @@ its pairs however they were split over processes and accumulation, and whatever 
 from __future__ import annotations
 
 import json
-import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,9 +19,6 @@ from pathlib import Path
 import torch
 
 from worldpm.config import TrainConfig
-from worldpm.modeling.trainer.data import Layout, PairData, StepPlan
-from worldpm.modeling.trainer.save import save_checkpoint
-from worldpm.modeling.trainer.setup import FaultInjection
 
 
 class TrainingStop(RuntimeError):
@@ -203,74 +197,6 @@ def oom_message(step: int, batch: dict, t: TrainConfig, packed: bool) -> str:
 def to_device(batch: dict, device: torch.device) -> dict:
     nb = device.type == "cuda"
     return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def train_loop(accelerator, model, optimizer, scheduler, objective, data: PairData, pad_id: int, t: TrainConfig,
-               plan: StepPlan, layout: Layout, start_step: int, ckpt_dir: Path, metrics_path: Path,
-               faults: FaultInjection, say) -> tuple[StepLog, float]:
-    """Steps start_step+1 .. plan.total_steps. Returns the log (running totals, last line) and the final epoch."""
-    keys = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", *getattr(objective, "extra_metrics", ()))
-    slog = StepLog(keys, accelerator.device, metrics_path, accelerator.is_main_process, start_step, plan.total_steps)
-    guard = FiniteGuard()
-    epoch_f = start_step / max(plan.micro_per_epoch / plan.micro_per_step, 1e-9)
-    grad_norm = None
-    scale = plan.micro_per_step  # P x ga: undone by accelerate (/ga) and the gradient all-reduce (mean over P)
-    cuda = accelerator.device.type == "cuda"
-    trace = None
-    if faults.trace_dir:
-        Path(faults.trace_dir).mkdir(parents=True, exist_ok=True)
-        trace = open(Path(faults.trace_dir) / f"rank{accelerator.process_index}.jsonl", "a")
-    model.train()
-    work_stream = Prefetcher(plan.steps(start_step), lambda idx: layout.collate(data, idx, pad_id), pin=cuda)
-    for work, batches in work_stream:
-        step = work.step
-        for j, batch in enumerate(batches):
-            pair_ids = batch.pop("pair_ids")
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "rank": accelerator.process_index, "micro": j,
-                                        "pair_ids": pair_ids}) + "\n")
-                trace.flush()
-            batch = to_device(batch, accelerator.device)
-            try:
-                if faults.oom_at == step and j == 0:
-                    raise torch.OutOfMemoryError("CUDA out of memory (test hook)")
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss, stats = objective.compute(model, batch)
-                    if faults.nan_at == step:
-                        loss = loss * float("nan")
-                    guard.add(loss, step, pair_ids)
-                    accelerator.backward(loss * (batch["n_pairs"] * scale / work.pairs))
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            except torch.OutOfMemoryError:
-                raise OutOfMemory(oom_message(step, batch, t, layout.packed)) from None
-            slog.add(loss, stats, batch)
-        scheduler.step()
-        if slog.first_step_at is None:  # the one host sync outside log lines: when did the first step end
-            if cuda:
-                torch.cuda.synchronize(accelerator.device)
-            slog.first_step_at = time.time()
-        epoch_f = work.epoch
-        slog.n += 1
-        if step % t.log_every == 0 or step == plan.total_steps:
-            say(slog.line(accelerator, step, epoch_f, scheduler.get_last_lr()[0], grad_norm, guard))
-        if step % t.checkpoint_every == 0 and step < plan.total_steps:
-            guard.check(accelerator)  # never checkpoint weights a nan has reached
-            path = save_checkpoint(accelerator, ckpt_dir, step, {"step": step, "epoch": epoch_f,
-                                                                "total_steps": plan.total_steps,
-                                                                "micro_per_step": plan.micro_per_step},
-                                   t.keep_checkpoints)
-            say(f"checkpoint {path.name} saved (step {step})")
-        if faults.crash_after and step == faults.crash_after:
-            say(f"crash_after={faults.crash_after} (test hook): exiting hard after step {step}")
-            sys.stdout.flush()
-            os._exit(17)
-    if trace is not None:
-        trace.close()
-    return slog, epoch_f
 
 
 def hms(s: float) -> str:
