@@ -31,7 +31,7 @@ from worldpm.config import PipelineConfig, load_config, parse_override, source_f
 from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
-NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.callbacks", "serve")
+NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.callbacks", "serve", "sweep")
 
 
 @dataclass
@@ -150,8 +150,8 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:
         raise ConfigError(f"{where} may not turn on model.trust_remote_code")
     if cfg.train.accelerate_args != base.train.accelerate_args or cfg.train.callbacks != base.train.callbacks \
-            or cfg.serve != base.serve:
-        raise ConfigError(f"{where} may not change train.accelerate_args, train.callbacks or serve")
+            or cfg.serve != base.serve or cfg.sweep != base.sweep:
+        raise ConfigError(f"{where} may not change train.accelerate_args, train.callbacks, serve or sweep")
     before = _paths(base)
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):

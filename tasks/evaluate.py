@@ -37,22 +37,14 @@ from typing import Any
 import polars as pl
 
 from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, Strict, dpo_reference, runtime_field
+from worldpm.data.evalsets import EvalSetFile, eval_set_files
 from worldpm.data.splits import read_split
 from worldpm.data.textpath import TextPath
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
-from worldpm.store import ArtifactRef, file_digest
+from worldpm.store import ArtifactRef
 
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
-
-
-class EvalSetFile(Strict):
-    """An eval set: an input outside the store, so its content digest goes into the key."""
-
-    name: str
-    path: str
-    format: str
-    digest: str
 
 
 class DpoScoring(Strict):
@@ -78,12 +70,7 @@ class EvaluateStageConfig(StageConfig):
 
 def stage_config(cfg: PipelineConfig) -> EvaluateStageConfig:
     e = cfg.evaluate
-    sets = []
-    for s in e.eval_sets:
-        p = Path(s.path)
-        if not p.is_file():
-            raise StageError(f"evaluate.eval_sets {s.name!r}: no such file: {p}")
-        sets.append(EvalSetFile(name=s.name, path=str(p), format=s.format, digest=file_digest(p)))
+    sets = eval_set_files(e.eval_sets)
     t = cfg.train
     dpo = DpoScoring(beta=t.beta, logp_average=t.logp_average, reference=dpo_reference(cfg), precision=t.precision,
                      tokens_per_batch=t.ref_tokens_per_batch) if t.objective == "dpo" else None
@@ -145,7 +132,7 @@ def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, lo
             rejects.append(rej.select(pl.lit(name).alias("set"), "file", "line", "reason", "detail"))
             log.warning("evaluate: %s: %d record(s) could not become a pair (rejects.parquet)", name, rej.height)
         summary, p = evaluate_pairs(scorer, pairs, scfg.text, bins=bins, set_name=name, log=log)
-        metrics[name] = {**summary, **info, **scorer.tag}
+        metrics[name] = {**summary, **info, **scorer.tag, **({"category": es.category} if es.category else {})}
         preds.append(p)
         log.info("evaluate: %s: %d pairs, accuracy %s%s", name, p.height, _fmt(summary["accuracy"]),
                  "".join(f", {k} {_fmt(v['accuracy'])}" for k, v in summary["sections"].items()))
