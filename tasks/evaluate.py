@@ -151,7 +151,30 @@ def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
     root = Path(ref.path).parents[1]  # the store the artifact went to (<root>/evaluate/<key>): its history, even
     if Path(cfg.artifacts_dir).resolve() != root.resolve():  # when a caller hands the engine another store
         cfg = cfg.model_copy(update={"artifacts_dir": str(root)})
+    if cfg.train.report_to:
+        _track_final(root, ref, log)
     after_evaluate(cfg, ref, log)
+
+
+def _track_final(root: Path, ref: ArtifactRef, log) -> None:
+    """train.report_to: this evaluation's metrics into the tracker runs of the model's training run (its record in
+    <root>/tracking/runs/<train key>.json), at its last step, tagged with the evaluate key. A tracker is a
+    convenience: a failure here is a warning, never a failed run."""
+    from worldpm.modeling.tracking import log_final_metrics, read_record
+
+    train_key = (ref.manifest().get("upstream") or {}).get("train", {}).get("key")
+    record = read_record(root / "tracking", train_key) if train_key else {}
+    if not record:
+        log.info("report_to: no tracker run recorded for train %s (trained before train.report_to was set); final "
+                 "metrics not logged", train_key)
+        return
+    try:
+        metrics = json.loads((Path(ref.path) / "metrics.json").read_text())
+        done = log_final_metrics(record, metrics, int(record.get("steps") or 0), tags={"evaluate_key": ref.key})
+        log.info("report_to: final metrics of %d set(s) logged to %s (run %s)", len(metrics), ", ".join(done),
+                 record.get("run_name"))
+    except Exception as e:  # noqa: BLE001
+        log.warning("report_to: final metrics not logged: %s: %s", type(e).__name__, e)
 
 
 def _write(out: Path, metrics: dict, preds: list[pl.DataFrame], rejects: list[pl.DataFrame], device: str) -> dict:

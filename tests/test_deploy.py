@@ -38,9 +38,11 @@ def _write_config(path: Path, data: dict) -> Path:
 def test_deployments_follow_the_config(tmp_path):
     cfg = _write_config(tmp_path / "pipeline.yaml",
                         {"schedule": {"cron": "15 4 * * 2", "timezone": "America/New_York"}})
-    full, clean = deploy.build_deployments(str(cfg), ["clean.min_margin=1"])
+    full, clean, sweep = deploy.build_deployments(str(cfg), ["clean.min_margin=1"])
     assert (full.flow_name, full.name) == ("worldpm", "full")
     assert (clean.flow_name, clean.name) == ("worldpm", "clean")
+    assert (sweep.flow_name, sweep.name, sweep.entrypoint) == ("worldpm", "sweep", "flows.sweep.worldpm_sweep")
+    assert not sweep.schedules and sweep.parameters == full.parameters and sweep.concurrency_limit == 1
     [sched] = full.schedules
     assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("15 4 * * 2", "America/New_York", True)
     assert not clean.schedules
@@ -50,13 +52,13 @@ def test_deployments_follow_the_config(tmp_path):
         assert d.concurrency_limit == 1
         assert d.concurrency_options.collision_strategy.value == "ENQUEUE"
         assert d.entrypoint == "flows.worldpm.worldpm"  # importable from any working directory
-    full, _ = deploy.build_deployments(str(cfg), schedule=False, on_overlap="cancel-new")
+    full, *_ = deploy.build_deployments(str(cfg), schedule=False, on_overlap="cancel-new")
     assert full.schedules == []
     assert full.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 def test_default_schedule_is_nightly_utc():
-    full, _ = deploy.build_deployments(None)
+    full, *_ = deploy.build_deployments(None)
     [sched] = full.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "UTC")
 

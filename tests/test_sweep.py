@@ -161,3 +161,71 @@ def test_slot_plan_on_a_real_prefect_server_holds_devices_all_or_nothing(prefect
         assert active() == {"gpu-0": 0, "gpu-1": 0, "gpu-2": 0, "gpu-3": 0}
         with concurrency(list(plan.per_point[2]), occupy=1, strict=True):
             assert active()["gpu-0"] == 1
+
+
+# ---- the sweep flow end to end through a real Prefect server --------------------------------------------------
+def _qwen(hidden: int) -> dict:
+    return {"model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 2 * hidden}
+
+
+def _sweep_config(tmp_path, models: list[dict]):
+    """The demo data, two tiny random Qwen2 sizes (the MiniLM tokenizer: one tokenize for both), a few steps with
+    evaluation at 4 log-spaced points over the eval split and a RewardBench-format set of category adversarial."""
+    import yaml
+    from pathlib import Path
+
+    rb = Path(__file__).resolve().parent / "fixtures" / "rewardbench_small.jsonl"
+    cfg = {"name": "sw", "artifacts_dir": "artifacts", "sources": [{"kind": "demo", "rows": 120}],
+           "shard": {"min_split_pairs": 0}, "tokenize": {"max_length": 64, "num_proc": 1},
+           "train": {"batch_size": 4, "max_steps": 6, "log_every": 1, "checkpoint_every": 100, "lr": 1e-3,
+                     "eval_at": {"log_points": 4}},
+           "evaluate": {"batch_size": 16, "eval_sets": [{"name": "rb", "path": str(rb), "category": "adversarial"}]},
+           "plot": {"formats": ["png"]},
+           "sweep": {"axes": {"model": models}}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_sweep_of_two_tiny_qwen2_sizes_through_a_real_prefect_server(tmp_path, prefect_api_url):
+    """`worldpm_sweep` on a real Prefect server: both points train with evaluation during training and the report
+    fits and draws them; the second run is all cache hits; a third point made to fail (a nan loss) leaves the other
+    two's results and a report that names it."""
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.sweep import worldpm_sweep
+
+    two = [{"label": "q32", "set": {"model.from_config": _qwen(32)}},
+           {"label": "q64", "set": {"model.from_config": _qwen(64)}}]
+    path = _sweep_config(tmp_path, two)
+    first = worldpm_sweep(config_path=str(path))
+    assert first["failed"] == [] and [p["label"] for p in first["points"]] == ["q32", "q64"]
+    assert all(p["eval_points"] == 4 and p["stages"]["train"] == "ran" for p in first["points"])
+    tokenize = {p["stages"]["tokenize"] for p in first["points"]}
+    assert tokenize == {"ran", "cached"}  # one tokenize for both sizes: the second point found it cached
+    report = Path(first["report"]).read_text()
+    assert "2 points, 2 finished" in report and "![Sweep" in report and "| rb | adversarial |" in report
+    assert (Path(first["report"]).parent / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    second = worldpm_sweep(config_path=str(path))
+    assert all(set(p["stages"].values()) == {"cached"} for p in second["points"]), second["points"]
+    assert [p["keys"] for p in second["points"]] == [p["keys"] for p in first["points"]]
+
+    broken = two + [{"label": "q48-nan", "set": {"model.from_config": _qwen(48), "train.callbacks": ["support:NanAt"]}}]
+    third = worldpm_sweep(config_path=str(_sweep_config(tmp_path, broken)))
+    assert third["failed"] == ["q48-nan"]
+    ok = {p["label"]: p for p in third["points"] if p["status"] == "ok"}
+    assert sorted(ok) == ["q32", "q64"] and all(set(p["stages"].values()) == {"cached"} for p in ok.values())
+    failed = next(p for p in third["points"] if p["status"] == "failed")
+    assert "non-finite loss" in failed["error"] and "\n" not in failed["error"]
+    report = Path(third["report"]).read_text()
+    assert "3 points, 2 finished, **1 failed: q48-nan**" in report and "## Failed points" in report
+    assert "- **q48-nan**: " in report and "non-finite loss" in report
+    with get_client(sync_client=True) as client:  # the report is the run's Prefect artifact too
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sw-sweep"])))
+    assert arts and "q48-nan" in arts[0].data and "data:image/png;base64," in arts[0].data

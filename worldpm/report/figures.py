@@ -290,32 +290,46 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
 
 
 def plot_trend(history: list[dict], path: str | Path, title: str = "evaluation across runs") -> Path | None:
-    """Test accuracy (and each eval set's) per flow run; failed/warned runs marked. None if < 2 points."""
+    """Per flow run: test accuracy and each eval set's (left), test BT loss and each eval set's final BT loss
+    (right; runs from before eval-set losses were recorded have none); failed/warned runs marked. None if < 2
+    points."""
     points = [h for h in history if h.get("test_accuracy") is not None]
     if len(points) < 2:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = _new_figure(max(6.0, 0.35 * len(points) + 3), 4.0)
-    ax = fig.add_subplot()
+    fig = _new_figure(2 * max(5.0, 0.3 * len(points) + 2.5), 4.0)
+    ax, lx = fig.subplots(1, 2)
     x = np.arange(1, len(points) + 1)
-    ax.plot(x, [p["test_accuracy"] for p in points], "o-", color=_SET_COLORS[0], label="test")
     names = sorted({k for p in points for k in (p.get("eval_sets") or {})})
+    ax.plot(x, [p["test_accuracy"] for p in points], "o-", color=_SET_COLORS[0], label="test")
+    lx.plot(x, [np.nan if p.get("test_bt_loss") is None else p["test_bt_loss"] for p in points], "o-",
+            color=_SET_COLORS[0], label="test")
     for i, name in enumerate(names, 1):
+        color = _SET_COLORS[i % len(_SET_COLORS)]
         ys = [np.nan if (p.get("eval_sets") or {}).get(name) is None else p["eval_sets"][name] for p in points]
-        ax.plot(x, ys, "s--", color=_SET_COLORS[i % len(_SET_COLORS)], ms=4, label=name)
+        ax.plot(x, ys, "s--", color=color, ms=4, label=name)
+        ls = [np.nan if (p.get("eval_set_bt_loss") or {}).get(name) is None else p["eval_set_bt_loss"][name]
+              for p in points]
+        lx.plot(x, ls, "s--", color=color, ms=4, label=name)
     bad = [(xi, p) for xi, p in zip(x, points) if p.get("status") in ("failed", "warned")]
     if bad:
         ax.scatter([b[0] for b in bad], [b[1]["test_accuracy"] for b in bad], s=120, facecolors="none",
                    edgecolors="red", linewidths=1.5, label="regression (warned/failed)", zorder=5)
-    ax.set_xticks(x, [p.get("time", "")[:16].replace("T", "\n") for p in points], fontsize=6)
-    ax.set_xlabel("flow run")
+    labels = [p.get("time", "")[:16].replace("T", "\n") for p in points]
+    for a in (ax, lx):
+        a.set_xticks(x, labels, fontsize=6)
+        a.set_xlabel("flow run")
+        a.grid(alpha=0.3)
+        a.legend(loc="best", fontsize=7)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("accuracy")
+    lx.set_ylabel("BT loss (final)")
+    lx.axhline(math.log(2), color="grey", lw=0.8, ls=":")
+    lx.set_title("BT loss")
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, format=path.suffix.lstrip(".") or "png")
     return path
 
