@@ -61,7 +61,7 @@ def stage_config(cfg: PipelineConfig) -> TrainStageConfig:
             raise StageError(f"train.deepspeed.config_file: no such file: {p}")
         digest = file_digest(p)
     minilm = minilm_version() if cfg.model.name_or_path == "minilm" and not cfg.model.from_config else None
-    sets = eval_set_files(cfg.evaluate.eval_sets) if cfg.train.eval_at.enabled else []
+    sets = eval_set_files(cfg.evaluate.eval_sets) if cfg.train.evaluates_during_training else []
     tracking = Tracking(report_to=list(cfg.train.report_to), folder=str(Path(cfg.artifacts_dir) / "tracking"),
                         pipeline=cfg.name) if cfg.train.report_to else None
     return TrainStageConfig(model=cfg.model, train=cfg.train, text=TextPath.of(cfg),

@@ -56,11 +56,12 @@ def _write(tracking, accelerator):
 def test_tensorboard_event_files_hold_training_and_eval_curve_scalars(tmp_path, accelerator_factory):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tracking = setup_tracking(["tensorboard"], tmp_path / "tb", run_config=CONFIG, tags=TAGS, project="run1")
-    assert tracking.accelerator_kwargs == {"log_with": ["tensorboard"], "project_dir": str(tmp_path / "tb")}
+    tracking = setup_tracking(["tensorboard"], tmp_path / "tb", run_config=CONFIG, tags=TAGS, run_name="run1")
+    assert tracking.accelerator_kwargs == {"log_with": ["tensorboard"],
+                                           "project_dir": str(tmp_path / "tb" / "tensorboard")}
     _write(tracking, accelerator_factory(**tracking.accelerator_kwargs))
 
-    ea = EventAccumulator(str(tmp_path / "tb" / "run1"))
+    ea = EventAccumulator(str(tmp_path / "tb" / "tensorboard" / "run1"))
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
     assert {"train/loss", "train/grad_norm", "eval/rb/bt_loss", "eval/rb/chat-hard/bt_loss", "eval/eval/accuracy",
@@ -76,14 +77,16 @@ def test_mlflow_local_store_holds_the_same_checked_through_its_client(tmp_path, 
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking = setup_tracking(["mlflow"], tmp_path / "ml", run_config=CONFIG, tags=TAGS, project="run1")
+    tracking = setup_tracking(["mlflow"], tmp_path / "ml", run_config=CONFIG, tags=TAGS, run_name="run1",
+                              experiment="pipe")
     assert tracking.tracking_uri == f"sqlite:///{tmp_path / 'ml' / 'mlflow' / 'mlflow.db'}"
     _write(tracking, accelerator_factory(**tracking.accelerator_kwargs))
 
     client = MlflowClient(tracking_uri=tracking.tracking_uri)
-    exp = client.get_experiment_by_name("run1")
+    exp = client.get_experiment_by_name("pipe")  # the experiment is the pipeline's, the run is the training run
     assert exp is not None
     (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "run1"
     assert run.info.status == "FINISHED"
     assert {k: run.data.tags[k] for k in TAGS} == TAGS
     assert run.data.params["train.lr"] == "5e-05" and run.data.params["train.max_steps"] == "null"
@@ -108,3 +111,59 @@ def test_report_to_refuses_network_and_unknown_trackers_in_one_line():
 def test_flat_config_gives_tracker_hyperparameters():
     assert flat_config({"a": {"b": 1, "c": None, "d": [1, 2]}, "e": True}) == {"a.b": 1, "a.c": "null",
                                                                                "a.d": "[1, 2]", "e": True}
+
+
+def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, monkeypatch):
+    """train.report_to [tensorboard, mlflow] on a real (in-process) training run with evaluation during training:
+    the TensorBoard event files and the local MLflow store under <store>/tracking/ hold the training scalars, the
+    eval-curve points at their steps and, after the evaluate stage, its final metrics; the MLflow run is tagged with
+    the train and evaluate keys. report_to is in no key: the same config without it is a cache hit."""
+    import json
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from support import LOG, tiny_cfg, train_inputs
+    from tasks import PIPELINE
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    store, tok, _ = tokenized
+    rb = Path(__file__).resolve().parent / "fixtures" / "rewardbench_small.jsonl"
+    sets = f"evaluate.eval_sets=[{{name: rb, path: {rb}, category: adversarial}}]"
+    cfg = tiny_cfg(sets, "train.eval_at={every: 3}", "train.report_to=[tensorboard, mlflow]", "name=tracked")
+    inputs = train_inputs(store, tok)
+    train = PIPELINE.execute("train", cfg, inputs, store, log=LOG)
+    ev = PIPELINE.execute("evaluate", cfg, {**inputs, "train": train.ref}, store, log=LOG)
+    root = Path(store.root) / "tracking"
+    record = json.loads((root / "runs" / f"{train.key}.json").read_text())
+    assert record["run_name"] == f"tracked-train-{train.key[:12]}" and record["steps"] == 6
+
+    ea = EventAccumulator(record["tensorboard"])
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/pairs_seen", "eval/eval/bt_loss", "eval/rb/bt_loss", "final/test/accuracy",
+            "final/rb/bt_loss"} <= scalars
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in ea.Scalars("eval/rb/bt_loss")] == [3, 6]
+    points = [json.loads(x) for x in (Path(train.ref.path) / "eval_curve.jsonl").read_text().splitlines()]
+    rb_loss = [p["bt_loss"] for p in points if p["set"] == "rb" and p["subset"] is None]
+    assert [e.value for e in ea.Scalars("eval/rb/bt_loss")] == pytest.approx(rb_loss, abs=1e-6)
+    metrics = json.loads((Path(ev.ref.path) / "metrics.json").read_text())
+    assert [(e.step, e.value) for e in ea.Scalars("final/test/accuracy")] == [
+        (6, pytest.approx(metrics["test"]["accuracy"]))]
+
+    client = MlflowClient(tracking_uri=record["mlflow"]["tracking_uri"])
+    run = client.get_run(record["mlflow"]["run_id"])
+    assert run.info.run_name == record["run_name"] and run.data.tags["train_key"] == train.key
+    assert run.data.tags["evaluate_key"] == ev.key and run.data.tags["tokenize_key"] == tok.key
+    assert client.get_experiment(run.info.experiment_id).name == "tracked"
+    hist = lambda k: [(m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id, k)]  # noqa: E731
+    assert [s for s, _ in hist("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert hist("eval/rb/bt_loss") == [(3, round(rb_loss[0], 6)), (6, round(rb_loss[1], 6))]
+    assert hist("final/rb/bt_loss") == [(6, round(metrics["rb"]["bt_loss"], 6))]
+
+    again = PIPELINE.execute("train", tiny_cfg(sets, "train.eval_at={every: 3}", "name=tracked"), inputs, store,
+                             log=LOG)
+    assert again.status == "cached" and again.key == train.key

@@ -310,9 +310,10 @@ class TrainConfig(Strict):
         "subclasses, made with no arguments in every training process (observers: they must not change what is "
         "trained, they are in no cache key); the module must be importable where the trainer runs")
     log_every: int = Field(10, ge=1)
-    eval_at: EvalAtConfig = Field(
-        EvalAtConfig(log_points=10), description="evaluation during training: the eval split and every "
-        "evaluate.eval_sets entry scored at these steps, one record each in eval_curve.jsonl (bt only)")
+    eval_at: EvalAtConfig = objective_field(
+        "bt", EvalAtConfig(log_points=10), description="evaluation during training: the eval split and every "
+        "evaluate.eval_sets entry scored at these steps, one record each in eval_curve.jsonl (bt: a DPO run does "
+        "not evaluate during training, and refuses an eval_at it is given)")
     report_to: list[str] = runtime_field(
         [], description="experiment trackers through accelerate's own: tensorboard, mlflow (offline: event files / "
         "a local MLflow store under <artifacts_dir>/tracking/, or MLFLOW_TRACKING_URI); trackers that need a "
@@ -351,11 +352,16 @@ class TrainConfig(Strict):
     def _report_to(cls, v: list[str]) -> list[str]:
         return _check_report_to(v)
 
+    @property
+    def evaluates_during_training(self) -> bool:
+        """train.eval_at is on and applies (objective bt)."""
+        return self.objective == "bt" and self.eval_at.enabled
+
     @model_validator(mode="after")
     def _length_control_is_bt(self) -> "TrainConfig":
-        if self.objective != "bt" and self.eval_at.enabled:
-            raise ValueError("eval_at (evaluation during training) scores reward models (objective bt); set "
-                             "train.eval_at to {} for dpo")
+        if self.objective != "bt" and self.eval_at.enabled and "eval_at" in self.model_fields_set:
+            raise ValueError("eval_at (evaluation during training) scores reward models (objective bt); remove "
+                             "train.eval_at (or set it to {}) for dpo")
         if self.objective != "bt" and (self.length_balance != "none" or self.length_debias != "none"):
             raise ValueError("length_balance / length_debias apply to objective bt (the reward model); set them "
                              "to none for dpo")
@@ -454,7 +460,7 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _across_sections(self) -> "PipelineConfig":
         names = [s.name for s in self.evaluate.eval_sets]
-        if self.train.eval_at.enabled and "eval" in names:
+        if self.train.evaluates_during_training and "eval" in names:
             raise ValueError("evaluate.eval_sets: a set named `eval` would mix with the eval split in "
                              "eval_curve.jsonl (train.eval_at is on); rename it")
         w = self.evaluate.regression_watch

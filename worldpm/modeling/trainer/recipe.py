@@ -254,7 +254,7 @@ class Recipe:
             self.start_tracking()
         # evaluation during training (train.eval_at): a step of its own after each optimizer step (evalcurve.py)
         self.curve = None
-        if t.eval_at.enabled:
+        if t.evaluates_during_training:
             from worldpm.modeling.trainer.evalcurve import EvalCurve
 
             self.curve = EvalCurve(self)
