@@ -157,7 +157,7 @@ class EvalCurve:
         folder = A.work / "eval_sets"
         if acc.is_main_process:
             for es in A.eval_sets:
-                dest = folder / f"{es.digest[:16]}-{_safe_name(es.name)}.parquet"
+                dest = folder / f"{_safe_name(es.name)}-{_safe_name(es.digest.split(':')[-1][:16])}.parquet"
                 if not dest.exists():  # the work folder is this key's: same file, same text path
                     n = tokenize_eval_set(es, A.text, r.tokenizer, dest)
                     r.say(f"eval_at: {es.name}: {n} pairs tokenized through the training text path ({dest})")
@@ -165,7 +165,7 @@ class EvalCurve:
         import polars as pl
 
         for es in A.eval_sets:
-            dest = folder / f"{es.digest[:16]}-{_safe_name(es.name)}.parquet"
+            dest = folder / f"{_safe_name(es.name)}-{_safe_name(es.digest.split(':')[-1][:16])}.parquet"
             data = load_pairs(dest)
             if not len(data):
                 r.say(f"eval_at: {es.name}: no pairs; not evaluated during training")
