@@ -38,7 +38,14 @@ def fake_upstream(store: ArtifactStore) -> dict:
         rows.append({"step": int(s), "epoch": round(s / 60, 4), "loss": loss,
                      "accuracy": float(np.clip(0.5 + 0.3 * (1 - math.exp(-s / 30)) + rng.normal(0, 0.08), 0, 1)),
                      "margin": 1.2 * (1 - math.exp(-s / 30)) + rng.normal(0, 0.2), "lr": 1e-5, "grad_norm": 1.0,
-                     "tokens_per_s": 1000.0, "pairs_per_s": 4.0, "elapsed_s": float(s)})
+                     "tokens_per_s": 1000.0, "pairs_per_s": 4.0, "elapsed_s": float(s), "pairs": 16,
+                     "pairs_seen": 16 * int(s), "tokens_seen": 4000 * int(s)})
+    # evaluation during training at 8 log-spaced steps: the eval split, and two sets with categories
+    curve = [{"step": st, "pairs_seen": 16 * st, "tokens_seen": 4000 * st, "set": name, "subset": None,
+              "category": cat, "n": 100, "bt_loss": 0.3 + 0.39 * (16 * st / 16) ** -a, "accuracy": 0.6,
+              "lc_accuracy": 0.55}
+             for st in (1, 2, 4, 8, 15, 30, 60, 120)
+             for name, cat, a in (("eval", None, 0.2), ("rb", "adversarial", 0.1), ("hh", "objective", 0.01))]
     summary = {"steps": 120, "epochs": 2, "final_loss": rows[-1]["loss"], "train_accuracy": 0.78, "seconds": 30.5,
                "tokens_per_s": 1000.0, "device": "cpu", "num_processes": 1, "precision": "fp32",
                "padding_fraction": 0.2, "resumed_from_step": None}
@@ -52,6 +59,7 @@ def fake_upstream(store: ArtifactStore) -> dict:
     return {
         "clean": _commit(store, "clean", "c1", {"report.json": json.dumps(clean)}),
         "train": _commit(store, "train", "t1", {"metrics.jsonl": "\n".join(json.dumps(r) for r in rows) + "\n",
+                                                 "eval_curve.jsonl": "".join(json.dumps(c) + "\n" for c in curve),
                                                  "train_summary.json": json.dumps(summary)}),
         "evaluate": _commit(store, "evaluate", "e1", {"metrics.json": json.dumps({"test": test, "rb": rb})}),
     }
@@ -74,7 +82,8 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     res = pipeline.execute("plot", cfg, inputs, store, log=log)
     assert res.status == "ran"
     out = Path(res.path)
-    for stem in ("loss", "train_accuracy_margin", "grad_norm", "eval_accuracy", "reliability", "length_bias"):
+    for stem in ("loss", "train_accuracy_margin", "eval_curves", "grad_norm", "eval_accuracy", "reliability",
+                 "length_bias"):
         for ext in ("png", "svg"):
             f = out / f"{stem}.{ext}"
             assert f.stat().st_size > 5000, f
@@ -101,7 +110,11 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     import re
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 6 and all((out / l).exists() for l in links)
+    assert len(links) == 7 and all((out / l).exists() for l in links)
+    # evaluation during training: the figure (per set and per category) and each curve's fit
+    assert "## Evaluation during training" in md and "![BT loss against pairs seen](eval_curves.png)" in md
+    assert "BT loss on each set at 8 points of training" in md
+    assert "| rb | adversarial | 8 |" in md and "| adversarial (mean of 1) | category | 8 |" in md
     assert "## Gradient norm" in md and "No spikes." in md  # steady norms: none
     # the output is a function of the inputs: a forced rerun gives the same content digest
     again = pipeline.execute("plot", cfg, inputs, store, force=True, log=log)
