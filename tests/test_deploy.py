@@ -117,6 +117,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         ([], None),
         (["train.max_steps=2000"], None),                    # serve's own --set
         (["clean.min_margin=1", "train.lr=1e-5"], None),      # in the default allowlist
+        (["train.eval_at={every: 5}", "train.eval_at.max_pairs=64", "train.report_to=[tensorboard]"], None),
         ([], ["owner/dataset@v2"]),                           # a hub id
         ([], [str(project / "data" / "more.jsonl")]),         # a file inside the project
     ]
@@ -128,6 +129,8 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         (str(cfg), ["model={trust_remote_code: true}"], None, "may not override model ("),
         (str(cfg), ["serve.allowed_overrides=['*']"], None, "may not override serve.allowed_overrides"),
         (str(cfg), ["train.accelerate_args=[--config_file, /tmp/x]"], None, "may not override train.accelerate_args"),
+        (str(cfg), ["sweep={axes: {train.lr: [1, 2]}}"], None, "may not override sweep ("),
+        (str(cfg), ["sweep.axes.model=[]"], None, "may not override sweep.axes.model"),
         (str(cfg), ['tokenize.plain_template="Q: {prompt} A: {response}"'], None, "not in serve.allowed_overrides of"),
         (str(cfg), ["train.deepspeed.config_file=/etc/passwd"], None, "not in serve.allowed_overrides"),
         (str(cfg), [], ["/etc"], "source '/etc' is outside the project folder"),
@@ -147,6 +150,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
                                                                      "outside the project folder"),
             (["model.name_or_path=/home/someone/model"], "model.name_or_path '/home/someone/model' is outside"),
             (["artifacts_dir=elsewhere"], "may not override artifacts_dir"),
+            (["sweep.axes={train.lr: [1, 2]}"], "may not override sweep.axes"),
             (["model.trust_remote_code=true"], "may not override model.trust_remote_code")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             check_run(served, str(cfg), overrides, None)

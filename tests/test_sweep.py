@@ -229,3 +229,16 @@ def test_sweep_of_two_tiny_qwen2_sizes_through_a_real_prefect_server(tmp_path, p
     with get_client(sync_client=True) as client:  # the report is the run's Prefect artifact too
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sw-sweep"])))
     assert arts and "q48-nan" in arts[0].data and "data:image/png;base64," in arts[0].data
+
+
+def test_worldpm_sweep_without_a_sweep_section_is_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text("name: plain\n")
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("worldpm: config error:") and "no `sweep:` section" in err and "\n" not in err
+    cfg.write_text("name: plain\nsweep: {axes: {train.lr: [1.0e-5, 1.0e-5]}}\n")
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    assert "repeated value" in capsys.readouterr().err

@@ -426,7 +426,7 @@ DEPLOYMENT_OVERRIDES = [
     "train.grad_accum", "train.lr", "train.weight_decay",
     "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
     "train.timeout_s", "train.length_balance", "train.length_debias", "train.length_debias_coef",
-    "train.eval_at.*", "train.report_to",
+    "train.eval_at", "train.eval_at.*", "train.report_to",
     "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "evaluate.regression_watch", "plot.*",
 ]
 
