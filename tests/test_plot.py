@@ -369,3 +369,31 @@ def test_titles_and_legends_stay_inside_every_figure(tmp_path, monkeypatch):
     assert set(stems) == {"eval_accuracy", "reliability", "length_bias", "loss", "train_accuracy_margin", "grad_norm",
                           "eval_curves", "sweep"}
     assert {s: _outside(f) for s, f in drawn if _outside(f)} == {}
+
+
+def test_the_guard_watches_an_eval_set_or_a_category(tmp_path):
+    """evaluate.regression_watch: an eval set's accuracy, or the unweighted mean of a category's sets (n their
+    total); the history line keeps each set's accuracy, BT loss, n and category."""
+    from worldpm.report.history import append_history, check_regression, history_entry, read_jsonl
+
+    def metrics(test, rb, hh, uf):
+        return {"test": {"accuracy": test, "n": 2000, "bt_loss": 0.6},
+                "rb": {"accuracy": rb, "n": 1000, "bt_loss": 0.65, "category": "adversarial"},
+                "hh": {"accuracy": hh, "n": 1000, "bt_loss": 0.66, "category": "adversarial"},
+                "uf": {"accuracy": uf, "n": 1000, "bt_loss": 0.69, "category": "subjective"}}
+
+    h = tmp_path / "h.jsonl"
+    append_history(h, history_entry(metrics(0.70, 0.80, 0.70, 0.55), "a"))
+    line = read_jsonl(h)[0]
+    assert line["eval_set_bt_loss"] == {"rb": 0.65, "hh": 0.66, "uf": 0.69}
+    assert line["sets"]["hh"]["category"] == "adversarial" and line["sets"]["rb"]["n"] == 1000
+    now = metrics(0.70, 0.60, 0.70, 0.55)  # rb drops by 0.2; the test split and the subjective set do not
+    assert check_regression(h, now, 0.02, "fail")[0]
+    assert check_regression(h, now, 0.02, "fail", watch="category:subjective")[0]
+    ok, msg = check_regression(h, now, 0.02, "fail", watch="rb")
+    assert not ok and msg.startswith("eval set rb accuracy regressed: 0.6000 now") and "vs 0.8000" in msg
+    ok, msg = check_regression(h, now, 0.02, "fail", watch="category:adversarial")
+    # the mean of rb and hh: 0.75 -> 0.65, over their 2000 pairs
+    assert not ok and msg.startswith("category adversarial (2 sets) accuracy regressed: 0.6500 now") and "n=2000" in msg
+    ok, msg = check_regression(h, now, 0.02, watch="nope")
+    assert ok and "no eval set nope accuracy in this run" in msg
