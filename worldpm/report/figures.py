@@ -482,7 +482,8 @@ def plot_sweep(curves: dict[str, dict[str, object]], fits: dict[tuple[str, str],
         ax.set_xlabel("pairs seen")
         if j == 0:
             ax.set_ylabel("BT loss (mean of the category's sets)" if per == "category" else "BT loss")
-        ax.set_title(cat.capitalize() if cat in _CATEGORY_ORDER else cat)
+        own = per == "category" and any(getattr(curves[m].get(cat), "category", cat) is None for m in models)
+        ax.set_title(cat.capitalize() if cat in _CATEGORY_ORDER else f"{cat} (a set, no category)" if own else cat)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
     tax = fig.add_subplot(grid[1, :])

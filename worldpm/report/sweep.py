@@ -3,7 +3,8 @@ set, and the points that failed, named with their error.
 
 Input: one ``PointOutcome`` per point of the grid (worldpm/sweep.py), ok with the records of its train artifact's
 eval_curve.jsonl, or failed with its one-line error. Output (``write_sweep_report``): ``sweep.png`` / ``.svg`` (one
-log-log panel per category, as the paper lays out its figure; per set when no set has a category), ``report.md``
+log-log panel per category, as the paper lays out its figure, then one per set without a category, such as the eval
+split; per set when no set has a category), ``report.md``
 and ``fits.json``. A function of its inputs: no timestamps, no paths.
 """
 from __future__ import annotations
@@ -65,6 +66,11 @@ def sweep_fits(outcomes: list[PointOutcome], metric: str = "bt_loss") -> SweepFi
             set_category.setdefault(name, c.category)
             sets[(o.label, name)] = fit_or_reason(c.pairs_seen, c.values, name=f"{o.label} / {name}")
     by_category = any(per_point_cats.values())
+    if by_category:  # a set without a category (the eval split) is a panel of its own, after the categories
+        for label, per in per_point_sets.items():
+            for name, c in per.items():
+                if not c.category:
+                    per_point_cats[label][name] = c
     curves = per_point_cats if by_category else per_point_sets
     if by_category:
         panels = {(label, name): fit_or_reason(c.pairs_seen, c.values, name=f"{label} / {name}")
@@ -122,7 +128,7 @@ def render_sweep_report(name: str, outcomes: list[PointOutcome], fits: SweepFits
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table[1:]] + [""]
     if fits.by_category:
         panels = _order({c for (_, c) in fits.panels})
-        out += ["### per category (mean BT loss of its sets)", "",
+        out += ["### per category (mean BT loss of its sets; a set without a category on its own)", "",
                 "| model | " + " | ".join(panels) + " |", "| :--- |" + " :--- |" * len(panels)]
         for o in outcomes:
             if o.status == "ok":
