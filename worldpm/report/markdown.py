@@ -236,13 +236,15 @@ def _eval_during_training(points: list, images: dict[str, str]) -> list[str]:
     for label, kind, curves in (("set", "set", sets), ("category mean", "category", cats)):
         for nm, (fit, why) in fit_curves(curves).items():
             c = curves[nm]
+            # kept narrow (Prefect's UI shows the table in a page's width): E in the alpha cell marks the
+            # saturating model, the trend column says flat
             rows.append([nm if kind == "set" else f"{nm} (mean of {len(c.sets)})",
                          (c.category or "-") if kind == "set" else "category", len(c.values),
-                         f"{c.values[0]:.4f}", f"{c.values[-1]:.4f}",
-                         fit.label() if fit else "-", fit.model if fit else "-",
+                         f"{c.values[0]:.3f} -> {c.values[-1]:.3f}",
+                         fit.label().removesuffix(" flat") if fit else "-",
                          fit.trend if fit else f"not fitted: {why.split(': ', 1)[-1]}"])
-    out += [_table(["curve", "category", "points", "first BT loss", "last BT loss", "alpha [95%]", "model",
-                    "trend"], rows, "llrrrlll"), ""]
+    out += [_table(["curve", "category", "points", "BT loss first -> last", "alpha [95%]", "trend"], rows,
+                   "llrrll"), ""]
     return out
 
 
