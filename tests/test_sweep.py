@@ -100,7 +100,7 @@ def test_sweep_report_fits_every_model_and_names_the_failed_point(tmp_path):
     assert "3 points, 2 finished, **1 failed: tiny-c**" in md
     assert "- **tiny-c**: train: CUDA out of memory at step 3" in md
     assert image_links(md) == ["sweep.png"]
-    assert "| model | adversarial | objective | subjective |" in md
+    assert "| category | tiny-a | tiny-b |" in md and "\n| objective | " in md  # a row per category
     saved = json.loads((tmp_path / "fits.json").read_text())
     assert saved["panels_are"] == "categories" and len(saved["sets"]) == 8
 

@@ -128,12 +128,13 @@ def render_sweep_report(name: str, outcomes: list[PointOutcome], fits: SweepFits
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table[1:]] + [""]
     if fits.by_category:
         panels = _order({c for (_, c) in fits.panels})
+        ok = [o for o in outcomes if o.status == "ok"]
+        # a row per category, a column per model (as the alpha table: few models, possibly many categories)
         out += ["### per category (mean BT loss of its sets; a set without a category on its own)", "",
-                "| model | " + " | ".join(panels) + " |", "| :--- |" + " :--- |" * len(panels)]
-        for o in outcomes:
-            if o.status == "ok":
-                out.append("| " + " | ".join([o.label] + [_cell(*fits.panels.get((o.label, c), (None, "")))
-                                                          for c in panels]) + " |")
+                "| category | " + " | ".join(o.label for o in ok) + " |", "| :--- |" + " :--- |" * len(ok)]
+        for c in panels:
+            out.append("| " + " | ".join([c] + [_cell(*fits.panels.get((o.label, c), (None, ""))) for o in ok])
+                       + " |")
         out.append("")
     reasons = [(p, c, why) for (p, c), (f, why) in fits.sets.items() if f is None]
     if reasons:
