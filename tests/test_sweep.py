@@ -197,6 +197,7 @@ def test_sweep_of_two_tiny_qwen2_sizes_through_a_real_prefect_server(tmp_path, p
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.sweep import worldpm_sweep
 
@@ -227,7 +228,8 @@ def test_sweep_of_two_tiny_qwen2_sizes_through_a_real_prefect_server(tmp_path, p
     assert "3 points, 2 finished, **1 failed: q48-nan**" in report and "## Failed points" in report
     assert "- **q48-nan**: " in report and "non-finite loss" in report
     with get_client(sync_client=True) as client:  # the report is the run's Prefect artifact too
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sw-sweep"])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sw-sweep"])),
+                                     sort=ArtifactSort.CREATED_DESC, limit=1)
     assert arts and "q48-nan" in arts[0].data and "data:image/png;base64," in arts[0].data
 
 
