@@ -117,7 +117,8 @@ def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, mo
     """train.report_to [tensorboard, mlflow] on a real (in-process) training run with evaluation during training:
     the TensorBoard event files and the local MLflow store under <store>/tracking/ hold the training scalars, the
     eval-curve points at their steps and, after the evaluate stage, its final metrics; the MLflow run is tagged with
-    the train and evaluate keys. report_to is in no key: the same config without it is a cache hit."""
+    the train and evaluate keys. The eval set's last point equals the evaluate stage's numbers (one text path).
+    report_to is in no key: the same config without it is a cache hit."""
     import json
     from pathlib import Path
 
@@ -151,6 +152,11 @@ def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, mo
     rb_loss = [p["bt_loss"] for p in points if p["set"] == "rb" and p["subset"] is None]
     assert [e.value for e in ea.Scalars("eval/rb/bt_loss")] == pytest.approx(rb_loss, abs=1e-6)
     metrics = json.loads((Path(ev.ref.path) / "metrics.json").read_text())
+    # one text path: the last point's rb record (tokenized by the trainer, scored packed by the training model) is
+    # what the evaluate stage measures on the saved model (its own tokenization, padded scoring)
+    last_rb = next(p for p in reversed(points) if p["set"] == "rb" and p["subset"] is None)
+    assert last_rb["n"] == metrics["rb"]["n"] and last_rb["accuracy"] == pytest.approx(metrics["rb"]["accuracy"])
+    assert last_rb["bt_loss"] == pytest.approx(metrics["rb"]["bt_loss"], abs=1e-4)
     assert [(e.step, e.value) for e in ea.Scalars("final/test/accuracy")] == [
         (6, pytest.approx(metrics["test"]["accuracy"]))]
 
