@@ -13,7 +13,11 @@ anything runs:
 * ``sources`` needs ``sources`` in the list; each must be a hub id or a path inside the project (the served
   config's folder);
 * the config that results must keep artifacts_dir, trust_remote_code, accelerate_args and callbacks as served,
-  and every path that differs from the served config must lie inside the project.
+  and every path that differs from the served config must lie inside the project;
+* a local source is checked by the files it expands to (a glob, a folder), each resolved: `data/share*/x.jsonl`
+  reaches outside when data/shared is a symlink that points there. And at read time too: the run reads under
+  `read_roots(served)` (worldpm.data.sources.read_root), so a link that appears after this check is refused where
+  the file is opened.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
 `worldpm serve` started it (it marks the flow runs it executes through the environment, which the API cannot set)
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worldpm.config import PipelineConfig, load_config, parse_override, source_from_cli
+from worldpm.data.sources import AdapterError, local_files, outside_read_root
 from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
@@ -108,6 +113,21 @@ def _paths(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
+def read_roots(served: Served) -> list[Path]:
+    """Where a deployment run may read data files: the project folder, and what the served config itself reads
+    (its local sources and eval sets, which the operator may have put anywhere), resolved."""
+    base = load_config(served.config_path, served.overrides)
+    roots = [served.project]
+    for s in base.sources:
+        if s.kind == "local" and s.path:
+            try:
+                roots += [f.resolve() for f in local_files(s.path)]
+            except AdapterError:  # nothing there now: the run's download stage says so
+                pass
+    roots += [Path(e.path).resolve() for e in base.evaluate.eval_sets]
+    return roots
+
+
 def effective_overrides(served: Served, overrides: list[str] | None) -> list[str]:
     """What a deployment run runs with: the served --set entries, then the run's own (a run's `overrides` parameter
     replaces the deployment's default list in Prefect, so without this a run that sets one threshold would drop
@@ -156,4 +176,17 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):
             raise ConfigError(f"{where}: {name} {value!r} is outside the project folder {root}")
+    roots = read_roots(served)
+    for i, s in enumerate(cfg.sources):
+        if s.kind != "local" or not s.path:
+            continue
+        try:
+            files = local_files(s.path)
+        except AdapterError:  # nothing to read: the download stage says so
+            continue
+        for f in files:
+            real = outside_read_root(f, roots)
+            if real is not None:
+                raise ConfigError(f"{where}: sources.{i}.path {s.path!r} reads {f}, which resolves to {real}, "
+                                  f"outside the project folder {root}")
     return cfg

@@ -4,20 +4,22 @@ Without a server, every Prefect flow run starts a temporary one (15-30 s on a sm
 end. `worldpm run` avoids that: `api_for_run()` picks, in this order,
 
 1. the server the user set: PREFECT_API_URL (environment, or the active Prefect profile) is used exactly as set;
-   nothing is probed or started;
+   nothing is started (one /health request, to say it is used);
 2. this project's background server, when it answers: its record is ``.worldpm/prefect/server.json`` under the
    project (the folder `worldpm` runs in);
-3. a Prefect server that answers on 127.0.0.1:PORT (PORT = $WORLDPM_PREFECT_PORT, default 4200, the port of
-   `prefect server start` and `worldpm server`);
-4. a new background server: ``prefect server start --host 127.0.0.1 --port PORT`` (another free port when PORT
-   is taken), in its own session (it outlives this process), with its own PREFECT_HOME (``.worldpm/prefect``: the
-   SQLite database, ``server.log``), recorded with its process id. Its URL (the UI) and how to stop it are
-   printed. `worldpm server stop` stops it (SIGTERM to its process group, by the recorded id); `worldpm server
-   status` says what runs;
-5. if it cannot start (it exits, or does not answer in $WORLDPM_SERVER_STARTUP_TIMEOUT s, default 180): one line
+3. a new background server: ``prefect server start --host 127.0.0.1 --port PORT`` (PORT = $WORLDPM_PREFECT_PORT,
+   default 4200; another free port when PORT is taken), in its own session (it outlives this process), with its own
+   PREFECT_HOME (``.worldpm/prefect``: the SQLite database, ``server.log``), recorded with its process id. Its URL
+   (the UI) and how to stop it are printed. `worldpm server stop` stops it (SIGTERM to its process group, by the
+   recorded id); `worldpm server status` says what runs. A server that already answers on PORT without being this
+   folder's (another project's, `prefect server start`, `worldpm server`) is not adopted: its runs would go to
+   another database, and the run would stall when its owner stops it. One line says so, and how to use it
+   (PREFECT_API_URL);
+4. if it cannot start (it exits, or does not answer in $WORLDPM_SERVER_STARTUP_TIMEOUT s, default 180): one line
    saying so, and the run uses the temporary server as before.
 
-WORLDPM_BACKGROUND_SERVER=0 skips 2-4 (the temporary server, as plain Prefect does). Only loopback is ever bound;
+WORLDPM_BACKGROUND_SERVER=0 skips 2-3 (the temporary server, as plain Prefect does). Whichever it is, the run says
+in one line which server it uses and where that server keeps its runs (PREFECT_HOME). Only loopback is ever bound;
 the server has no authentication (docs/deploy.md says how to expose one safely).
 """
 from __future__ import annotations
@@ -163,28 +165,44 @@ def start_background(home: Path, port: int, *, command: Callable[[int], list[str
 
 def api_for_run(project: Path | None = None) -> str | None:
     """The Prefect API URL this run should use (see the module doc); None: the user's own setting or Prefect's
-    temporary server."""
-    if user_api_url():
-        return None  # exactly what the user set
+    temporary server. Whichever it is, one line says which server and which PREFECT_HOME."""
+    user = user_api_url()
+    if user:  # exactly what the user set; said when it answers (else the run's one line says it does not)
+        if healthy(user):
+            _say(f"Prefect server (UI): {user.removesuffix('/api')}  [PREFECT_API_URL; its runs are in the "
+                 "PREFECT_HOME of whoever started it]")
+        return None
     if os.environ.get("WORLDPM_BACKGROUND_SERVER", "1").lower() in ("0", "false", "no", "off"):
+        _say(f"Prefect: a temporary server for this run only (WORLDPM_BACKGROUND_SERVER=0), PREFECT_HOME "
+             f"{_prefect_home()}")
         return None
     home = project_home(project)
     with _locked(home):
         rec = read_record(home)
         if rec is not None:
             if healthy(rec.url):
-                _say(f"Prefect server (UI): {rec.ui}  [background, pid {rec.pid}; `worldpm server stop` stops it]")
+                _say(f"Prefect server (UI): {rec.ui}  [this folder's background server, pid {rec.pid}, PREFECT_HOME "
+                     f"{rec.home}; `worldpm server stop` stops it]")
                 return rec.url
             if _is_our_server(rec.pid):  # alive but not answering (starting up, or stuck): ours to replace
                 stop_group(rec.pid)
             (home / RECORD).unlink(missing_ok=True)
         port = preferred_port()
         url = f"http://{HOST}:{port}/api"
-        if healthy(url):
-            _say(f"Prefect server (UI): {url.removesuffix('/api')}  [already running on this machine]")
-            return url
+        if healthy(url):  # not this folder's (no record): another project's, or someone's `prefect server start`
+            port = free_port(HOST)
+            _say(f"a Prefect server answers on {url.removesuffix('/api')}, but not this folder's (it keeps its runs in "
+                 "its own PREFECT_HOME, and goes when its owner stops it): this run starts this folder's own on port "
+                 f"{port}; to use that one, set PREFECT_API_URL={url}")
         rec = start_background(home, port if port_free(HOST, port) else free_port(HOST), command=server_command)
         return rec.url if rec else None
+
+
+def _prefect_home() -> str:
+    """The PREFECT_HOME this process's Prefect uses (the temporary server keeps its database there)."""
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().home)
 
 
 # ---- `worldpm server status | stop` ---------------------------------------------------------------------------

@@ -17,7 +17,6 @@ run) and published as the markdown artifact ``<name>-sweep`` with its figure emb
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from flows import policy
 from flows.artifacts import _artifact_key, publish_prefect_artifacts
 from flows.worldpm import run_pipeline
 from worldpm.config import PipelineConfig, load_config
+from worldpm.data.sources import read_root
 from worldpm.errors import ConfigError, StageError
 
 SWEEPS_DIR = "sweeps"
@@ -86,9 +86,11 @@ def worldpm_sweep(config_path: str | None = None, overrides: list[str] | None = 
 
     log = get_run_logger()
     served = policy.served_run()
+    roots = None
     if served is not None:  # a deployment run: only what the served config allows, never its sweep: section
         cfg = policy.check_run(served, config_path, overrides, sources)
         overrides = policy.effective_overrides(served, overrides)
+        roots = policy.read_roots(served)  # and data files are checked again where they are opened
     else:
         cfg = load_config(config_path, overrides or [], sources or None)
     if cfg.sweep is None:
@@ -125,7 +127,7 @@ def worldpm_sweep(config_path: str | None = None, overrides: list[str] | None = 
 
     # every point in a thread of its own, each a subflow of this run (the context copied into the thread); the
     # limits decide how many run at once
-    with ThreadPoolExecutor(max_workers=len(points), thread_name_prefix="sweep-point") as pool:
+    with read_root(roots), ThreadPoolExecutor(max_workers=len(points), thread_name_prefix="sweep-point") as pool:
         futures = [pool.submit(contextvars.copy_context().run, one, i) for i in range(len(points))]
         outcomes = [f.result() for f in futures]
 

@@ -19,6 +19,7 @@ from flows.artifacts import publish_prefect_artifacts
 from tasks import PIPELINE
 from worldpm import engine
 from worldpm.config import PipelineConfig, load_config
+from worldpm.data.sources import read_root
 from worldpm.store import ArtifactRef, ArtifactStore
 
 
@@ -61,12 +62,15 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     """download -> normalise -> clean -> shard -> tokenize -> ref_logps -> train -> evaluate -> plot, each stage
     cached by content."""
     served = policy.served_run()
+    roots = None
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
         cfg = policy.check_run(served, config_path, overrides, sources)
+        roots = policy.read_roots(served)  # and data files are checked again where they are opened
     else:
         cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
-    results = run_pipeline(cfg, until=until, only=only, start=start, force=force)
+    with read_root(roots):
+        results = run_pipeline(cfg, until=until, only=only, start=start, force=force)
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     log.info("stages run: %s; cached: %s", ", ".join(ran) or "none",
              ", ".join(r["stage"] for r in results if r["status"] == "cached") or "none")

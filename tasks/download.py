@@ -21,7 +21,6 @@ column, no preference) is quarantined in rejects.parquet with its reason, file a
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from pydantic import field_serializer
 
 from worldpm.config import PipelineConfig, SourceConfig, StageConfig
 from worldpm.data.sources import AdapterError, is_data_file, read_source_file
+from worldpm.data.sources import local_files as sources_local_files
 from worldpm.data.sources.common import REJECTS_SCHEMA, empty_rejects
 from worldpm.engine import StageSpec
 from worldpm.errors import StageError
@@ -84,19 +84,12 @@ def stage_config(cfg: PipelineConfig) -> DownloadConfig:
 
 
 def local_files(s: SourceConfig) -> list[Path]:
-    """The data files of a local source, sorted: a file, a directory (recursive) or a glob."""
-    p = Path(s.path or "")
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and is_data_file(f))
-        if not files:
-            raise StageError(f"download: no data files (.jsonl[.gz], .json, .parquet, .csv, Posts.xml) under {p}")
-        return files
-    matched = sorted(Path(m) for m in glob.glob(s.path, recursive=True) if Path(m).is_file())
-    if not matched:
-        raise StageError(f"download: {s.path}: no such file, directory or glob match")
-    return matched
+    """The data files of a local source, sorted: a file, a directory (recursive) or a glob (within the read root
+    of a deployment run: worldpm.data.sources.local_files)."""
+    try:
+        return sources_local_files(s.path or "")
+    except AdapterError as e:
+        raise StageError(f"download: {e}") from None
 
 
 def _hub_error(s: SourceConfig, e: BaseException | None = None) -> HubUnreachable:

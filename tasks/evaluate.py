@@ -41,7 +41,7 @@ from worldpm.data.evalsets import EvalSetFile, eval_set_files
 from worldpm.data.splits import read_split
 from worldpm.data.textpath import TextPath
 from worldpm.engine import StageSpec
-from worldpm.errors import StageError
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef
 
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
@@ -76,6 +76,14 @@ def stage_config(cfg: PipelineConfig) -> EvaluateStageConfig:
                      tokens_per_batch=t.ref_tokens_per_batch) if t.objective == "dpo" else None
     return EvaluateStageConfig(batch_size=e.batch_size, ece_bins=e.ece_bins, eval_sets=sets, text=TextPath.of(cfg),
                                dpo=dpo)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Before a run starts: the test split is what this stage scores (the engine's preflight)."""
+    if cfg.shard.test == 0:
+        raise ConfigError("evaluate scores the test split, and shard.test is 0: give shard.test a fraction above 0 "
+                          "(shard.train + shard.eval + shard.test = 1), or stop the run before evaluate (--until "
+                          "train)")
 
 
 def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
@@ -201,4 +209,4 @@ def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-STAGE = StageSpec(config=stage_config, run=run, after_commit=after_commit)
+STAGE = StageSpec(config=stage_config, run=run, after_commit=after_commit, preflight=preflight)

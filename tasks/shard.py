@@ -15,7 +15,7 @@ import xxhash
 from worldpm.config import PipelineConfig, ShardConfig, StageConfig
 from worldpm.data.splits import SPLITS
 from worldpm.engine import StageSpec
-from worldpm.errors import StageError
+from worldpm.errors import ConfigError, StageError
 from worldpm.store import ArtifactRef
 
 INPUT_FILES = {"clean": ("pairs.parquet",)}  # not report.json: its rule settings change with every threshold
@@ -74,6 +74,13 @@ def check_no_empty_split(splits: dict[str, dict], fractions: dict[str, float], r
             log.warning("%s", msg)
         else:
             raise StageError(msg)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Before a run starts: a train split with pairs in it is what every later stage is for (the engine's preflight)."""
+    if cfg.shard.train == 0:
+        raise ConfigError("shard.train is 0: no pair would go to the train split; give it a fraction (shard.train + "
+                          "shard.eval + shard.test = 1)")
 
 
 def run(scfg: ShardStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
@@ -155,4 +162,4 @@ def small_split_warnings(splits: dict[str, dict], fractions: dict[str, float], m
     return out
 
 
-STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES)
+STAGE = StageSpec(config=stage_config, run=run, input_files=INPUT_FILES, preflight=preflight)

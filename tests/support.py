@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import polars as pl
@@ -95,6 +96,25 @@ class CrashAfter(Callback):
 
 class CrashAfter12Launched(CrashAfter):
     step, launched = 12, True
+
+
+class SigkillAfter1(Callback):
+    """A launched trainer SIGKILLs itself after step 1: killed as the OOM killer (or a user) kills it, writing nothing
+    more (issue 19 case 19)."""
+
+    def on_step_end(self, recipe, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiskFullAt1(Callback):
+    """Step 1 writes to /dev/full: the kernel's ENOSPC, as a checkpoint on a full disk gets it (issue 19 case 8)."""
+
+    def on_step_end(self, recipe, step):
+        if step == 1:
+            with open("/dev/full", "w") as f:
+                f.write("x" * 65536)
+                f.flush()
 
 
 class NanAt(Callback):

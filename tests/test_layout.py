@@ -129,8 +129,8 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
     only the versions of the stages that import it; editing a key-neutral module (errors) changes none."""
     for pkg in ("worldpm", "tasks"):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    probe = ("import json, tasks; from worldpm import engine; "
-             "print(json.dumps({s.name: engine.code_version(s) for s in tasks.PIPELINE}))")
+    probe = ("import json, tasks; "
+             "print(json.dumps({s.name: s.code_version for s in tasks.PIPELINE}))")
     env = dict(os.environ, PYTHONPATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
 
     def versions() -> dict[str, str]:
@@ -171,3 +171,27 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
     with open(tmp_path / "worldpm" / "data" / "measures.py", "a") as f:
         f.write("\n# edited again\n")
     assert versions()["plot"] != after_import["plot"]
+
+
+def test_a_stage_file_edited_during_a_run_keys_what_was_loaded(tmp_path):
+    """A run keys a stage by the code it loaded: tasks/plot.py edited after the run imported it (a developer at
+    work while a long training runs) leaves plot's version as loaded, so the old code's output is not stored under
+    the new code's key. A module not imported yet (plot's figures, imported when plot runs) is read from disk."""
+    for pkg in ("worldpm", "tasks"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+    def plot_version(edit_after_import: str | None = None) -> str:
+        """plot's code version in a new process; `edit_after_import`: a file appended to after `import tasks`."""
+        edit = f"open({edit_after_import!r}, 'a').write('\\n# edited during the run\\n')\n" if edit_after_import \
+            else ""
+        code = f"import tasks\n{edit}print(tasks.PIPELINE['plot'].code_version)\n"
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             check=True).stdout
+        return out.strip().splitlines()[-1]
+
+    base = plot_version()
+    assert plot_version("tasks/plot.py") == base  # loaded before the edit: keyed as loaded
+    edited = plot_version()
+    assert edited != base  # a new process loads the edited file
+    assert plot_version("worldpm/report/figures.py") != edited  # not loaded yet: what runs is what is on disk

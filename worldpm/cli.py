@@ -17,16 +17,19 @@ are given: the console script (flows/cli.py) hands in tasks.PIPELINE and the Pre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from worldpm.config import PipelineConfig, load_config
 from worldpm.engine import Pipeline
-from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, StageError
+from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, NeedsTheLog, StageError, disk_full, free_space
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -38,8 +41,43 @@ def _config_path(arg: str | None) -> str | None:
 
 def _load(args) -> tuple[str | None, PipelineConfig]:
     path = _config_path(getattr(args, "config", None))
-    cfg = load_config(path, getattr(args, "set", None) or [], getattr(args, "source", None) or None)
+    sources = getattr(args, "source", None) or None
+    cfg = load_config(path, getattr(args, "set", None) or [], sources)
+    for text in sources or []:
+        _check_hub_reading(text)
     return path, cfg
+
+
+def _check_hub_reading(text: str) -> None:
+    """`--source mydata/pairs` with no ./mydata/pairs: a path that is missing, or a hub dataset id. One question to
+    the hub (a single try, no retries) tells; when it cannot answer, or says there is no such dataset, the source is
+    a ConfigError naming both readings, before anything runs. `hf://owner/name` skips this (no doubt)."""
+    from worldpm.config import hub_reading_only, source_from_cli
+
+    if not hub_reading_only(text):
+        return
+    d = source_from_cli(text)
+    here = f"no file or folder {text!r} in {Path.cwd()}"
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"):
+        if re.fullmatch(r"[0-9a-f]{40}", d.get("revision") or ""):
+            return  # a pinned commit can come from the hub cache offline; the download stage says if it cannot
+        raise ConfigError(f"--source {text!r}: {here}, and as a hub dataset id it cannot be looked up: "
+                          "HF_HUB_OFFLINE is set; fix the path, or unset HF_HUB_OFFLINE and write --source "
+                          f"hf://{text}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(d["repo_id"], revision=d.get("revision"), timeout=10)
+    except GatedRepoError:
+        return  # it exists
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise ConfigError(f"--source {text!r}: {here}, and the hub has no dataset {text} ({type(e).__name__}): fix "
+                          "the path") from None
+    except Exception as e:  # no network, a timeout, an id the hub refuses: the hub cannot say it exists
+        raise ConfigError(f"--source {text!r}: {here}, and the Hugging Face hub cannot be asked about a dataset "
+                          f"{text} ({type(e).__name__}); fix the path, or once the hub is reachable write --source "
+                          f"hf://{text}") from None
 
 
 def _print_results(results: list[dict], stream=sys.stdout) -> None:
@@ -58,13 +96,21 @@ def cmd_run(args) -> int:
     path, cfg = _load(args)  # validate before Prefect starts: a typo fails in milliseconds
     if args.until and args.only:
         raise ConfigError("--until and --only cannot be combined")
-    args.pipeline.select(until=args.until, only=args.only, start=args.start)  # --from after --until: exit 2, now
+    # --from after --until, or a split a selected stage needs set to 0: exit 2 now, before Prefect and any stage
+    args.pipeline.preflight(cfg, until=args.until, only=args.only, start=args.start)
     if not args.verbose:
         quiet_expected_tracebacks()
-    results = args.run_flow(
-        config_path=path, overrides=args.set or [], sources=args.source or None,
-        until=args.until, only=args.only, start=args.start, force=args.force or [],
-    )
+    # Without --verbose, a handler that cannot write (Prefect's API log worker when the server has gone: "--- Error
+    # logging to API ---" after every batch) says nothing on the terminal; the run's log file keeps the run.
+    raise_before, logging.raiseExceptions = logging.raiseExceptions, bool(args.verbose)
+    try:
+        with keep_run_log():
+            results = args.run_flow(
+                config_path=path, overrides=args.set or [], sources=args.source or None,
+                until=args.until, only=args.only, start=args.start, force=args.force or [],
+            )
+    finally:
+        logging.raiseExceptions = raise_before
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -73,9 +119,10 @@ def cmd_run(args) -> int:
 
 
 class _NoTracebackFor(logging.Formatter):
-    """Wraps a console handler's formatter: a record carrying one of our one-line errors (StageError, ConfigError)
-    is printed without its traceback (Prefect logs each failed task and flow run with one); other exceptions, bugs,
-    keep theirs. The record itself is left as it was, so the Prefect API (the UI) still gets the traceback."""
+    """Wraps a console handler's formatter: a record carrying one of our one-line errors (StageError, ConfigError,
+    or a lost Prefect API: `_expected`) is printed without its traceback (Prefect logs each failed task and flow run
+    with one); other exceptions, bugs, keep theirs. The record itself is left as it was, so the Prefect API (the UI)
+    and the run's log file still get the traceback."""
 
     def __init__(self, inner: logging.Formatter | None):
         super().__init__()
@@ -83,7 +130,7 @@ class _NoTracebackFor(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, (StageError, ConfigError)):
+        if not _expected(exc):
             return self.inner.format(record)
         saved = record.exc_info, record.exc_text
         record.exc_info, record.exc_text = None, None
@@ -93,13 +140,94 @@ class _NoTracebackFor(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+# ---- the run's full log -------------------------------------------------------------------------------------------
+RUN_LOGS = Path(".worldpm") / "logs"  # under the folder `worldpm run` runs in, beside the background server's home
+KEEP_RUN_LOGS = 20
+run_log: Path | None = None  # this process's, once keep_run_log() has opened it
+
+
+class RunLogHandler(logging.FileHandler):
+    """Everything the run logs (every stage's lines, Prefect's, each traceback in full) into the run's log file.
+    A write that fails (the disk that is full may be this one) is dropped without the stdlib's "--- Logging error
+    ---" report on the terminal."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.setLevel(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def keep_run_log(folder: Path | None = None) -> Iterator[Path | None]:
+    """Within: the run's full log goes to .worldpm/logs/run-<time>-<pid>.log (the newest KEEP_RUN_LOGS are kept):
+    the terminal shows one line per failure, the file keeps what led to it. A failure whose cause is outside the
+    input (NeedsTheLog: a full disk, the Prefect server gone) names this file; `--verbose` prints the tracebacks on
+    the terminal as well."""
+    global run_log
+    folder = (folder or Path.cwd() / RUN_LOGS).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        old = sorted(folder.glob("run-*.log"))
+        for f in old[: max(0, len(old) - KEEP_RUN_LOGS + 1)]:
+            f.unlink(missing_ok=True)
+    except OSError:  # a read-only or full folder: the run goes on without its file
+        yield None
+        return
+    run_log = folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = RunLogHandler(run_log)
+    root = logging.getLogger()
+    root.addHandler(handler)
+
+    def note(level: int, msg: str, *args, exc: BaseException | None = None) -> None:
+        handler.handle(logging.LogRecord("worldpm", level, __file__, 0, msg, args,
+                                         (type(exc), exc, exc.__traceback__) if exc is not None else None))
+
+    note(logging.INFO, "worldpm %s (in %s)", " ".join(sys.argv[1:]), Path.cwd())
+    try:
+        yield run_log
+    except BaseException as e:  # what ended the run, in full (the terminal gets its one line)
+        note(logging.ERROR, "the run ended: %s: %s", type(e).__name__, e, exc=e)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _with_log(message: str) -> str:
+    if run_log is None or not run_log.is_file():
+        return message
+    return f"{message} (full log: {run_log}; `worldpm run --verbose` prints it here)"
+
+
+def _expected(exc: BaseException | None) -> bool:
+    """One of our one-line errors, or the Prefect client failing to reach its server (httpx: a lost server ends the
+    run in one line of its own, flows/cli.py): printed without the traceback; the run's log file keeps it."""
+    if exc is None:
+        return False
+    return isinstance(exc, (StageError, ConfigError)) or any(
+        c.__module__.split(".")[0] in ("httpx", "httpcore") for c in type(exc).__mro__)
+
+
+class _HideDetail(logging.Filter):
+    """On the terminal without --verbose: records a stage marks as detail (``extra={"worldpm_detail": True}``: the
+    trainer's stderr lines before its one-line error) stay off it; the run's log file and the Prefect UI have them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "worldpm_detail", False)
+
+
 def quiet_expected_tracebacks() -> None:
     """Keep the terminal to one line per expected failure (`run` without --verbose): the console handlers of the
     root logger print StageError/ConfigError records without their traceback. (Prefect's logging setup keeps a
     root logger that has handlers of its own, as main() gives it, and its run loggers propagate to it.)"""
     for h in logging.getLogger().handlers:
-        if isinstance(h, logging.StreamHandler) and not isinstance(h.formatter, _NoTracebackFor):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                and not isinstance(h.formatter, _NoTracebackFor):
             h.setFormatter(_NoTracebackFor(h.formatter))
+            h.addFilter(_HideDetail())
 
 
 # ---- status ---------------------------------------------------------------------------------------------------
@@ -148,11 +276,12 @@ def cmd_artifacts(args) -> int:
         from worldpm.status import referenced_keys
 
         keep: set[tuple[str, str]] = set()
+        said: list[str] = []
         configs = [(path or "the built-in defaults", cfg)] + [
             (c, load_config(str(Path(c).resolve()))) for c in (args.keep_config or [])]
         for origin, c in configs:
             try:
-                keep |= referenced_keys(args.pipeline, c, origin)
+                keep |= referenced_keys(args.pipeline, c, origin, said)
             except StageError as e:
                 raise StageError(f"artifacts gc: {e}; nothing was removed (gc keeps what a config uses, so it must "
                                  "resolve every stage: fix the cause, or gc with a config that resolves)") from None
@@ -162,6 +291,8 @@ def cmd_artifacts(args) -> int:
             print(f"{verb} {p}")
         for p in plan.foreign:
             print(f"left alone {p} (not a worldpm artifact)")
+        for line in said:
+            print(line)
         print(f"{verb} {len(plan.removed)} folder(s); kept {len(keep)} artifact(s) the config(s) reference"
               + (f"; left {len(plan.foreign)} folder(s) that are not worldpm's" if plan.foreign else ""))
         return 0
@@ -177,23 +308,25 @@ def _verify(store, args) -> int:
     from worldpm.store import ArtifactRef
 
     if args.ref:
-        mans = [_find(store, args.ref, args.pipeline.names)]
+        mans, broken = [_find(store, args.ref, args.pipeline.names)], []
     else:
-        mans = [m for s in args.pipeline.names for m in store.manifests(s) if not args.stage or s == args.stage]
-    refs = [ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")) for m in mans]
+        stages = [s for s in args.pipeline.names if not args.stage or s == args.stage]
+        mans = [m for s in stages for m in store.manifests(s)]
+        broken = [b for s in stages for b in store.damaged_folders(s)]  # no manifest to list them by
+    checks = [(ArtifactRef(m["stage"], m["key"], m["path"], m.get("digest", "")), None) for m in mans] + broken
     bad: list[tuple[ArtifactRef, str]] = []
-    for i, ref in enumerate(refs, 1):
-        problem = store.verify(ref, deep=True)
-        print(f"[{i}/{len(refs)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
+    for i, (ref, known) in enumerate(checks, 1):
+        problem = known or store.verify(ref, deep=True)
+        print(f"[{i}/{len(checks)}] {ref.stage}/{ref.key}  {'ok' if problem is None else f'DAMAGED: {problem}'}",
               flush=True)
         if problem is not None:
             bad.append((ref, problem))
     if bad and not args.dry_run:
         with store.exclusive(f"artifacts verify (found {len(bad)} damaged artifact(s), not set aside)"):
             for ref, problem in bad:
-                if Path(ref.path).is_dir() and store.verify(ref, deep=True) is not None:
+                if os.path.lexists(ref.path) and store.verify(ref, deep=True) is not None:
                     print(f"set aside {ref.path} as {store.set_aside(ref, problem).name}: the next run rebuilds it")
-    print(f"verified {len(refs)} artifact(s): {len(refs) - len(bad)} ok, {len(bad)} damaged")
+    print(f"verified {len(checks)} artifact(s): {len(checks) - len(bad)} ok, {len(bad)} damaged")
     if bad:
         raise StageError(f"artifacts verify: {len(bad)} damaged artifact(s), first {bad[0][0].stage}/{bad[0][0].key}: "
                          f"{bad[0][1]}")
@@ -238,7 +371,8 @@ def _config_args(p: argparse.ArgumentParser, sources: bool = True) -> None:
     if sources:
         p.add_argument("--source", action="append", metavar="PATH_OR_HUB_ID",
                        help="replaces the configured sources: a file, directory or glob (format detected), or a hub "
-                            "dataset id owner/name[@revision]; repeatable")
+                            "dataset id owner/name[@revision] (hf://owner/name when a folder of that name could be "
+                            "meant; a missing path is refused at once); repeatable")
 
 
 def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
@@ -270,7 +404,8 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {stage, key, status: ran|cached|skipped, path, seconds}")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line)")
+                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line; "
+                        "the full log is kept in .worldpm/logs/ either way)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="which stages are cached for the current config, which would run, and why")
@@ -317,7 +452,14 @@ def main(argv: list[str] | None = None, *, pipeline: Pipeline, run_flow: Callabl
         print(f"worldpm: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except StageError as e:
-        print(f"worldpm: {e}", file=sys.stderr)
+        print(f"worldpm: {_with_log(str(e)) if isinstance(e, NeedsTheLog) else e}", file=sys.stderr)
+        return EXIT_STAGE
+    except OSError as e:  # outside any stage (the run's lock note, a report): a full disk is still one line
+        if disk_full(e) is None:
+            raise
+        place = e.filename or Path.cwd()
+        why = f"the disk is full (no space left on the device of {place}, {free_space(place)} free): free space there"
+        print(f"worldpm: {_with_log(why + ' and run again')}", file=sys.stderr)
         return EXIT_STAGE
     except KeyboardInterrupt:
         print("worldpm: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import polars as pl
 
-from worldpm.config import SOURCE_FORMATS, PipelineConfig, TokenizeConfig
+from worldpm.config import SOURCE_FORMATS, EvaluateConfig, PipelineConfig, TokenizeConfig
 from worldpm.data.textpath import RenderSettings, TextPath
 from worldpm.errors import StageError
 
@@ -277,8 +277,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a reward model folder (AutoModelForSequenceClassification, num_labels=1, with its "
                         "tokenizer), or a train artifact holding model/")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per forward pass (32)")
-    p.add_argument("--max-length", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=_like(EvaluateConfig, "evaluate.batch_size"), default=32, metavar="N",
+                   help="sequences per forward pass (32; >= 1, as evaluate.batch_size)")
+    p.add_argument("--max-length", type=_like(TokenizeConfig, "tokenize.max_length"), default=None, metavar="N",
                    help=f"tokens per sequence, template included (default: the model's worldpm.json, else "
                         f"{_TOK.max_length}; capped at the model's max_position_embeddings)")
     p.add_argument("--template", default=None,
@@ -294,10 +295,35 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _positive(v: str) -> int:
-    n = int(v)
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
+
+
+def _like(model, key: str):
+    """An argparse type that validates an option as the config key it stands for (its type and bounds), so a
+    command-line number is refused where the same number in pipeline.yaml would be (`--batch-size 0` or -1)."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    field = model.model_fields[key.rsplit(".", 1)[1]]
+    adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)])
+
+    def parse(text: str):
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            raise argparse.ArgumentTypeError(f"{msg[0].lower()}{msg[1:]}, got {text!r} (as {key} in "
+                                             "pipeline.yaml)") from None
+
+    parse.__name__ = key  # argparse names the type in some messages
+    return parse
 
 
 def register(sub) -> None:
@@ -310,7 +336,8 @@ def register(sub) -> None:
     p.add_argument("--format", default="auto", choices=[f for f in SOURCE_FORMATS if f != "stackexchange_posts_xml"],
                    help="the file's format (default: detected from its columns)")
     p.add_argument("--json", action="store_true", help="print the metrics object as JSON")
-    p.add_argument("--bins", type=_positive, default=10, help="ECE confidence bins (10)")
+    p.add_argument("--bins", type=_like(EvaluateConfig, "evaluate.ece_bins"), default=10,
+                   help="ECE confidence bins (10; >= 2, as evaluate.ece_bins)")
     p.add_argument("--predictions", metavar="FILE", help="also write per-pair scores (.parquet, else JSON lines)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -164,11 +165,33 @@ def imported_files(path: Path, roots: dict[str, Path] | None = None) -> list[Pat
     return sorted(seen)
 
 
+_loaded: dict[Path, bytes] = {}  # project file -> its content when its module was first seen loaded
+
+
+def remember_loaded_sources() -> None:
+    """Keep the content of every project file whose module is loaded and not yet remembered. A code version hashes
+    a loaded module's file as it was when it was first seen loaded (at the latest the next call here), not as it is
+    on disk at key time: a stage file edited while a run goes on would otherwise key what the old code writes
+    under the new code's version. A module not loaded yet (a stage's lazy imports) is hashed from disk."""
+    roots = _project_roots()
+    for m in list(sys.modules.values()):
+        f = getattr(m, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        path = Path(f).resolve()
+        if path not in _loaded and any(path.is_relative_to(r) for r in roots.values()):
+            try:
+                _loaded[path] = path.read_bytes()
+            except OSError:
+                pass
+
+
 def code_version(name: str, module: ModuleType) -> str:
     """sha256 of the stage module's source and of every project file it imports (not Prefect's TASK_SOURCE,
     which misses the helpers a task calls, and not a hand-kept list, which drifts from the imports)."""
     if name in _code_cache:
         return _code_cache[name]
+    remember_loaded_sources()
     roots = _project_roots()
     h = hashlib.sha256()
     for f in imported_files(Path(module.__file__), roots):
@@ -177,7 +200,7 @@ def code_version(name: str, module: ModuleType) -> str:
         if rel in KEY_NEUTRAL:
             continue
         h.update(rel.encode())
-        h.update(f.read_bytes())
+        h.update(_loaded.get(f) or f.read_bytes())
     _save_names_memo()
     _code_cache[name] = h.hexdigest()[:16]
     return _code_cache[name]

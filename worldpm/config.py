@@ -30,7 +30,11 @@ SOURCE_FORMATS = (
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys are errors, and every float is finite: `.inf` epochs or a `.nan` threshold would pass every
+    comparison a bound makes (nan) or none (inf) and fail, or silently reject everything, far from the config. A
+    key that means "no limit" says so with null, never with .inf."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---- what a cache key sees -------------------------------------------------------------------------------------
@@ -584,6 +588,14 @@ def _looks_like_a_path(text: str) -> bool:
         return True
     first = head.split("/", 1)[0]
     return "/" in head and bool(first) and Path(first).is_dir()
+
+
+def hub_reading_only(text: str) -> bool:
+    """`--source TEXT` became a hub dataset although TEXT might have meant a path: it has no `hf://`, and nothing
+    exists at that path. The CLI asks the hub once before anything runs (worldpm/cli.py), so a mistyped path fails
+    at once, naming both readings, instead of after a download stage's retries."""
+    return not text.startswith("hf://") and text != "demo" and not Path(text).exists() \
+        and source_from_cli(text)["kind"] == "hf"
 
 
 def source_from_cli(text: str) -> dict:

@@ -20,6 +20,9 @@ stages and their edges: the DAG, written once):
                                                 the whole artifact)
     after_commit(cfg, ref, log)                 runs after a new artifact is committed (evaluate: the history of
                                                 runs and the regression guard, which lives outside the store)
+    preflight(cfg)                              ConfigError when the config cannot work for this stage (evaluate
+                                                without a test split): checked for every stage a run selects,
+                                                before any stage runs
 
 The engine knows stages only through the `Pipeline` it is handed: nothing in worldpm/ imports tasks/ or flows/.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +39,9 @@ from types import ModuleType
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
 from worldpm.codeversion import code_version as _code_version
+from worldpm.codeversion import remember_loaded_sources
 from worldpm.config import PipelineConfig, StageConfig, key_dict
-from worldpm.errors import ConfigError, StageError
+from worldpm.errors import ConfigError, DiskFull, StageError, disk_full, free_space
 from worldpm.store import ArtifactRef, ArtifactStore, canonical_json, sha256_text, stage_key
 
 C = TypeVar("C", bound=StageConfig)
@@ -52,6 +57,7 @@ class StageSpec(Generic[C]):
     input_files: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reads: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     after_commit: Callable[[PipelineConfig, ArtifactRef, Log], None] | None = None
+    preflight: Callable[[PipelineConfig], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,15 +89,12 @@ class Stage:
         return _code_version(self.name, self.module)
 
 
-def code_version(stage: Stage) -> str:
-    return stage.code_version
-
-
 class Pipeline:
     """The stages in a topological order; checked when built (an edge to a later or unknown stage is a bug)."""
 
     def __init__(self, stages: Iterable[Stage]):
         self.stages = tuple(stages)
+        remember_loaded_sources()  # the stage modules are loaded: their code versions follow what was loaded
         self._by_name: dict[str, Stage] = {}
         for s in self.stages:
             if s.name in self._by_name:
@@ -127,7 +130,18 @@ class Pipeline:
                 todo.extend(self[u].upstream)
         return [s for s in self.names if s in seen]
 
-    def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, dict]:
+    def preflight(self, cfg: PipelineConfig, until: str | None = None, only: str | None = None,
+                  start: str | None = None) -> list[str]:
+        """The stages a run with these options runs, after each one's `preflight(cfg)`: what a stage needs of the
+        config (a split) fails here, before the stages above it spend minutes, not when the stage is reached."""
+        _, to_run = self.select(until=until, only=only, start=start)
+        for name in to_run:
+            check = self[name].spec.preflight
+            if check is not None:
+                check(cfg)
+        return to_run
+
+    def resolve(self, name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> tuple[str, StageConfig]:
         """The key and stage config of stage `name` (see `resolve`)."""
         return resolve(self[name], cfg, inputs)
 
@@ -167,6 +181,7 @@ class Pipeline:
         force_set = set(force or [])
         for f in force_set:
             self[f]  # an unknown stage is a one-line error before anything runs
+        self.preflight(cfg, until=until, only=only, start=start)
         from_cache, to_run = self.select(until=until, only=only, start=start)
 
         def direct(name: str, inputs: dict[str, ArtifactRef], force_it: bool, cache_only: bool) -> StageResult:
@@ -289,9 +304,49 @@ def resolve(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -
     return key, scfg
 
 
+# What this process is doing, for a watcher that must not stop it mid-stage (flows/cli.py stops a run whose Prefect
+# server is gone only between stages, so a stage that was running is committed, not lost).
+_activity_lock = threading.Lock()
+_running: dict[str, int] = {}
+_done: list[str] = []
+
+
+_hold = threading.Event()
+
+
+def activity() -> tuple[list[str], list[str]]:
+    """(the stages executing now, the stages executed to their end: run and committed, or cached) in this process."""
+    with _activity_lock:
+        return [n for n, c in _running.items() if c], list(_done)
+
+
+def hold_new_stages() -> None:
+    """From now on no stage starts in this process (`execute` waits at its door): the process is about to end, and
+    the stages executing now are let finish (flows/cli.py, when the Prefect server is gone)."""
+    _hold.set()
+
+
 def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
             force: bool = False, log: Log | None = None) -> StageResult:
     """Skip the stage if its key is committed (unless forced); otherwise run it and commit atomically."""
+    with _activity_lock:
+        held = _hold.is_set()
+        if not held:
+            _running[stage.name] = _running.get(stage.name, 0) + 1
+    while held:  # the process ends without it (hold_new_stages)
+        time.sleep(3600)
+    try:
+        res = _execute(stage, cfg, inputs, store, force, log)
+    finally:
+        with _activity_lock:
+            _running[stage.name] -= 1
+    with _activity_lock:
+        _done.append(stage.name)
+    return res
+
+
+def _execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: ArtifactStore,
+             force: bool, log: logging.Logger | logging.LoggerAdapter | None) -> StageResult:
     name = stage.name
     log = log or logging.getLogger(f"worldpm.{name}")
     t0 = time.perf_counter()
@@ -306,25 +361,37 @@ def execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], s
                 return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
             for stale in store.clear_stale_tmp(name, key):
                 log.warning("%s: removed the unfinished output of an earlier run: %s", name, stale)
-            tmp = store.new_tmp(name, key)
-            log.info("%s: running (key %s)", name, key)
-            upstream = {u: inputs[u] for u in stage.upstream}
+            tmp = None
             try:
+                tmp = store.new_tmp(name, key)
+                log.info("%s: running (key %s)", name, key)
+                upstream = {u: inputs[u] for u in stage.upstream}
                 stats = stage.spec.run(scfg, upstream, tmp, log, store.work_dir(name, key)) or {}
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            seconds = time.perf_counter() - t0
-            _check_counts(name, stats)
-            manifest = {
-                "pipeline": cfg.name,
-                "code_version": stage.code_version,
-                "config": key_dict(scfg),
-                "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)} for u, ref in upstream.items()},
-                "seconds": round(seconds, 3),
-                **stats,
-            }
-            ref = store.commit(name, key, tmp, manifest, replace=force)
+                seconds = time.perf_counter() - t0
+                _check_counts(name, stats)
+                manifest = {
+                    "pipeline": cfg.name,
+                    "code_version": stage.code_version,
+                    "config": key_dict(scfg),
+                    "upstream": {u: {"key": ref.key, "digest": input_digest(stage, u, ref)}
+                                 for u, ref in upstream.items()},
+                    "seconds": round(seconds, 3),
+                    **stats,
+                }
+                ref = store.commit(name, key, tmp, manifest, replace=force)
+            except BaseException as e:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                full = disk_full(e)
+                if full is None:
+                    raise
+                place = getattr(full, "filename", None)  # a file of its own output: name the store
+                place = place if place and not Path(place).resolve().is_relative_to(store.root) else store.root
+                raise DiskFull(
+                    f"{name}: the disk is full (no space left on the device of {place}, {free_space(place)} free): "
+                    f"nothing was committed and its unfinished output is removed; free space there (`worldpm "
+                    f"artifacts gc` removes what the config does not use) or set artifacts_dir to a larger disk, "
+                    f"then run again: the stages before {name} are cached") from e
             store.drop_work_dir(name, key)
     log.info("%s: done in %.1fs -> %s", name, seconds, ref.path)
     if stage.spec.after_commit is not None:

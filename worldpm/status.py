@@ -2,7 +2,9 @@
 
 A stage's key is resolvable only when its upstream artifacts are known (the key hashes their content digests), so
 the walk follows the DAG: a cached stage hands its digest on; below a stage that would run, keys are unknown until
-it has run. For a stage that would run, the reason is a diff against the newest artifact of that stage for this
+it has run. A cached artifact is checked as run checks it: its files against its manifest (a damaged one is
+"damaged": the next run sets it aside and rebuilds it), and what a stage that would run reads of it against its
+content digests. For a stage that would run, the reason is a diff against the newest artifact of that stage for this
 pipeline name: which config values changed, whether the stage's code changed, which upstream content changed.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from worldpm import engine
 from worldpm.config import PipelineConfig, StageConfig, key_dict
 from worldpm.engine import Pipeline, Stage
 from worldpm.errors import StageError
-from worldpm.store import ArtifactRef, ArtifactStore
+from worldpm.store import ArtifactRef, ArtifactStore, canonical_json
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,18 +82,44 @@ def pipeline_status(pipeline: Pipeline, cfg: PipelineConfig) -> list[dict]:
         except StageError as e:
             rows.append({"stage": stage.name, "status": "unknown", "key": None, "why": str(e)})
             continue
-        ref = store.get(stage.name, key)
-        if ref is not None:
+        ref, problem = store.check(stage.name, key)
+        if ref is not None and problem is None:
             refs[stage.name] = ref
             rows.append({"stage": stage.name, "status": "cached", "key": key, "why": f"cached at {ref.path}"})
-        else:
-            rows.append({"stage": stage.name, "status": "would run", "key": key,
-                         "why": explain(stage, cfg, scfg, inputs, store)})
+            continue
+        if ref is not None:  # what run's cache lookup finds damaged (and sets aside), status says is damaged
+            rows.append({"stage": stage.name, "status": "damaged", "key": key,
+                         "why": f"the cached artifact {ref.path} is damaged ({problem}): the next run sets it aside "
+                                "and rebuilds it"})
+            continue
+        rows.append({"stage": stage.name, "status": "would run", "key": key,
+                     "why": explain(stage, cfg, scfg, inputs, store)})
+        # before a stage runs, run checks what it reads of its inputs against their content digests
+        for u, uref in inputs.items():
+            bad = store.verify(uref, deep=True, patterns=stage.reads(u))
+            if bad is not None:
+                row = next(r for r in rows if r["stage"] == u)
+                row.update(status="damaged", why=f"the cached artifact {uref.path} is damaged ({bad}): {stage.name} "
+                                                 "reads it, so the next run sets it aside and rebuilds it first")
     return rows
 
 
-def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the config") -> set[tuple[str, str]]:
-    """(stage, key) of every artifact the config resolves to, as far as the cache goes (for `artifacts gc`).
+def may_use(stage: Stage, cfg: PipelineConfig, store: ArtifactStore) -> list[str]:
+    """Keys of `stage`'s artifacts that `cfg` may still resolve to while the key cannot be computed (an upstream stage
+    would run first): those of this code version and this config. Only the content digests of the inputs are
+    unknown, and an upstream that reruns to byte-identical output (a threshold that drops nothing) hands on the
+    same digests, so these keys come back."""
+    mine = canonical_json(key_dict(stage.config(cfg)))  # what the manifests record as the stage's config
+    version = stage.code_version
+    return [m["key"] for m in store.manifests(stage.name)
+            if m.get("code_version") == version and canonical_json(m.get("config")) == mine]
+
+
+def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the config",
+                    said: list[str] | None = None) -> set[tuple[str, str]]:
+    """(stage, key) of every artifact the config resolves to, as far as the cache goes, and of every artifact it may
+    resolve to below a stage that would run (for `artifacts gc`: it keeps what it cannot prove unused). `said` gets
+    one line naming what was kept for that reason.
 
     A stage whose key cannot be worked out (a hub source offline, a missing local source or eval-set file) is a
     StageError: gc must not take "unknown" for "unused" and delete what the config would use."""
@@ -101,4 +129,15 @@ def referenced_keys(pipeline: Pipeline, cfg: PipelineConfig, origin: str = "the 
         r = unknown[0]
         why = r["why"] if r["why"].startswith(f"{r['stage']}") else f"{r['stage']}: {r['why']}"
         raise StageError(f"cannot tell which artifacts {origin} uses: {why}")
-    return {(r["stage"], r["key"]) for r in rows if r["key"]}
+    keep = {(r["stage"], r["key"]) for r in rows if r["key"]}
+    waiting = [r["stage"] for r in rows if r["key"] is None and r["status"] == "would run"]
+    if waiting:
+        store = ArtifactStore(cfg.artifacts_dir)
+        first = next(r["stage"] for r in rows if r["key"] is not None and r["status"] != "cached")
+        kept = [(name, key) for name in waiting for key in may_use(pipeline[name], cfg, store)]
+        keep |= set(kept)
+        if kept and said is not None:
+            said.append(f"kept {len(kept)} artifact(s) of {', '.join(dict.fromkeys(n for n, _ in kept))} that "
+                        f"{origin} may still use: their keys wait for the output of {first}, which would run "
+                        f"first, so gc cannot prove them unused ({', '.join(f'{n}/{k}' for n, k in kept)})")
+    return keep

@@ -44,6 +44,7 @@ from worldpm.errors import StageError
 MANIFEST = "manifest.json"
 # the folders of ours that are not artifacts: <stage>/.tmp-<key>-*, .work-<key>, .bad-<key>-*
 _OURS_RE = re.compile(r"^\.(?:tmp-(?P<tmp>[0-9a-f]{20})-.+|work-(?P<work>[0-9a-f]{20})|bad-(?P<bad>[0-9a-f]{20})-.+)$")
+_KEY_RE = re.compile(r"[0-9a-f]{20}")  # stage_key's length
 _LIB_NAMES = ("polars", "pyarrow", "datasets", "torch", "transformers", "accelerate", "deepspeed", "peft", "prefect")
 
 
@@ -142,15 +143,33 @@ class ArtifactStore:
         return self.root / stage / key
 
     def get(self, stage: str, key: str) -> ArtifactRef | None:
+        """The artifact committed at this key (its manifest says so), else None; nothing is checked or moved."""
         d = self.path(stage, key)
-        m = d / MANIFEST
-        if not m.is_file():
-            return None
-        try:
-            manifest = json.loads(m.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return ArtifactRef(stage, key, str(d), manifest["digest"])
+        return None if folder_problem(d, stage, key) else ArtifactRef(stage, key, str(d), _read_manifest(d)["digest"])
+
+    def check(self, stage: str, key: str) -> tuple[ArtifactRef | None, str | None]:
+        """What a run would find at this key, without changing anything: (ref, None) for a sound cache hit, (ref,
+        problem) for a damaged one (a file missing, of another size or added; its manifest missing or unreadable),
+        (None, None) where there is nothing. `find` sets the damaged ones aside; `status` only says so."""
+        d = self.path(stage, key)
+        if not os.path.lexists(d):
+            return None, None
+        ref = ArtifactRef(stage, key, str(d), "")
+        problem = folder_problem(d, stage, key)
+        if problem is not None:
+            return ref, problem
+        ref = ArtifactRef(stage, key, str(d), _read_manifest(d)["digest"])
+        return ref, self.verify(ref)
+
+    def damaged_folders(self, stage: str) -> list[tuple[ArtifactRef, str]]:
+        """Folders at a key of `stage` whose manifest is missing or unreadable (`manifests` cannot list them, and
+        `verify` must not pass them over): (ref, problem)."""
+        d = self.root / stage
+        out = []
+        for k in sorted(d.iterdir()) if d.is_dir() else []:
+            if _KEY_RE.fullmatch(k.name) and (problem := folder_problem(k, stage, k.name)) is not None:
+                out.append((ArtifactRef(stage, k.name, str(k), ""), problem))
+        return out
 
     def manifests(self, stage: str | None = None) -> list[dict]:
         """Every finished artifact's manifest (newest first)."""
@@ -292,12 +311,14 @@ class ArtifactStore:
             replace_dir(tmp, final)  # tmp now holds the old artifact
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            if final.exists():  # a finished artifact of the same key exists already (someone else won): keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                ref = self.get(stage, key)
-                if ref is not None:
+            if os.path.lexists(final):
+                ref, problem = self.check(stage, key)
+                if problem is None:  # a sound artifact of the same key exists already (someone else won): keep it
+                    shutil.rmtree(tmp, ignore_errors=True)
                     return ref
-                shutil.rmtree(final, ignore_errors=True)  # an unfinished folder without manifest: never trusted
+                # a damaged one (its manifest missing or unreadable, a file gone): set aside, as find does, and
+                # ours goes in its place; the fresh output is never the one removed
+                self.set_aside(ref, problem)
             os.rename(tmp, final)
         dfd = os.open(final.parent, os.O_RDONLY)
         try:
@@ -312,10 +333,10 @@ class ArtifactStore:
         size, and no file was added (a stage reads folders by glob); ``deep``: every file's sha256 too.
         ``patterns``: check only the files that match (what a stage reads, INPUT_FILES)."""
         d = Path(ref.path)
-        try:
-            files = json.loads((d / MANIFEST).read_text()).get("files", [])
-        except (OSError, json.JSONDecodeError) as e:
-            return f"its manifest cannot be read ({type(e).__name__})"
+        problem = folder_problem(d, ref.stage, ref.key)
+        if problem is not None:
+            return problem
+        files = _read_manifest(d).get("files", [])
         pick = (lambda p: any(fnmatch.fnmatch(p, pat) for pat in patterns)) if patterns else (lambda p: True)
         listed = {f["path"]: f for f in files}
         on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST}
@@ -344,7 +365,8 @@ class ArtifactStore:
             os.rename(d, bad)
         except FileNotFoundError:  # another run set it aside first
             return bad
-        (bad / "SET_ASIDE.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {problem}\n")
+        if bad.is_dir():
+            (bad / "SET_ASIDE.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {problem}\n")
         return bad
 
     def bad_copies(self, stage: str, key: str) -> list[Path]:
@@ -352,12 +374,9 @@ class ArtifactStore:
 
     def find(self, stage: str, key: str, log=None) -> ArtifactRef | None:
         """`get`, with the artifact's files checked against its manifest (sizes, nothing added: cheap). A bad one
-        is set aside (and logged by name), so the caller rebuilds it."""
-        ref = self.get(stage, key)
-        if ref is None:
-            return None
-        problem = self.verify(ref)
-        if problem is None:
+        (its manifest missing or unreadable too) is set aside (and logged by name), so the caller rebuilds it."""
+        ref, problem = self.check(stage, key)
+        if ref is None or problem is None:
             return ref
         bad = self.set_aside(ref, problem)
         if log is not None:
@@ -403,6 +422,31 @@ class ArtifactStore:
                         if not dry_run:
                             shutil.rmtree(k, ignore_errors=True)
         return plan
+
+
+def _read_manifest(d: Path) -> Any:
+    return json.loads((d / MANIFEST).read_text())
+
+
+def folder_problem(d: Path, stage: str, key: str) -> str | None:
+    """What keeps the folder at <stage>/<key> from being a committed artifact (its manifest.json missing,
+    unreadable, or not this artifact's), or None. Every folder there was renamed into place with its manifest, so a
+    problem here is damage, not a write in progress."""
+    if not d.is_dir():
+        return "it is not a folder" if os.path.lexists(d) else "it is missing"
+    try:
+        m = _read_manifest(d)
+    except FileNotFoundError:
+        return f"its {MANIFEST} is missing"
+    except json.JSONDecodeError as e:
+        return f"its {MANIFEST} is not valid JSON ({e.msg}, line {e.lineno})"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"its {MANIFEST} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+    if not isinstance(m, dict) or not isinstance(m.get("digest"), str):
+        return f"its {MANIFEST} has no content digest"
+    if m.get("stage", stage) != stage or m.get("key", key) != key:
+        return f"its {MANIFEST} is that of {m.get('stage')}/{m.get('key')}"
+    return None
 
 
 def _alive(pid: int) -> bool:

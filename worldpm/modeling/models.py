@@ -200,7 +200,9 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
         model = model.merge_and_unload()
     else:
         try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(str(d), output_loading_info=True, **kw)
+            with _quiet_loading():
+                model, info = AutoModelForSequenceClassification.from_pretrained(str(d), output_loading_info=True,
+                                                                                 **kw)
         except Exception as e:  # OSError, ValueError, a pickle checkpoint's UnpicklingError, a safetensors error ...
             if type(e).__name__ == "UnpicklingError":
                 raise ModelError(f"cannot load the reward model in {d}: its weights are a pickle that torch refuses "
@@ -214,6 +216,28 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
     if device is not None:
         model.to(device)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' load report (a multi-line MISSING/UNEXPECTED table, logged as a warning) says what
+    check_trained_head says in one line, or nothing that matters for scoring (an unused pooler); and its "Loading
+    weights" bar is noise where stderr is no terminal. Both off while loading, restored after."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if bar and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def check_trained_head(model, info: dict, d: Path) -> None:

@@ -88,6 +88,8 @@ def score_sequences(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_siz
     ~10% of the work (done/total, rate, ETA) when there are more than a few batches."""
     from worldpm.modeling.models import score_token_ids
 
+    if batch_size < 1:  # a negative size scored nothing and returned np.empty's leftovers as rewards
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(seqs)
     out = np.empty(n, dtype=np.float32)
     if n == 0:

@@ -159,7 +159,7 @@ def check_regression(history_path: str | Path, metrics: dict, delta: float | Non
         return True, "regression guard off (evaluate.regression_delta is null)"
     if acc is None:
         return True, f"regression guard: no {what} accuracy in this run (empty or missing); nothing to compare"
-    prev = prev_sets = None
+    prev = None
     for e in reversed(read_history(history_path)):
         if e.get("status") != "failed" and watched(_entry_sets(e), watch)[1] is not None:
             prev = e

@@ -8,8 +8,12 @@ records == (records that gave at least one pair) + (records rejected).
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 
@@ -19,7 +23,7 @@ from worldpm.data.sources.common import REJECTS_SCHEMA, AdapterError, Ctx, Finis
 from worldpm.data.sources.readers import container_of, read_raw
 
 __all__ = ["AdapterError", "AdapterResult", "read_source_file", "CANONICAL_SCHEMA", "COLUMNS", "REJECTS_SCHEMA",
-           "is_data_file", "FORMATS"]
+           "is_data_file", "FORMATS", "local_files", "read_root", "check_read_root"]
 
 FORMATS = (*adapters.ADAPTERS, "stackexchange_posts_xml")
 
@@ -44,6 +48,67 @@ def is_data_file(path: Path) -> bool:
     return container_of(path) is not None
 
 
+def local_files(path: str) -> list[Path]:
+    """The data files of a local source, sorted: a file, a directory (recursive) or a glob; each one checked
+    against the read root (`read_root`), resolved: a glob or a folder can reach through a symlink."""
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and is_data_file(f))
+        if not files:
+            raise AdapterError(f"no data files (.jsonl[.gz], .json, .parquet, .csv, Posts.xml) under {p}")
+    else:
+        files = sorted(Path(m) for m in glob.glob(path, recursive=True) if Path(m).is_file())
+        if not files:
+            raise AdapterError(f"{path}: no such file, directory or glob match")
+    for f in files:
+        check_read_root(f, path)
+    return files
+
+
+# ---- where a run may read: a deployment run reads inside its project only (flows/policy.py sets it) ---------------
+READ_ROOT_ENV = "WORLDPM_READ_ROOT"
+
+
+@contextlib.contextmanager
+def read_root(roots: list[str | Path] | None) -> Iterator[None]:
+    """Within: every data file read (`read_source_file`, `local_files`) must resolve to a path inside one of
+    `roots` (a folder, or a file allowed by name). An environment variable, so every thread of the process (Prefect's
+    task runs) sees it; None: no limit."""
+    old = os.environ.get(READ_ROOT_ENV)
+    if roots is None:
+        os.environ.pop(READ_ROOT_ENV, None)
+    else:
+        os.environ[READ_ROOT_ENV] = os.pathsep.join(str(Path(r).resolve()) for r in roots)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(READ_ROOT_ENV, None)
+        else:
+            os.environ[READ_ROOT_ENV] = old
+
+
+def outside_read_root(path: str | Path, roots: list[Path]) -> Path | None:
+    """`path` resolved (symlinks followed) when that is inside none of `roots`, else None."""
+    real = Path(path).resolve()
+    return None if any(real.is_relative_to(r) for r in roots) else real
+
+
+def check_read_root(path: str | Path, given: str | Path | None = None) -> None:
+    """AdapterError unless `path`, resolved, is inside the read root (when one is set)."""
+    env = os.environ.get(READ_ROOT_ENV)
+    if not env:
+        return
+    roots = [Path(r) for r in env.split(os.pathsep)]
+    real = outside_read_root(path, roots)
+    if real is not None:
+        via = f" (from {given})" if given is not None and str(given) != str(path) else ""
+        raise AdapterError(f"{path}{via} resolves to {real}, outside {roots[0]}: this run may read only files inside "
+                           "it (a deployment run reads inside its project)")
+
+
 def read_source_file(path: str | Path, fmt: str = "auto", tag: str | None = None, *, max_pairs_per_question: int = 10,
                      work: Path | None = None, log=None) -> AdapterResult:
     """One file -> AdapterResult. Raises AdapterError (one line naming the file) when the file cannot be used at
@@ -52,6 +117,7 @@ def read_source_file(path: str | Path, fmt: str = "auto", tag: str | None = None
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: no such file")
+    check_read_root(path)
     ctx = Ctx(path=path, tag=tag or path.stem, max_pairs_per_question=max_pairs_per_question, work=work, log=log)
     if container_of(path) == "xml" or fmt == "stackexchange_posts_xml":
         if container_of(path) != "xml":

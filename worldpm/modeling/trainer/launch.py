@@ -13,11 +13,14 @@
   cancelled flow stops the whole process group (worldpm/procs.py), not just the launcher; and it dies with the
   process that started it, even on a SIGKILL (guard.py). Its stdout lines (progress) go to the stage's log; a failed
   run is one line: the program's root cause (<work>/failure.json, else the last exception line of a worker in
-  stderr, past torchrun's ``[rankN]:`` prefixes and the launcher's own report) and the path of the full stderr log.
+  stderr, past torchrun's ``[rankN]:`` prefixes and the launcher's own report; none for a process killed by a
+  signal, which writes none) and the path of the full stderr log. The last stderr lines go to the stage's log as
+  detail (the run's log file and the Prefect UI; the terminal with `run --verbose`).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -171,12 +174,22 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
     rc, tail = stream_process(cmd, log, env, err_path, timeout_s)
     if rc != 0:
         failure = args.work / FAILURE
-        reason = json.loads(failure.read_text())["error"] if failure.exists() else None
-        for line in tail[-25:]:
-            log.error("trainer stderr: %s", line)
-        lines = err_path.read_text(errors="replace").splitlines()[-400:] if err_path.exists() else tail
+        try:
+            reason = json.loads(failure.read_text())["error"] if failure.exists() else None
+        except (OSError, ValueError, KeyError):  # half-written (a full disk): the stderr lines say it
+            reason = None
+        for line in tail[-25:]:  # detail: in the run's log file and the Prefect UI, on the terminal with --verbose
+            log.error("trainer stderr: %s", line, extra={DETAIL: True})
+        try:
+            lines = err_path.read_text(errors="replace").splitlines()[-400:]
+        except OSError:
+            lines = []
+        if len(lines) < len(tail):  # the file stopped where the disk did: the lines kept in memory go further
+            lines = tail
         rc, last = program_failure(rc, [ln for ln in lines if ln.strip()])
-        raise StageError(f"train: the training program {describe_exit(rc)}: {reason or last} (full log: {err_path})")
+        cause = reason or last
+        raise StageError(f"train: the training program {describe_exit(rc)}{f': {cause}' if cause else ''} "
+                         f"(full log: {err_path})")
     summary_path = args.out / "train_summary.json"
     if not summary_path.is_file() or not (args.out / "model" / "config.json").exists() and \
             not (args.out / "model" / "adapter_config.json").exists():
@@ -197,14 +210,21 @@ def stream_process(cmd: list[str], log, env: dict, stderr_path: Path, timeout_s:
     timed_out = threading.Event()
 
     def read_stderr() -> None:
-        with open(stderr_path, "w") as f:
-            for line in proc.stderr:  # type: ignore[union-attr]
-                f.write(line)
-                f.flush()
-                line = line.rstrip()
-                if line:
-                    tail.append(line)
-                    log.debug("trainer: %s", line)
+        f = _open_or_none(stderr_path)
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if f is not None:
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:  # a full disk: keep draining the pipe (a full pipe would stall the trainer)
+                    f = None
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                log.debug("trainer: %s", line)
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
 
     def watchdog() -> None:
         timed_out.set()
@@ -235,7 +255,17 @@ def stream_process(cmd: list[str], log, env: dict, stderr_path: Path, timeout_s:
     return rc, list(tail)
 
 
-_EXIT = re.compile(r"returned non-zero exit status (-?\d+)|^\s*exitcode\s*:\s*(-?\d+)")
+def _open_or_none(path: Path):
+    try:
+        return open(path, "w")
+    except OSError:
+        return None
+
+
+# what the trainer wrote to stderr, besides its exception: logged as detail (worldpm/cli.py shows it with --verbose)
+DETAIL = "worldpm_detail"
+_EXIT = re.compile(r"returned non-zero exit status (-?\d+)|^\s*exitcode\s*:\s*(-?\d+)"
+                   r"|died with <Signals\.\w+: (\d+)>")  # the launcher's report (a signal: its number)
 _RANK = re.compile(r"^\[(?:rank|default)\d*\]:\s?")  # torchrun's prefix of a worker's lines
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(Error|Exception|Exit|Interrupt|Failure)\b(:.*)?$")
 _LAUNCHER_ERRORS = ("subprocess.CalledProcessError", "torch.distributed.elastic", "ChildFailedError")
@@ -247,8 +277,10 @@ def program_failure(rc: int, tail: list[str]) -> tuple[int, str]:
     cause is the last exception line of a worker, not the launcher's."""
     for ln in reversed(tail):
         if m := _EXIT.search(ln):
-            rc = int(m.group(1) or m.group(2))
+            rc = int(m.group(1) or m.group(2)) if m.group(3) is None else -int(m.group(3))
             break
+    if rc < 0 or rc in (137, 139):  # killed by a signal: it wrote no error of its own; its last lines are not why
+        return rc, ""
     lines = [_RANK.sub("", ln).rstrip() for ln in tail]
     errors = [ln for ln in lines if _ERROR_LINE.match(ln) and not ln.startswith(_LAUNCHER_ERRORS)]
     if errors:
