@@ -335,19 +335,22 @@ def _length_bias(metrics: dict, images: dict[str, str]) -> list[str]:
            "mean of the two, so the length rule (\"the longer response wins\") scores 50% on it whatever the set; "
            "corr is the Pearson correlation of the reward margin with the length difference (0: no linear trace of "
            "length). Brackets: 95% intervals.", ""]
-    rows = []
+    # two tables of a row per set: eight columns with intervals in one table are wider than Prefect's artifact page
+    by_length, against = [], []
     for set_name, m in metrics.items():
         lb = m.get("length_bias") or {}
         corr, cci = m.get("margin_length_corr"), m.get("margin_length_corr_ci")
-        rows.append([set_name] + [f"{_pct_ci(lb[k]['accuracy'], lb[k].get('ci'))} (n={lb[k]['n']:,})" if k in lb
-                                  else "-" for k in ("chosen_longer", "chosen_shorter")]
-                    + [_pct_ci(m.get("lc_accuracy"), m.get("lc_accuracy_ci")),
-                       "-" if corr is None else f"{corr:+.3f}" + (f" [{cci[0]:+.2f}, {cci[1]:+.2f}]" if cci else ""),
-                       _pct(m.get("prefers_longer")),
-                       _pct_ci(m.get("length_rule_accuracy"), m.get("length_rule_accuracy_ci")),
-                       _pct_ci(m.get("accuracy"), m.get("accuracy_ci"))])
-    out += [_table(["set", "chosen longer", "chosen shorter", "LC accuracy", "corr(margin, length diff)",
-                    "prefers longer", "length rule accuracy", "model accuracy"], rows), ""]
+        by_length.append([set_name] + [f"{_pct_ci(lb[k]['accuracy'], lb[k].get('ci'))} (n={lb[k]['n']:,})"
+                                       if k in lb else "-" for k in ("chosen_longer", "chosen_shorter")]
+                         + [_pct_ci(m.get("lc_accuracy"), m.get("lc_accuracy_ci"))])
+        against.append([set_name, "-" if corr is None else f"{corr:+.3f}" + (f" [{cci[0]:+.2f}, {cci[1]:+.2f}]"
+                                                                             if cci else ""),
+                        _pct(m.get("prefers_longer")),
+                        _pct_ci(m.get("length_rule_accuracy"), m.get("length_rule_accuracy_ci")),
+                        _pct_ci(m.get("accuracy"), m.get("accuracy_ci"))])
+    out += [_table(["set", "chosen longer", "chosen shorter", "LC accuracy"], by_length), "",
+            _table(["set", "corr(margin, length diff)", "prefers longer", "length rule accuracy", "model accuracy"],
+                   against), ""]
     if "length_bias" in images:
         out += [f"![Length bias]({images['length_bias']})", ""]
     return out
