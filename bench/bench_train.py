@@ -11,7 +11,8 @@ Variants (``--variants``): ``ours`` (the train stage as the pipeline runs it, pa
 ``attn_implementation: worldpm_varlen``, torch's varlen flash attention), ``ours-sdpa`` (packed into rows as wide
 as the longest sequence, sdpa with a block mask), ``ours-padded`` (train.packing=false: the padded batches of
 before), ``ours-zero3`` (as ``ours``, under DeepSpeed ZeRO-3; on the CPU through DeepSpeed's CPU accelerator),
-``trl`` (trl.RewardTrainer, in its own process; needs `pip install -e '.[bench]'`). On the CPU ``ours`` keeps
+``ours-ckpt`` (as ``ours`` with train.gradient_checkpointing=true: the knob that fits 32 pairs x 1024 tokens in
+80 GB), ``trl`` (trl.RewardTrainer, in its own process; needs `pip install -e '.[bench]'`). On the CPU ``ours`` keeps
 the configured attention (varlen's CPU stand-in is a loop, for tests).
 Every variant runs in its own process(es), so each peak memory is its own; a variant that fails (out of memory, TRL
 missing) is recorded with its error and the others still run. After each variant its row is appended to
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_SE = ROOT.parent / "shared" / "data" / "stack-exchange-paired" / "data"
 OUT = ROOT / "bench" / "out" / "train"  # git-ignored
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-VARIANTS = ("ours", "ours-sdpa", "ours-padded", "ours-zero3", "trl")
+VARIANTS = ("ours", "ours-sdpa", "ours-padded", "ours-zero3", "ours-ckpt", "trl")
 TINY_QWEN = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512}
 
@@ -106,6 +107,30 @@ def non_embedding_params(mcfg: dict, tokenizer_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters()) - emb
 
 
+def shared_init(cfg, ref, out: Path, name: str, device: str):
+    """A from_config model is drawn once (seeded, on the device) and saved: every variant then starts from these very
+    weights (ZeRO-3's zero.Init draws a from_config model's weights differently, so its loss curve could not be set
+    against plain's otherwise). Returns cfg loading that checkpoint."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from worldpm.modeling import models
+
+    init = out / f"init-{name}"
+    if not (init / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(Path(ref.path) / "tokenizer"))
+        torch.manual_seed(cfg.train.seed)
+        model = models.build_reward_model(cfg.model.model_dump(mode="json"), tok, device=device)
+        model.save_pretrained(str(init) + ".tmp")
+        tok.save_pretrained(str(init) + ".tmp")
+        Path(str(init) + ".tmp").rename(init)
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.from_config = None
+    cfg.model.name_or_path = str(init)
+    cfg.model.tokenizer = None
+    return cfg
+
+
 def window_rates(lines: list[dict]) -> dict:
     """pairs/s and tokens/s over the log windows after the first (its steps hold the warm-up)."""
     after = lines[1:] or lines
@@ -124,7 +149,8 @@ def run_ours(cfg, store, ref, variant: str, pairs: int, want_accuracy: bool, dev
     cfg = cfg.model_copy(deep=True)
     cfg.train.batch_size = pairs
     cfg.train.packing = variant != "ours-padded"
-    if device == "cuda" and variant in ("ours", "ours-zero3") and varlen_kernel():
+    cfg.train.gradient_checkpointing = variant == "ours-ckpt"
+    if device == "cuda" and variant in ("ours", "ours-zero3", "ours-ckpt") and varlen_kernel():
         cfg.model.attn_implementation = "worldpm_varlen"
     elif variant in ("ours-sdpa", "ours-padded"):
         cfg.model.attn_implementation = "sdpa"
@@ -141,10 +167,29 @@ def run_ours(cfg, store, ref, variant: str, pairs: int, want_accuracy: bool, dev
          "attn_implementation": cfg.model.attn_implementation,
          "padding_fed": round(1 - sum(m["tokens"] for m in lines) / fed, 4) if fed else 0.0,
          "packed": summary["packed"], "steps": summary["steps"], "final_loss": summary["final"]["loss"],
-         "launch_to_first_step_s": summary["startup"]["launch_to_first_step_s"], "startup": summary["startup"]}
+         "launch_to_first_step_s": summary["startup"]["launch_to_first_step_s"], "startup": summary["startup"],
+         "losses": [round(m["loss"], 5) for m in lines], "parameters": summary.get("parameters")}
+    if variant == "ours-zero3":
+        r["plain_transformers_load"] = plain_load(out / "model", summary.get("parameters"))
     if want_accuracy:
         r["test_accuracy"] = accuracy(out, ref, device)
     return r
+
+
+def plain_load(model_dir: Path, parameters: int | None) -> str:
+    """'ok' when transformers alone (no worldpm, no DeepSpeed) loads the saved folder whole: no missing or unexpected
+    weights, the trained parameter count, a finite score; else what is wrong."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(str(model_dir), output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    n = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        score = float(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits[0, 0])
+    if bad or (parameters and n != parameters) or not torch.isfinite(torch.tensor(score)):
+        return f"not ok: loading info {bad}, {n} parameters (trained {parameters}), score {score}"
+    return "ok"
 
 
 def varlen_kernel() -> bool:
@@ -257,6 +302,8 @@ def settings(a) -> tuple[str, object, list[str], dict]:
 
             build(tokdir, a.qwen_tiktoken)
         facts = {"steps": a.steps or 30, "max_length": a.max_length or 1024, "precision": "bf16", "log_every": 5}
+        if tokdir.resolve().is_relative_to(Path.cwd()):  # relative: the tokenize key is the same on both machines
+            tokdir = tokdir.resolve().relative_to(Path.cwd())
         return "gpu", ROOT / "configs" / "qwen2-0.5b-random.yaml", [f"model.tokenizer={tokdir}"], facts
     if a.tiny:
         facts = {"steps": a.steps or 6, "max_length": a.max_length or 128, "precision": "fp32", "log_every": 2}
@@ -280,6 +327,22 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['pairs']} | {r['variant']} | {r['pairs_per_s']} | {r['tokens_per_s']} | {mfu} | "
                    f"{r['padding_fed']:.1%} | {r['peak_memory_gb']} | {r.get('launch_to_first_step_s', '-')} | "
                    f"{r.get('test_accuracy', '-')} | {ratio} |")
+    return "\n".join(out)
+
+
+def zero3_against_plain(rows: list[dict]) -> str:
+    """Per pairs a step: ZeRO-3's loss windows against plain's (same seed, same global batch) and its step time."""
+    out = []
+    for pairs in sorted({r["pairs"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["pairs"] == pairs and "error" not in r}
+        a, b = by.get("ours"), by.get("ours-zero3")
+        if not (a and b):
+            continue
+        diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) if len(a["losses"]) == len(b["losses"]) \
+            else float("nan")
+        out.append(f"- {pairs} pairs a step: ZeRO-3 loss windows {b['losses']} against plain {a['losses']} "
+                   f"(largest difference {diff:.4f}); step time {a['pairs_per_s'] / b['pairs_per_s']:.2f}x plain's; "
+                   f"saved model with plain transformers: {b.get('plain_transformers_load', '-')}")
     return "\n".join(out)
 
 
@@ -333,6 +396,8 @@ def main() -> None:
                  model=cfg.model.name_or_path if not cfg.model.from_config else json.dumps(cfg.model.from_config))
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in facts["device"]), None) if cuda else None
     n_params = non_embedding_params(cfg.model.model_dump(mode="json"), Path(ref.path) / "tokenizer")
+    if cfg.model.from_config:
+        cfg = shared_init(cfg, ref, a.out, name, device)
     results = a.out / f"results-{name}.jsonl"
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -358,7 +423,8 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             (a.out / f"results-{name}.md").write_text(
                 f"{facts['device']}, {facts['precision']}, max_length {facts['max_length']}, {facts['steps']} steps, "
-                f"{n_params:,} non-embedding parameters ({started})\n\n" + table(rows) + "\n")
+                f"{n_params:,} non-embedding parameters ({started})\n\n" + table(rows) + "\n\n"
+                + zero3_against_plain(rows) + "\n")
             print(table(rows), flush=True)
     print(f"results: {results} and {a.out / f'results-{name}.md'}")
 

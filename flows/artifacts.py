@@ -60,12 +60,14 @@ def report_markdown(plot_path: str | Path) -> str:
 
 def publish_prefect_artifacts(cfg, results: list[dict]) -> bool:
     """Inside a Prefect flow run: a markdown artifact (the plot stage's report.md) and a table artifact (stage
-    seconds/sizes/paths, metrics, data funnel), keyed by the pipeline name. Outside a flow run: nothing.
+    seconds/sizes/paths, metrics, data funnel), keyed by the pipeline name (`<name>-report`, `<name>-run`: two
+    pipelines never share a key; two folders whose configs keep the same name do). Outside a flow run, or a run in
+    which no stage ran (nothing changed: the latest report stands): nothing.
 
     ``results``: run_pipeline's list of {stage, key, status, path, seconds}. Returns True when published."""
     from prefect.context import FlowRunContext
 
-    if FlowRunContext.get() is None:
+    if FlowRunContext.get() is None or not any(r["status"] == "ran" for r in results):
         return False
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 

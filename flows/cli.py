@@ -51,6 +51,7 @@ def with_prefect(flow_fn, **params):
             RunNote.end_dead_ones(api)
             fr = _create_flow_run(flow_fn, params)  # its id is in the note before the run starts
             note = RunNote.write(api, str(fr.id))
+            cli.run_page = _run_page(fr)  # the summary line names it (Prefect's own "View at" is --verbose's)
             if watch is not None:
                 watch.start()
             return run_flow_engine(flow_fn, flow_run=fr, parameters=params)
@@ -63,6 +64,16 @@ def with_prefect(flow_fn, **params):
             watch.stop()
         if note is not None and server.healthy(api):  # the flow call has returned or raised, and the server is
             note.remove()  # there: Prefect has reported the final state (else the next run looks at it)
+
+
+def _run_page(fr) -> str | None:
+    """The flow run's page in the Prefect UI of the current settings (None if there is none to say)."""
+    try:
+        from prefect.utilities.urls import url_for
+
+        return url_for("flow-run", obj_id=fr.id)
+    except Exception:  # a UI URL Prefect cannot form: the summary line goes without it
+        return None
 
 
 class ApiLost(NeedsTheLog):

@@ -19,7 +19,9 @@ end. `worldpm run` avoids that: `api_for_run()` picks, in this order,
    saying so, and the run uses the temporary server as before.
 
 WORLDPM_BACKGROUND_SERVER=0 skips 2-3 (the temporary server, as plain Prefect does). Whichever it is, the run says
-in one line which server it uses and where that server keeps its runs (PREFECT_HOME). Only loopback is ever bound;
+in one line which server it uses and where that server keeps its runs (PREFECT_HOME): on the terminal when it starts
+one, finds another folder's or cannot start one; in the run's log file (and with --verbose) when it reuses one,
+whose run page the run's summary line names. Only loopback is ever bound;
 the server has no authentication (docs/deploy.md says how to expose one safely).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -45,6 +48,12 @@ RECORD = "server.json"
 
 def _say(msg: str) -> None:
     print(f"worldpm: {msg}", file=sys.stderr, flush=True)
+
+
+def _note(msg: str) -> None:
+    """A line every run would repeat (the server it reuses): into the run's log file, on the terminal with
+    `--verbose`; the run's summary line names its page on that server."""
+    logging.getLogger("worldpm.server").info("worldpm: %s", msg, extra={"worldpm_detail": True})
 
 
 def project_home(project: Path | None = None) -> Path:
@@ -165,11 +174,12 @@ def start_background(home: Path, port: int, *, command: Callable[[int], list[str
 
 def api_for_run(project: Path | None = None) -> str | None:
     """The Prefect API URL this run should use (see the module doc); None: the user's own setting or Prefect's
-    temporary server. Whichever it is, one line says which server and which PREFECT_HOME."""
+    temporary server. Whichever it is, one line says which server and which PREFECT_HOME (the log file's, for a
+    server reused)."""
     user = user_api_url()
     if user:  # exactly what the user set; said when it answers (else the run's one line says it does not)
         if healthy(user):
-            _say(f"Prefect server (UI): {user.removesuffix('/api')}  [PREFECT_API_URL; its runs are in the "
+            _note(f"Prefect server (UI): {user.removesuffix('/api')}  [PREFECT_API_URL; its runs are in the "
                  "PREFECT_HOME of whoever started it]")
         return None
     if os.environ.get("WORLDPM_BACKGROUND_SERVER", "1").lower() in ("0", "false", "no", "off"):
@@ -181,7 +191,7 @@ def api_for_run(project: Path | None = None) -> str | None:
         rec = read_record(home)
         if rec is not None:
             if healthy(rec.url):
-                _say(f"Prefect server (UI): {rec.ui}  [this folder's background server, pid {rec.pid}, PREFECT_HOME "
+                _note(f"Prefect server (UI): {rec.ui}  [this folder's background server, pid {rec.pid}, PREFECT_HOME "
                      f"{rec.home}; `worldpm server stop` stops it]")
                 return rec.url
             if _is_our_server(rec.pid):  # alive but not answering (starting up, or stuck): ours to replace

@@ -16,6 +16,7 @@ from prefect.states import Completed
 
 from flows import policy
 from flows.artifacts import publish_prefect_artifacts
+from flows.runinfo import RunLabel
 from tasks import PIPELINE
 from worldpm import engine
 from worldpm.config import PipelineConfig, load_config
@@ -69,12 +70,16 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     else:
         cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()
+    label = RunLabel(cfg, log, until=until, only=only, start=start)
+    label.started(config_path, overrides, sources)  # name, tags, the resolved configuration (flows/runinfo.py)
     with read_root(roots):
         results = run_pipeline(cfg, until=until, only=only, start=start, force=force)
     ran = [r["stage"] for r in results if r["status"] == "ran"]
+    # the console script's summary line says both (worldpm/cli.py): here for the log file and the Prefect UI
     log.info("stages run: %s; cached: %s", ", ".join(ran) or "none",
-             ", ".join(r["stage"] for r in results if r["status"] == "cached") or "none")
+             ", ".join(r["stage"] for r in results if r["status"] == "cached") or "none", extra=engine.DETAIL)
     if not ran:
-        log.info("nothing changed: every stage was a cache hit")
+        log.info("nothing changed: every stage was a cache hit", extra=engine.DETAIL)
+    label.finished(results)
     publish_prefect_artifacts(cfg, results)  # markdown report + table of stages, metrics and the data funnel
     return results

@@ -135,9 +135,14 @@ def judged(lf: pl.LazyFrame, rules: CleanRules) -> pl.LazyFrame:
     return lf.select(reason.cast(pl.String).alias("reason"), detail.cast(pl.String).alias("detail"), "first")
 
 
+LONG_WORK_S = 10.0  # work that took less prints no progress line on the terminal
+
+
 def _progress(log, what: str, t0: float, rows: int) -> None:
     dt = time.perf_counter() - t0
-    log.info("clean: %s: %d rows in %.1fs (%.0f rows/s)", what, rows, dt, rows / max(dt, 1e-9))
+    # a progress line on the terminal only where the work is long; the log file and the Prefect UI keep it anyway
+    log.info("clean: %s: %d rows in %.1fs (%.0f rows/s)", what, rows, dt, rows / max(dt, 1e-9),
+             extra={"worldpm_detail": dt < LONG_WORK_S})
 
 
 def filter_pairs(norm: Path, rules: CleanRules, out: Path, log, normalize_markup: bool | None = None) -> dict:
@@ -197,7 +202,8 @@ def run(scfg: CleanStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, 
     if not pair_files(norm):
         raise StageError(f"clean: the normalise artifact {norm.path} has no pairs/*.parquet")
     normalize_markup = norm.manifest().get("config", {}).get("normalize_markup")
-    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg.clean)))
+    # the same 20 names every run: the log file and the Prefect UI keep them, the terminal shows what each dropped
+    log.info("clean: rules in order: %s", ", ".join(rule_order(scfg.clean)), extra={"worldpm_detail": True})
     report = filter_pairs(Path(norm.path), scfg.clean, out, log, normalize_markup=normalize_markup)
     if report["rows_in"] and report["rows_out"] == 0:
         raise StageError(f"clean: every pair was rejected ({report['rejected_by_rule']}); loosen the clean rules")

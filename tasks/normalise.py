@@ -104,8 +104,10 @@ def normalise_frame(src: pl.LazyFrame, scfg: NormaliseConfig, out: Path, log, ro
         del norm
         now = time.perf_counter()
         if now - last_log >= 10 or (rows is not None and done >= rows):
+            # the last one (all pairs read) only in the log file and the UI when the work was short: the stage's
+            # summary line follows at once
             log.info("normalise: %d pairs%s in %.0fs (%.0f pairs/s)", done, _eta(done, rows, now - t0), now - t0,
-                     done / max(now - t0, 1e-9))
+                     done / max(now - t0, 1e-9), extra={"worldpm_detail": now - t0 < 10})
             last_log = now
     if not measured:  # no rows: one empty file, so that the artifact has the table's schema
         normalised(canonical.limit(0), scfg).collect().write_parquet(out / "pairs" / "00000.parquet",

@@ -153,7 +153,9 @@ def tokenize_split(split: str, paths: list[str], r: Renderer, enc: ParallelEncod
             writer = pq.ParquetWriter(path, table.schema, compression="zstd")
         writer.write_table(table)
         n_out += res.height
-        log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(time.perf_counter() - t0, 1e-9))
+        dt = time.perf_counter() - t0  # progress on the terminal only once the split takes a while
+        log.info("tokenize: %s: %d pairs (%.0f pairs/s)", split, n_in, n_in / max(dt, 1e-9),
+                 extra={"worldpm_detail": dt < 10})
     if writer is None:
         pl.DataFrame(schema=OUT_SCHEMA).write_parquet(path, compression="zstd")
     else:

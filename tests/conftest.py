@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+SHARED_DATA = Path(os.environ.get("WORLDPM_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()  # or where set
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

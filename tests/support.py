@@ -70,6 +70,29 @@ def tiny_cfg(*extra: str):
                               "train.eval_max_pairs=16", *extra])
 
 
+# Qwen's ChatML: each turn <|im_start|>role\n content <|im_end|>\n (no default system turn: worldpm adds its own)
+CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{%- endif %}")
+
+
+def tiny_qwen_tokenizer(d: Path) -> Path:
+    """A Qwen2 tokenizer made here (no hub): byte-level BPE with no merges (a token a byte), Qwen's specials
+    (pad <|endoftext|>, eos <|im_end|>) and ChatML: a tiny Qwen2 reward model's tokenizer as Qwen's instruct
+    models have it (a chat template, no special tokens added around a text)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(d)
+    return d
+
+
 def curve(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 

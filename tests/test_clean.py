@@ -422,3 +422,25 @@ def test_killed_in_the_middle_of_normalise_leaves_no_artifact(tmp_path, se_paire
     assert res.status == "ran" and store.get("normalise", key) is not None
     assert res.manifest["rows_in"] == 30 * 1396 == res.manifest["rows_out"]
     assert not list((root / "normalise").glob(".tmp-*"))  # the unfinished folder was removed
+
+
+def test_a_progress_line_reaches_the_terminal_only_when_the_work_was_long():
+    """Short work's progress line is detail (the log file and the Prefect UI keep it; the terminal shows it with
+    --verbose): the stage's summary line follows at once. Work over LONG_WORK_S prints it. No clock is raced: t0 is
+    set in the past."""
+    import logging
+
+    from tasks import clean as stage
+
+    records: list[logging.LogRecord] = []
+    log = logging.getLogger("test_clean.progress")
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        stage._progress(log, "judged", time.perf_counter(), 1000)
+        stage._progress(log, "judged", time.perf_counter() - stage.LONG_WORK_S - 1, 10**8)
+    finally:
+        log.removeHandler(handler)
+    assert [getattr(r, "worldpm_detail", False) for r in records] == [True, False]

@@ -151,3 +151,25 @@ def test_qlora_on_cpu_is_a_clear_error(tok):
     mcfg = ModelConfig(name_or_path="minilm", lora={"enabled": True, "quantize_4bit": True})
     with pytest.raises(TrainingStop, match="needs a CUDA GPU"):
         build_model(build_objective({"objective": "bt"}), mcfg, tok, Accelerator(cpu=True))
+
+
+def test_a_qwen2_checkpoint_loads_without_hub_kernels(tmp_path):
+    """On the H200, transformers 5 with `kernels` installed fetched kernels-community/rotary from the Hub to load a
+    Qwen2 checkpoint, and failed offline. worldpm turns hub kernels off unless the user turned them on: a fresh
+    process (no USE_HUB_KERNELS) loads a saved tiny Qwen2 with use_kernels off; USE_HUB_KERNELS=YES is honoured."""
+    import os
+    import subprocess
+    import sys
+
+    tok = models.load_tokenizer("minilm")
+    spec = {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "intermediate_size": 64}
+    models.build_reward_model({"from_config": spec}, tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    probe = ("import os, sys; from worldpm.modeling import models; "
+             "m = models.load_reward_model(sys.argv[1]); print(os.environ['USE_HUB_KERNELS'], m.use_kernels)")
+    for env, want in (({}, "NO False"), ({"USE_HUB_KERNELS": "YES"}, "YES True")):
+        clean = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env={**clean, **env}, text=True,
+                             capture_output=True, check=True).stdout.split("\n")
+        assert want in out, out

@@ -610,7 +610,7 @@ def test_a_run_does_not_adopt_another_folders_server_and_says_which_it_uses(pref
                 f"on port {rec.url.split(':')[2].split('/')[0]}; to use that one, set PREFECT_API_URL="
                 f"http://127.0.0.1:{port}/api") in lines
         assert f"PREFECT_HOME {tmp_path / '.worldpm' / 'prefect'}]" in p.stderr
-        assert f"View at {rec.ui}/runs/flow-run/" in p.stderr  # the run is in this folder's server
+        assert f"; run {rec.ui}/runs/flow-run/" in p.stdout  # the run is in this folder's server (summary line)
     finally:
         _stop_servers_of(tmp_path, env)
 

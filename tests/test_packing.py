@@ -71,6 +71,35 @@ def test_packed_scores_equal_padded_scores(kind, attn, tok, seqs):
                                            err_msg=f"{kind} {attn} {side} rows={row_tokens}")
 
 
+def test_varlen_feeds_the_flash_kernel_half_precision_under_autocast(tok, seqs, monkeypatch):
+    """On the H200, plain bf16 training (fp32 weights, autocast) through worldpm_varlen stopped at step 1 with
+    "FlashAttention only support fp16 and bf16 data type": q and k leave the rotary embedding in fp32. Here a
+    stand-in for torch's varlen kernel holds the kernel's contract (one half dtype for q, k, v) and computes with
+    the per-sequence reference: under CPU autocast the packed scores and gradients run and match sdpa's."""
+    from worldpm.modeling import varlen
+
+    seen = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=True, enable_gqa=False):
+        if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        seen.append(q.dtype)
+        return varlen._segments(q, k, v, cu_q, scale, is_causal)
+
+    monkeypatch.setattr(varlen, "_kernel_for", lambda q: (kernel, frozenset({"scale", "is_causal", "enable_gqa"})))
+    model, reference = build("qwen2", tok, "worldpm_varlen", dropout=False), build("qwen2", tok, dropout=False)
+    b = packing.pack_sequences(seqs, tok.pad_token_id, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = packing.forward_scores_packed(model, b)
+        want = packing.forward_scores_packed(reference, b)
+        got.float().sum().backward()
+    assert seen and set(seen) == {torch.bfloat16}
+    np.testing.assert_allclose(got.float().detach().numpy(), want.float().detach().numpy(), atol=0.05, rtol=0)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="takes fp16/bf16"):  # fp32 without autocast: one line, the knobs named
+        packing.forward_scores_packed(model, b)
+
+
 @pytest.mark.parametrize("kind", ["bert", "qwen2"])
 def test_a_sequence_score_does_not_depend_on_what_it_is_packed_with(kind, tok, seqs):
     model = build(kind, tok).eval()

@@ -397,3 +397,37 @@ def test_the_guard_watches_an_eval_set_or_a_category(tmp_path):
     assert not ok and msg.startswith("category adversarial (2 sets) accuracy regressed: 0.6500 now") and "n=2000" in msg
     ok, msg = check_regression(h, now, 0.02, watch="nope")
     assert ok and "no eval set nope accuracy in this run" in msg
+
+
+@pytest.mark.parametrize("n_sets", [1, 2, 4])
+def test_figures_keep_their_text_inside_and_readable(n_sets, tmp_path, monkeypatch):
+    """Every title, legend, label and bar label of the evaluation figures lies inside the image (constrained layout
+    moves text but never shrinks it: a one-panel reliability figure used to cut off its title and legend at the
+    sides, length_bias its title), and no text is white (white labels were unreadable on the light bars)."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.text import Text
+
+    from worldpm.report import figures as F
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    sets = json.loads((Path(fake_upstream(store)["evaluate"].path) / "metrics.json").read_text())
+    names = ["test", "rewardbench-sample-with-a-long-name", "rb", "se-coffee"][:n_sets]
+    metrics = {k: sets["test" if i % 2 == 0 else "rb"] for i, k in enumerate(names)}
+    drawn = {}
+    monkeypatch.setattr(F, "_save", lambda fig, out, stem, formats: drawn.setdefault(stem, fig) and [stem])
+    F.plot_reliability(metrics, tmp_path, ["png"])
+    F.plot_length_bias(metrics, tmp_path, ["png"])
+    F.plot_eval_accuracy(metrics, tmp_path, ["png"])
+    assert set(drawn) == {"reliability", "length_bias", "eval_accuracy"}
+    for stem, fig in drawn.items():
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        box, drawn_box = fig.bbox, fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # inches -> px
+        # everything drawn (titles, legends, tick and bar labels: the figure's tight box) lies inside the image
+        assert (drawn_box.x0 >= box.x0 - 1 and drawn_box.x1 <= box.x1 + 1 and drawn_box.y0 >= box.y0 - 1
+                and drawn_box.y1 <= box.y1 + 1), (stem, drawn_box, box)
+        texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        assert any("Reliability" in t.get_text() or "Length" in t.get_text() or "Evaluation" in t.get_text()
+                   for t in texts)
+        for t in texts:
+            assert to_rgb(t.get_color()) != (1.0, 1.0, 1.0), (stem, t.get_text())

@@ -80,15 +80,50 @@ def _check_hub_reading(text: str) -> None:
                           f"hf://{text}") from None
 
 
+run_page: str | None = None  # the flow run's page in the Prefect UI, once the console script's run_flow knows it
+
+
 def _print_results(results: list[dict], stream=sys.stdout) -> None:
+    """A line per stage (status, key, seconds, artifact) and the summary line."""
     width = max(len(r["stage"]) for r in results)
     for r in results:
         key = r["key"] or "-"
         secs = f"{r['seconds']:.1f}s" if r["status"] != "skipped" else ""
         print(f"{r['stage']:<{width}}  {r['status']:<7}  {key:<20}  {secs:>7}  {r['path'] or ''}", file=stream)
+    print(summary_line(results, run_page), file=stream)
+
+
+def summary_line(results: list[dict], page: str | None = None) -> str:
+    """What the run did, its headline metric (the test split's accuracy with its 95% interval and n, when the run
+    reached evaluate), where its report is (plot's report.md) and its page in the Prefect UI."""
     ran = [r["stage"] for r in results if r["status"] == "ran"]
-    if not ran and any(r["status"] == "cached" for r in results):
-        print("nothing changed: every stage was a cache hit, no stage work done", file=stream)
+    cached = [r["stage"] for r in results if r["status"] == "cached"]
+    if ran:
+        parts = [f"{len(ran)} stage(s) ran, {len(cached)} from the cache, in "
+                 f"{sum(r['seconds'] or 0 for r in results):.1f}s"]
+    elif cached:
+        parts = ["nothing changed: every stage was a cache hit, no stage work done"]
+    else:
+        parts = ["no stage selected"]
+    by = {r["stage"]: r for r in results if r.get("path")}
+    test = _read_json_or_none(Path(by["evaluate"]["path"]) / "metrics.json").get("test") if "evaluate" in by else None
+    if test and test.get("accuracy") is not None:
+        ci = test.get("accuracy_ci")
+        parts.append(f"test accuracy {100 * test['accuracy']:.1f}%"
+                     + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "") + f" (n={test.get('n')})")
+    if "plot" in by and (Path(by["plot"]["path"]) / "report.md").is_file():
+        parts.append(f"report {Path(by['plot']['path']) / 'report.md'}")
+    if page:
+        parts.append(f"run {page}")
+    return "; ".join(parts)
+
+
+def _read_json_or_none(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ---- run ------------------------------------------------------------------------------------------------------
@@ -100,6 +135,7 @@ def cmd_run(args) -> int:
     args.pipeline.preflight(cfg, until=args.until, only=args.only, start=args.start)
     if not args.verbose:
         quiet_expected_tracebacks()
+        logging.captureWarnings(True)  # Python warnings (third parties') through logging: the log file, not here
     # Without --verbose, a handler that cannot write (Prefect's API log worker when the server has gone: "--- Error
     # logging to API ---" after every batch) says nothing on the terminal; the run's log file keeps the run.
     raise_before, logging.raiseExceptions = logging.raiseExceptions, bool(args.verbose)
@@ -211,18 +247,29 @@ def _expected(exc: BaseException | None) -> bool:
         c.__module__.split(".")[0] in ("httpx", "httpcore") for c in type(exc).__mro__)
 
 
+# the project's packages (siblings: worldpm/ beside tasks/ and flows/, in a checkout and in site-packages alike)
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / top) + os.sep for top in ("worldpm", "tasks", "flows"))
+
+
 class _HideDetail(logging.Filter):
-    """On the terminal without --verbose: records a stage marks as detail (``extra={"worldpm_detail": True}``: the
-    trainer's stderr lines before its one-line error) stay off it; the run's log file and the Prefect UI have them."""
+    """On the terminal without --verbose, a `worldpm run` shows the stages' own lines (what a stage that runs does,
+    progress of long work) and every error, and keeps off it (the run's log file and the Prefect UI have them all):
+    records a stage marks as detail (``extra={"worldpm_detail": True}``: a cache hit, the trainer's stderr lines
+    before its one-line error, the rules clean applies), and the lines of code outside this project below ERROR:
+    Prefect's own (its per-task "Finished in state ..." lines, "Beginning flow run", "View at"), the libraries'
+    warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, "worldpm_detail", False)
+        if getattr(record, "worldpm_detail", False):
+            return False
+        return record.levelno >= logging.ERROR or (record.pathname or "").startswith(_OURS)
 
 
 def quiet_expected_tracebacks() -> None:
     """Keep the terminal to one line per expected failure (`run` without --verbose): the console handlers of the
-    root logger print StageError/ConfigError records without their traceback. (Prefect's logging setup keeps a
-    root logger that has handlers of its own, as main() gives it, and its run loggers propagate to it.)"""
+    root logger print StageError/ConfigError records without their traceback, and none of the detail
+    (`_HideDetail`). (Prefect's logging setup keeps a root logger that has handlers of its own, as main() gives it,
+    and its run loggers propagate to it.)"""
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                 and not isinstance(h.formatter, _NoTracebackFor):
@@ -404,8 +451,10 @@ def build_parser(pipeline: Pipeline, run_flow: Callable[..., list[dict]],
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {stage, key, status: ran|cached|skipped, path, seconds}")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print Prefect's tracebacks of a failed stage too (by default a failure is one line; "
-                        "the full log is kept in .worldpm/logs/ either way)")
+                   help="print everything the run logs: Prefect's own lines (each task's state), the cache hits, "
+                        "the libraries' warnings, the tracebacks of a failed stage (by default: the stages' own "
+                        "lines, a line per stage and a summary line at the end, a failure in one line; the full log "
+                        "is kept in .worldpm/logs/ either way)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="which stages are cached for the current config, which would run, and why")

@@ -236,6 +236,10 @@ class Pipeline:
 
 # ---- keys, execution ----------------------------------------------------------------------------------------------
 
+# A line the terminal leaves to --verbose (the run's log file and the Prefect UI keep it): the CLI's line per stage
+# says it already (worldpm/cli.py)
+DETAIL = {"worldpm_detail": True}
+
 RunOne = Callable[[str, "dict[str, ArtifactRef]", bool, bool], "StageResult"]
 
 
@@ -353,11 +357,11 @@ def _execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], 
     with store.using():
         key, scfg = resolve(stage, cfg, inputs)
         if not force and (ref := store.find(name, key, log)) is not None:
-            log.info("%s: cached %s (%s)", name, key, ref.path)
+            log.info("%s: cached %s (%s)", name, key, ref.path, extra=DETAIL)
             return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
         with store.key_lock(name, key):
             if not force and (ref := store.get(name, key)) is not None:  # another run finished it while we waited
-                log.info("%s: cached %s (finished by a concurrent run)", name, key)
+                log.info("%s: cached %s (finished by a concurrent run)", name, key, extra=DETAIL)
                 return StageResult(name, key, "cached", ref.path, time.perf_counter() - t0, ref, ref.manifest())
             for stale in store.clear_stale_tmp(name, key):
                 log.warning("%s: removed the unfinished output of an earlier run: %s", name, stale)
@@ -393,7 +397,7 @@ def _execute(stage: Stage, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], 
                     f"artifacts gc` removes what the config does not use) or set artifacts_dir to a larger disk, "
                     f"then run again: the stages before {name} are cached") from e
             store.drop_work_dir(name, key)
-    log.info("%s: done in %.1fs -> %s", name, seconds, ref.path)
+    log.info("%s: done in %.1fs -> %s", name, seconds, ref.path, extra=DETAIL)
     if stage.spec.after_commit is not None:
         stage.spec.after_commit(cfg, ref, log)
     return StageResult(name, key, "ran", ref.path, time.perf_counter() - t0, ref, ref.manifest())

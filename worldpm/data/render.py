@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from worldpm.data.textpath import RenderSettings
+from worldpm.data.textpath import RenderSettings, is_plain_reward_template
 from worldpm.errors import StageError
 
 _U = "WORLDPMUSERSENTINEL"
@@ -55,7 +55,8 @@ class Renderer:
     def __init__(self, tok, plain_template: str, system_prompt: str | None):
         self.tok = tok
         self.system_prompt = system_prompt
-        self.chat = bool(getattr(tok, "chat_template", None))
+        template = getattr(tok, "chat_template", None)
+        self.chat = bool(template) and not is_plain_reward_template(template)
         if self.chat:
             self._init_chat()
         else:

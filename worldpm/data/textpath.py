@@ -19,6 +19,16 @@ from typing import Any
 
 from worldpm.config import PipelineConfig, Strict, TokenizeConfig
 
+# The chat template worldpm writes into a plain-template reward model's folder (worldpm/modeling/export.py) starts
+# with this comment: such a tokenizer is still rendered with the plain template and its own special tokens
+# (render.Renderer).
+PLAIN_REWARD_TEMPLATE = "{#- worldpm reward template (plain)"
+
+
+def is_plain_reward_template(template) -> bool:
+    return isinstance(template, str) and template.lstrip().startswith(PLAIN_REWARD_TEMPLATE)
+
+
 # what each setting of normalize_markup runs (worldpm/data/text.py), for the records
 NORMALIZERS = {True: "markup", False: "light"}
 _FUNCTIONS = {True: "worldpm.data.text.normalize_columns", False: "worldpm.data.text.light_text"}

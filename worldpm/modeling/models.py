@@ -24,6 +24,13 @@ import torch
 
 from worldpm.modeling import varlen
 
+# transformers 5, when the `kernels` package is installed (transformers depends on it), swaps some layers for kernels
+# it downloads from the Hub while loading a checkpoint (Qwen2's rotary embedding on CUDA). A node without the Hub
+# cannot load a Qwen2 checkpoint at all then ("Version 2 of 'kernels-community/rotary' is not available in the local
+# cache and Hugging Face Hub is in offline mode": seen on the H200), and code fetched at load time would make a run
+# depend on the Hub's state. Off unless the user sets USE_HUB_KERNELS=YES.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 MINILM = "minilm"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -200,7 +207,7 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
         model = model.merge_and_unload()
     else:
         try:
-            with _quiet_loading():
+            with _quiet_loading(_weights_bytes(d)):
                 model, info = AutoModelForSequenceClassification.from_pretrained(str(d), output_loading_info=True,
                                                                                  **kw)
         except Exception as e:  # OSError, ValueError, a pickle checkpoint's UnpicklingError, a safetensors error ...
@@ -218,11 +225,19 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype | None = None, d
     return model
 
 
+LONG_LOAD_BYTES = 2 << 30  # weights that take a while to read: transformers' "Loading weights" bar is worth showing
+
+
+def _weights_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in d.glob(pat) if f.is_file())
+
+
 @contextlib.contextmanager
-def _quiet_loading():
+def _quiet_loading(weights_bytes: int = 0):
     """transformers' load report (a multi-line MISSING/UNEXPECTED table, logged as a warning) says what
     check_trained_head says in one line, or nothing that matters for scoring (an unused pooler); and its "Loading
-    weights" bar is noise where stderr is no terminal. Both off while loading, restored after."""
+    weights" bar is noise where stderr is no terminal or the load takes a moment (under LONG_LOAD_BYTES of
+    weights). Both off while loading, restored after."""
     import sys
 
     from transformers.utils import logging as hf_logging
@@ -230,7 +245,7 @@ def _quiet_loading():
     level = hf_logging.get_verbosity()
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    if bar and not sys.stderr.isatty():
+    if bar and (not sys.stderr.isatty() or weights_bytes < LONG_LOAD_BYTES):
         hf_logging.disable_progress_bar()
     try:
         yield

@@ -53,12 +53,38 @@ def _segments(q, k, v, cu: torch.Tensor, scale: float | None, causal: bool) -> t
     return out
 
 
+def _kernel_for(q: torch.Tensor):
+    """The flash kernel for q's device, or None (the SDPA loop then)."""
+    return _kernel() if q.is_cuda else None
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _half(q, k, v):
+    """Flash attention takes fp16/bf16 only. Under autocast (train.precision bf16 on fp32 weights) q and k leave
+    the rotary embedding in fp32 (its cos/sin are fp32) while v leaves its linear layer in bf16: all three go to
+    autocast's dtype, as transformers' own flash-attention path does. fp32 without autocast cannot use the kernel."""
+    if q.dtype in HALF and k.dtype == q.dtype and v.dtype == q.dtype:
+        return q, k, v
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        want = torch.get_autocast_dtype(dev)
+    elif v.dtype in HALF:
+        want = v.dtype
+    else:
+        raise ValueError(f"{NAME} runs torch's flash attention, which takes fp16/bf16, and this model runs in "
+                         f"{q.dtype} without autocast: set train.precision=bf16 or model.attn_implementation=sdpa")
+    return q.to(want), k.to(want), v.to(want)
+
+
 def flat_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, causal: bool) -> torch.Tensor:
     """Attention within each sequence [cu[i], cu[i+1]) of flat q [T, H, D], k/v [T, Hkv, D]."""
-    kernel = _kernel() if q.is_cuda else None
+    kernel = _kernel_for(q)
     if kernel is None:
         return _segments(q, k, v, cu, scale, causal)
     fn, params = kernel
+    q, k, v = _half(q, k, v)
     kw: dict = {"scale": scale}
     if "window_size" in params:
         kw["window_size"] = (-1, 0) if causal else (-1, -1)

@@ -65,14 +65,6 @@ def epoch_means(steps: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> li
     return out
 
 
-def _wrap(text: str, width_in: float, fontsize: float) -> str:
-    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` points (a character is ~0.55 em)."""
-    import textwrap
-
-    chars = max(20, int(width_in * 72 / (0.55 * fontsize)))
-    return "\n".join(textwrap.wrap(text, chars))
-
-
 def _new_figure(w: float, h: float) -> Figure:
     fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -198,7 +190,9 @@ def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
         return []
     cols = min(len(sets), 3)
     nrows = math.ceil(len(sets) / cols)
-    fig = _new_figure(4.2 * cols, 5.0 * nrows)
+    # wide enough for the figure title and the legend under the panels: constrained layout moves text, it never
+    # shrinks it, so a one-panel figure as narrow as its panel cut both off at the sides
+    fig = _new_figure(max(5.6, 4.2 * cols), 5.0 * nrows + 0.6)
     grid = fig.subplots(2 * nrows, cols, squeeze=False, height_ratios=[3, 1] * nrows)
     axes = [grid[2 * (i // cols), i % cols] for i in range(nrows * cols)]
     hist_axes = [grid[2 * (i // cols) + 1, i % cols] for i in range(nrows * cols)]
@@ -217,9 +211,9 @@ def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("fraction ranked right")
         ece, cm = m.get("ece"), m.get("confidence_mean")
-        title = f"{name} (n={m['n']}): ECE {ece:.3f}" if ece is not None else name
-        if cm is not None:
-            title += f", mean confidence {cm:.2f}"
+        title = f"{name} (n={m['n']})"
+        if ece is not None:
+            title += f"\nECE {ece:.3f}" + ("" if cm is None else f", mean confidence {cm:.2f}")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         hx.bar(lo, n, width=hi - lo, align="edge", color="#969696", edgecolor="white")
@@ -233,11 +227,9 @@ def plot_reliability(metrics: dict, out: Path, formats: list[str]) -> list[str]:
         hx.tick_params(labelsize=7)
     for ax in axes[len(sets):] + hist_axes[len(sets):]:
         ax.set_visible(False)
-    # one panel is 4.2 in wide: the title and the legend wrap to it rather than run off the image
-    fig.suptitle(_wrap("Reliability (top) and the confidences it rests on (bottom: pairs per bin)", 4.2 * cols, 11),
-                 fontsize=11)
+    fig.suptitle("Reliability (top) and the confidences it rests on\n(bottom: pairs per bin)", fontsize=11)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=3 if cols >= 3 else 1, fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=3 if cols > 1 else 1, fontsize=8)
     return _save(fig, out, "reliability", formats)
 
 
@@ -248,7 +240,7 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
     sets = [(k, lb, m) for k, lb, m in sets if any(lb.get(c, {}).get("n") for c in ("chosen_longer", "chosen_shorter"))]
     if not sets:
         return []
-    fig = _new_figure(max(6.0, 2.2 * len(sets) + 2), 4.2)
+    fig = _new_figure(max(7.0, 2.2 * len(sets) + 2), 4.8)
     ax = fig.add_subplot()
     x = np.arange(len(sets))
     width = 0.26
@@ -269,7 +261,9 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
         ax.bar(xs, ys, width=width, color=color, label=label, yerr=err, capsize=2, error_kw={"lw": 0.8})
         for xi, v, k in zip(xs, vals, ns):
             if v is not None:
-                ax.text(xi, 0.02, f"{100 * v:.0f}%\nn={k}", ha="center", fontsize=6, color="white")
+                # dark on a light box: readable on every bar colour (white text was not, on the light ones)
+                ax.text(xi, 0.03, f"{100 * v:.0f}%\nn={k}", ha="center", va="bottom", fontsize=7, color="black",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
     rule = [m.get("length_rule_accuracy") for _, _, m in sets]
     ax.plot(x, [np.nan if v is None else v for v in rule], "D", color="black", ms=5,
             label="length rule (longer wins): accuracy")
@@ -283,9 +277,9 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
     ax.set_xlabel(f"evaluation set (length in {' / '.join(units)}); bars: accuracy with 95% intervals")
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("accuracy")
-    ax.set_title(_wrap("Length: what the model learned beyond \"the longer answer wins\"", fig.get_figwidth() - 1, 12))
+    ax.set_title("Length: what the model learned beyond \"the longer answer wins\"", fontsize=11)
     ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=7, ncols=3)
+    fig.legend(loc="outside lower center", fontsize=7, ncols=3)  # below the axes: never over a bar or its interval
     return _save(fig, out, "length_bias", formats)
 
 

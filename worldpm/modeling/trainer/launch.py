@@ -169,7 +169,7 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
     log.info("train: %s on %s, %d process(es), precision %s%s", t.objective,
              f"{gpus} GPU(s)" if gpus else "CPU", nproc, args.precision,
              f", DeepSpeed ZeRO-{t.deepspeed.zero_stage}" if t.deepspeed.enabled else "")
-    log.info("train: %s", " ".join(cmd))
+    log.info("train: %s", " ".join(cmd), extra={DETAIL: True})  # the log file and the UI keep the command
     err_path = launch_dir / "stderr.log"
     rc, tail = stream_process(cmd, log, env, err_path, timeout_s)
     if rc != 0:

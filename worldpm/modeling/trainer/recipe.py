@@ -127,7 +127,18 @@ def load_callbacks(specs: list[str]) -> list[Callback]:
 
 # ---- the program -----------------------------------------------------------------------------------------------
 
+# Where the trainer's own lines (progress, what it did) go: the launcher relays this process's stdout to the stage's
+# log, line by line. A launched trainer (main) keeps the real stdout for them and points file descriptor 1 at stderr,
+# so what libraries print to stdout (DeepSpeed's "Setting accelerator to CPU" notice, ...) lands in the trainer's
+# stderr log with the rest of their output, not among its progress lines. In process (tests): sys.stdout.
+OWN_STDOUT = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    global OWN_STDOUT
+    OWN_STDOUT = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
     ap = argparse.ArgumentParser(description="worldpm trainer (run through `accelerate launch`)")
     ap.add_argument("--args-json", required=True)
     args = TrainerArgs.read(ap.parse_args(argv).args_json)
@@ -198,7 +209,7 @@ class Recipe:
 
     def say(self, msg: str) -> None:
         if self.accelerator.is_main_process:
-            print(msg, flush=True)
+            print(msg, file=OWN_STDOUT or sys.stdout, flush=True)
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -382,7 +393,8 @@ class Recipe:
             if self.curve is not None:
                 self.curve.copy_to(A.out)
             (A.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-            self.say(f"saved {A.out / 'model'} ({plan.total_steps - self.start_step} steps in {hms(elapsed)})")
+            # not the folder: it is the stage's temporary output, renamed into the store when the stage commits
+            self.say(f"saved the model ({plan.total_steps - self.start_step} steps in {hms(elapsed)})")
         self.cb.on_train_end(self, summary)
         acc.wait_for_everyone()
         acc.end_training()

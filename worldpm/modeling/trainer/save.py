@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from worldpm.config import ModelConfig
-from worldpm.modeling import models
+from worldpm.data.textpath import RenderSettings
+from worldpm.modeling import export, models
 
 CKPT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
@@ -63,8 +64,15 @@ def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, obj
     """<out>/model in HF format. LoRA: merged into the base (plain HF folder) and the adapter with its trained
     head kept beside it (<out>/adapter); QLoRA or LoRA under ZeRO-3: the adapter folder is the model.
     worldpm.json records the objective, the reward token, the padding, and `card` (the text path the model was
-    trained on: TextPath.card)."""
+    trained on: TextPath.card). A reward model's folder is made ready for a HF pipeline (export.py: a regression
+    head labelled `reward`, the tokenizer's max length, left truncation and worldpm's reward chat template, recorded
+    under `hf`); every file gets the same mode."""
     lora = mcfg.lora.enabled
+    hf = None
+    if objective == "bt" and (card or {}).get("render") and accelerator.is_main_process:
+        # a reward model: the folder ready for a HF pipeline and TRL (worldpm/modeling/export.py)
+        tokenizer = export.reward_tokenizer(tokenizer, RenderSettings.of(card["render"]))
+        hf = export.hf_record(tokenizer)
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards (stage3_gather_16bit_weights_on_model_save)
     unwrapped = accelerator.unwrap_model(model)
     zero3 = getattr(accelerator.state, "deepspeed_plugin", None) is not None and \
@@ -84,10 +92,13 @@ def save_final(accelerator, model, tokenizer, dest: Path, mcfg: ModelConfig, obj
             unwrapped.save_pretrained(str(dest), state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(str(dest))
         reward_token = "first" if models.is_encoder(models.config_of(unwrapped)) else "last"
+        if objective == "bt":
+            export.finish_config(dest)
         (dest / "worldpm.json").write_text(json.dumps({
             "objective": objective, "reward_token": reward_token,
-            "pad_token_id": tokenizer.pad_token_id, "padding_side": "right", "lora": bool(lora), **(card or {})},
-            indent=2))
+            "pad_token_id": tokenizer.pad_token_id, "padding_side": "right", "lora": bool(lora), **(card or {}),
+            **({"hf": hf} if hf is not None else {})}, indent=2))
+        export.uniform_modes(dest, dest.parent / "adapter")
     accelerator.wait_for_everyone()
 
 
