@@ -150,11 +150,12 @@ def test_gc_racing_a_real_run_deletes_nothing_the_run_uses(worldpm_cli, prefect_
     out_log, err_log = tmp_path / "run.out", tmp_path / "run.err"
     with store.key_lock("clean", clean_key), open(out_log, "w") as out, open(err_log, "w") as err:
         run = subprocess.Popen([shutil.which("worldpm") or str(Path(sys.executable).parent / "worldpm"), "run",
-                                "--config", str(s2), "--until", "shard"], cwd=tmp_path, stdout=out, stderr=err,
+                                "--config", str(s2), "--until", "shard", "--verbose"], cwd=tmp_path, stdout=out, stderr=err,
                                text=True, env=dict(os.environ, PREFECT_API_URL=prefect_api_url))
         try:
             deadline = time.monotonic() + 300  # a hang guard for the run to start
-            while "download: cached" not in err_log.read_text():  # past download (then normalise), waiting at clean
+            while "download: cached" not in err_log.read_text():  # past download (then normalise), waiting at
+                # clean (a cache hit's line is --verbose's)
                 assert run.poll() is None, err_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the run did not start"
                 time.sleep(0.2)
