@@ -1,5 +1,5 @@
-"""Prefect artifacts of a flow run: a markdown artifact (the plot stage's report.md) and a table artifact (metrics,
-funnel, sizes, seconds per stage, artifact paths)."""
+"""Prefect artifacts of a flow run: a markdown artifact (the plot stage's report.md, its figures embedded) and a
+table artifact (metrics, funnel, sizes, seconds per stage, artifact paths)."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,17 @@ def run_table(results: list[dict]) -> list[dict]:
     return rows
 
 
+def report_markdown(plot_path: str | Path) -> str:
+    """The report artifact's Markdown: the plot artifact's report.md with its figures embedded as data URIs (the
+    UI cannot read the PNG files next to report.md; Prefect's UIs show an embedded image), after a line naming the
+    folder that holds the report's files (PNG and SVG)."""
+    from worldpm.report.markdown import embed_images
+
+    folder = Path(plot_path)
+    md = embed_images((folder / "report.md").read_text(), folder)
+    return f"Report files (PNG and SVG figures, report.md): `{folder}`\n\n" + md
+
+
 def publish_prefect_artifacts(cfg, results: list[dict]) -> bool:
     """Inside a Prefect flow run: a markdown artifact (the plot stage's report.md) and a table artifact (stage
     seconds/sizes/paths, metrics, data funnel), keyed by the pipeline name (`<name>-report`, `<name>-run`: two
@@ -63,10 +74,8 @@ def publish_prefect_artifacts(cfg, results: list[dict]) -> bool:
     key = _artifact_key(cfg.name)
     plot = next((r for r in results if r["stage"] == "plot" and r.get("path")), None)
     if plot and (Path(plot["path"]) / "report.md").exists():
-        md = (Path(plot["path"]) / "report.md").read_text()
-        # relative image links cannot resolve in the Prefect UI: say where the images are
-        md = f"Report files (images included): `{plot['path']}`\n\n" + md
-        create_markdown_artifact(markdown=md, key=f"{key}-report", description=f"{cfg.name}: run report")
+        create_markdown_artifact(markdown=report_markdown(plot["path"]), key=f"{key}-report",
+                                 description=f"{cfg.name}: run report")
     create_table_artifact(table=run_table(results), key=f"{key}-run",
                           description=f"{cfg.name}: stages (seconds, sizes, paths), metrics, data funnel")
     return True

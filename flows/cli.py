@@ -1,9 +1,10 @@
 """The `worldpm` console script: worldpm/cli.py's commands over this project's stages (tasks.PIPELINE), the Prefect
-flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), the deployment commands `serve`
-and `server` (flows/deploy.py), and `train-node` (worldpm/train_node.py: another machine's part in a
-training run)."""
+flow (flows/worldpm.py) run against a reused Prefect server (flows/server.py), `sweep` (flows/sweep.py), the
+deployment commands `serve` and `server` (flows/deploy.py), and `train-node` (worldpm/train_node.py:
+another machine's part in a training run)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from flows import deploy
 from tasks import PIPELINE
@@ -21,16 +23,22 @@ from worldpm.errors import EXIT_STAGE, NeedsTheLog, StageError
 
 def run_flow(**params) -> list[dict]:
     """The flow `worldpm`, imported when a run starts (Prefect takes seconds to import; `status` does not need it),
-    against the user's PREFECT_API_URL or the project's background server (flows/server.py), started once. A
-    watcher (`ApiWatch`) ends the run in one line if that server goes away during it; a note (`RunNote`) lets the
-    next run mark this one's flow run Crashed if this process dies before Prefect has reported its end."""
+    against the user's PREFECT_API_URL or the project's background server (flows/server.py), started once."""
+    from flows.worldpm import worldpm
+
+    return with_prefect(worldpm, **params)
+
+
+def with_prefect(flow_fn, **params):
+    """A flow (`worldpm`, `worldpm_sweep`) run against the user's PREFECT_API_URL or the project's background
+    server; an unreachable API is one line. A watcher (`ApiWatch`) ends the run in one line if that server goes away
+    during it; a note (`RunNote`) lets the next run mark this one's flow run Crashed if this process dies before
+    Prefect has reported its end."""
     from flows import server
 
     url = server.api_for_run()
     from prefect.flow_engine import run_flow as run_flow_engine
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    from flows.worldpm import worldpm
 
     api = url or (get_current_settings().api.url if server.user_api_url() else None)
     watch = ApiWatch(api, ours=url is not None) if api else None
@@ -38,16 +46,16 @@ def run_flow(**params) -> list[dict]:
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}) if url else contextlib.nullcontext():
             if api is None:  # Prefect's temporary server: it goes with this process, and its runs with it
-                return worldpm(**params)
+                return flow_fn(**params)
             if not server.healthy(api):
                 raise _unreachable(url)
             RunNote.end_dead_ones(api)
-            fr = _create_flow_run(worldpm, params)  # its id is in the note before the run starts
+            fr = _create_flow_run(flow_fn, params)  # its id is in the note before the run starts
             note = RunNote.write(api, str(fr.id))
             cli.run_page = _run_page(fr)  # the summary line names it (Prefect's own "View at" is --verbose's)
             if watch is not None:
                 watch.start()
-            return run_flow_engine(worldpm, flow_run=fr, parameters=params)
+            return run_flow_engine(flow_fn, flow_run=fr, parameters=params)
     except RuntimeError as e:  # Prefect's own, with a traceback: the API is down or the URL is wrong
         if not str(e).startswith("Failed to reach API"):
             raise
@@ -247,8 +255,59 @@ class ApiWatch(threading.Thread):
         os._exit(EXIT_STAGE)  # Prefect's threads would go on retrying the dead server: end the process here
 
 
+# ---- `worldpm sweep` ------------------------------------------------------------------------------------------
+def _sweep_cmd(args: argparse.Namespace) -> int:
+    from flows.sweep import worldpm_sweep
+    from worldpm.cli import _config_path, quiet_expected_tracebacks
+    from worldpm.config import load_config
+    from worldpm.errors import ConfigError
+
+    path = _config_path(args.config)
+    cfg = load_config(path, args.set or [], args.source or None)  # a typo fails here, before Prefect starts
+    if cfg.sweep is None:
+        raise ConfigError(f"{path or 'the built-in defaults'}: no `sweep:` section; a sweep needs its grid "
+                          "(pipeline.yaml shows one)")
+    if not args.verbose:
+        quiet_expected_tracebacks()
+    result = with_prefect(worldpm_sweep, config_path=path, overrides=args.set or [], sources=args.source or None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(p["label"]) for p in result["points"])
+        for p in result["points"]:
+            what = ("  ".join(f"{s} {k}" for s, k in p["keys"].items()) + f"  {p['eval_points']} eval points"
+                    if p["status"] == "ok" else p["error"])
+            print(f"{p['label']:<{width}}  {p['status']:<6}  {what}")
+        print(f"sweep report: {result['report']}")
+    if result["failed"]:
+        print(f"worldpm sweep: {len(result['failed'])} point(s) failed: {', '.join(result['failed'])} (named in the "
+              "report; the others finished)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_sweep(subparsers: Any) -> None:
+    """Add `sweep` to the `worldpm` CLI (flows/sweep.py, imported when it runs: Prefect takes seconds to import)."""
+    from worldpm.cli import _config_args
+
+    p = subparsers.add_parser(
+        "sweep", help="run the config's sweep: grid (each point the DAG with overrides, sharing the cache) and "
+                      "write the sweep report",
+        description="Run every point of the `sweep:` grid of the config as the DAG with the point's overrides "
+                    "(pipeline name <name>-<point>), under Prefect global concurrency limits (one slot per GPU, or "
+                    "one for a CPU host: points one at a time), then write the sweep report (eval curves and "
+                    "power-law fits per category, alpha by model and set, failed points named) to "
+                    "<artifacts_dir>/sweeps/<name>/ and as a Prefect artifact. A failed point does not stop the "
+                    "others; the exit status is 1 when any failed. Prefect server: as for `worldpm run`.")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print the sweep's result (points, keys, report) as JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="print Prefect's tracebacks of a failed stage too")
+    p.set_defaults(func=_sweep_cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow, commands=(deploy.register, train_node.register))
+    return cli.main(argv, pipeline=PIPELINE, run_flow=run_flow,
+                    commands=(register_sweep, deploy.register, train_node.register))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
   ``schedule.timezone``; nightly at 02:00 UTC by default). A nightly run re-resolves an hf source without a
   pinned revision to its current commit (the download stage's key includes it), so an unchanged upstream and
   config make every stage a cache hit and the run ends in seconds, logging "nothing changed".
+* ``worldpm/sweep`` the config's ``sweep:`` grid (flows/sweep.py: every point the DAG with overrides, under
+  Prefect's global concurrency limits, then the sweep report); run by hand; a deployment run may not change
+  ``sweep.*``.
 * ``worldpm/clean`` download, normalise and clean (``until="clean"``): rerun the filters after a config change (the
   normalised texts are a cache hit unless ``clean.normalize_markup`` changed).
 
@@ -32,7 +35,7 @@ from flows import policy
 from worldpm.procs import healthy, port_free, stop_group
 
 FLOW_NAME = "worldpm"
-DEPLOYMENTS = ("full", "clean")
+DEPLOYMENTS = ("full", "clean", "sweep")
 DEFAULT_CONFIG = "pipeline.yaml"
 
 
@@ -55,7 +58,7 @@ def resolve_config_path(config: str | None) -> str | None:
 
 def build_deployments(config_path: str | None = None, overrides: list[str] | None = None, *,
                       schedule: bool = True, on_overlap: str = "enqueue") -> list[Any]:
-    """RunnerDeployments `full` (scheduled) and `clean` of the flow `worldpm`, ready for `prefect.serve`.
+    """RunnerDeployments `full` (scheduled), `clean` and `sweep` of the flow `worldpm`, ready for `prefect.serve`.
 
     The config is loaded and validated here, so a bad pipeline.yaml or cron fails at `serve`, not at 02:00."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -96,12 +99,22 @@ def build_deployments(config_path: str | None = None, overrides: list[str] | Non
         description="download, normalise, clean (until=clean): rerun the filters after a config change.",
         **common,
     )
-    return [full, clean]
+    from flows.sweep import worldpm_sweep  # the flow named "worldpm" too: its deployment is worldpm/sweep
+
+    sweep = worldpm_sweep.to_deployment(
+        name="sweep",
+        parameters=params,
+        description="The config's sweep: grid, each point the DAG with overrides sharing the cache, under Prefect's "
+                    "global concurrency limits (a slot per GPU; one at a time on CPU), then the sweep report"
+                    + ("" if cfg.sweep else " (this config has no sweep: section: a run fails saying so)") + ".",
+        **common,
+    )
+    return [full, clean, sweep]
 
 
 def serve(config_path: str | None = None, overrides: list[str] | None = None, *, schedule: bool = True,
           on_overlap: str = "enqueue", limit: int | None = None) -> None:
-    """Register `worldpm/full` and `worldpm/clean` and execute their runs until interrupted."""
+    """Register `worldpm/full`, `worldpm/clean` and `worldpm/sweep` and execute their runs until interrupted."""
     import prefect
     from prefect.settings import get_current_settings
 
@@ -139,7 +152,9 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
                           "with PREFECT_API_URL set); choose another with --port")
     build_deployments(config_path, overrides, schedule=schedule, on_overlap=on_overlap)  # fail before starting
     url = f"http://{host}:{port}/api"
-    env = dict(os.environ)
+    # the UI asks the API at PREFECT_SERVER_API_HOST/PORT, not at `--port`: without these, the UI of a server on
+    # another port than 4200 talks to whatever answers on 4200 (seen in headless Chromium on Prefect 3.8.8)
+    env = dict(os.environ, PREFECT_SERVER_API_HOST=host, PREFECT_SERVER_API_PORT=str(port))
     env.pop("PREFECT_API_URL", None)
     if home:
         env["PREFECT_HOME"] = str(Path(home).resolve())
@@ -168,7 +183,7 @@ def run_server(host: str = "127.0.0.1", port: int = 4200, config_path: str | Non
             cmd += ["--limit", str(limit)]
         served = subprocess.Popen(cmd, env=dict(env, PREFECT_API_URL=url), start_new_session=True)
         procs.append(("worldpm serve", served))
-        print(f"worldpm server: serving {FLOW_NAME}/full and {FLOW_NAME}/clean (pid {served.pid}); UI and API "
+        print(f"worldpm server: serving {FLOW_NAME}/full, {FLOW_NAME}/clean and {FLOW_NAME}/sweep (pid {served.pid}); UI and API "
               f"at http://{host}:{port}; Ctrl-C stops both", flush=True)
         while True:
             for name, p in procs:
@@ -238,10 +253,11 @@ def _server_cmd(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add `serve` and `server` to the `worldpm` CLI (an argparse subparsers object)."""
     p = subparsers.add_parser(
-        "serve", help="serve the deployments worldpm/full (nightly) and worldpm/clean against PREFECT_API_URL",
+        "serve", help="serve the deployments worldpm/full (nightly), worldpm/clean and worldpm/sweep against "
+                       "PREFECT_API_URL",
         description="Register the deployments worldpm/full (the whole DAG on pipeline.yaml's schedule.cron in "
-                    "schedule.timezone) and worldpm/clean (download, normalise, clean) with the Prefect API and run "
-                    "their flow runs here until Ctrl-C. One run at a time per deployment. Trigger one with "
+                    "schedule.timezone), worldpm/clean (download, normalise, clean) and worldpm/sweep (the sweep: "
+                    "grid) with the Prefect API and run their flow runs here until Ctrl-C. One run at a time per deployment. Trigger one with "
                     "`prefect deployment run worldpm/full --watch`.")
     _add_common(p)
     p.set_defaults(func=_serve_cmd)

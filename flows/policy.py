@@ -38,7 +38,7 @@ from worldpm.errors import ConfigError
 
 ENV = "WORLDPM_SERVED"
 NEVER = ("artifacts_dir", "model.trust_remote_code", "train.accelerate_args", "train.nodes", "train.callbacks",
-         "serve")
+         "serve", "sweep")
 
 
 @dataclass
@@ -181,8 +181,9 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     if cfg.model.trust_remote_code and not base.model.trust_remote_code:
         raise ConfigError(f"{where} may not turn on model.trust_remote_code")
     if cfg.train.accelerate_args != base.train.accelerate_args or cfg.train.callbacks != base.train.callbacks \
-            or cfg.train.nodes != base.train.nodes or cfg.serve != base.serve:
-        raise ConfigError(f"{where} may not change train.accelerate_args, train.nodes, train.callbacks or serve")
+            or cfg.train.nodes != base.train.nodes or cfg.serve != base.serve or cfg.sweep != base.sweep:
+        raise ConfigError(f"{where} may not change train.accelerate_args, train.nodes, train.callbacks, serve or "
+                          "sweep")
     before = _paths(base)
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):

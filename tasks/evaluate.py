@@ -37,26 +37,18 @@ from typing import Any
 import polars as pl
 
 from worldpm.config import PipelineConfig, ReferenceModel, StageConfig, Strict, dpo_reference, runtime_field
+from worldpm.data.evalsets import EvalSetFile, eval_set_files
 from worldpm.data.splits import read_split
 from worldpm.data.tokstore import TokenStore, TokenStoreError, store_path
 from worldpm.data.textpath import TextPath
 from worldpm.engine import StageSpec
 from worldpm.errors import ConfigError, StageError
-from worldpm.store import ArtifactRef, file_digest
+from worldpm.store import ArtifactRef
 
 # what evaluate reads of the test split's Parquet file: every column but the token ids (mapped from the token store)
 TEST_COLUMNS = ("pair_id", "source", "domain", "margin", "truncated", "prompt_len", "chosen_response_tokens",
                 "rejected_response_tokens")
 REJECTS_SCHEMA = {"set": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String, "detail": pl.String}
-
-
-class EvalSetFile(Strict):
-    """An eval set: an input outside the store, so its content digest goes into the key."""
-
-    name: str
-    path: str
-    format: str
-    digest: str
 
 
 class DpoScoring(Strict):
@@ -82,12 +74,7 @@ class EvaluateStageConfig(StageConfig):
 
 def stage_config(cfg: PipelineConfig) -> EvaluateStageConfig:
     e = cfg.evaluate
-    sets = []
-    for s in e.eval_sets:
-        p = Path(s.path)
-        if not p.is_file():
-            raise StageError(f"evaluate.eval_sets {s.name!r}: no such file: {p}")
-        sets.append(EvalSetFile(name=s.name, path=str(p), format=s.format, digest=file_digest(p)))
+    sets = eval_set_files(e.eval_sets)
     t = cfg.train
     dpo = DpoScoring(beta=t.beta, logp_average=t.logp_average, reference=dpo_reference(cfg), precision=t.precision,
                      tokens_per_batch=t.ref_tokens_per_batch) if t.objective == "dpo" else None
@@ -166,7 +153,7 @@ def run(scfg: EvaluateStageConfig, inputs: dict[str, ArtifactRef], out: Path, lo
             rejects.append(rej.select(pl.lit(name).alias("set"), "file", "line", "reason", "detail"))
             log.warning("evaluate: %s: %d record(s) could not become a pair (rejects.parquet)", name, rej.height)
         summary, p = evaluate_pairs(scorer, pairs, scfg.text, bins=bins, set_name=name, log=log)
-        metrics[name] = {**summary, **info, **scorer.tag}
+        metrics[name] = {**summary, **info, **scorer.tag, **({"category": es.category} if es.category else {})}
         preds.append(p)
         log.info("evaluate: %s: %d pairs, accuracy %s%s", name, p.height, _fmt(summary["accuracy"]),
                  "".join(f", {k} {_fmt(v['accuracy'])}" for k, v in summary["sections"].items()))
@@ -185,7 +172,30 @@ def after_commit(cfg: PipelineConfig, ref: ArtifactRef, log) -> None:
     root = Path(ref.path).parents[1]  # the store the artifact went to (<root>/evaluate/<key>): its history, even
     if Path(cfg.artifacts_dir).resolve() != root.resolve():  # when a caller hands the engine another store
         cfg = cfg.model_copy(update={"artifacts_dir": str(root)})
+    if cfg.train.report_to:
+        _track_final(root, ref, log)
     after_evaluate(cfg, ref, log)
+
+
+def _track_final(root: Path, ref: ArtifactRef, log) -> None:
+    """train.report_to: this evaluation's metrics into the tracker runs of the model's training run (its record in
+    <root>/tracking/runs/<train key>.json), at its last step, tagged with the evaluate key. A tracker is a
+    convenience: a failure here is a warning, never a failed run."""
+    from worldpm.modeling.tracking import log_final_metrics, read_record
+
+    train_key = (ref.manifest().get("upstream") or {}).get("train", {}).get("key")
+    record = read_record(root / "tracking", train_key) if train_key else {}
+    if not record:
+        log.info("report_to: no tracker run recorded for train %s (trained before train.report_to was set); final "
+                 "metrics not logged", train_key)
+        return
+    try:
+        metrics = json.loads((Path(ref.path) / "metrics.json").read_text())
+        done = log_final_metrics(record, metrics, int(record.get("steps") or 0), tags={"evaluate_key": ref.key})
+        log.info("report_to: final metrics of %d set(s) logged to %s (run %s)", len(metrics), ", ".join(done),
+                 record.get("run_name"))
+    except Exception as e:  # noqa: BLE001
+        log.warning("report_to: final metrics not logged: %s: %s", type(e).__name__, e)
 
 
 def _write(out: Path, metrics: dict, preds: list[pl.DataFrame], rejects: list[pl.DataFrame], device: str) -> dict:

@@ -15,7 +15,8 @@ from worldpm.errors import StageError
 from worldpm.store import ArtifactRef
 
 # the files of its inputs plot opens: what is checked against their digests before it runs (not the model weights)
-READS = {"clean": ("report.json",), "train": ("train_summary.json", "metrics.jsonl"), "evaluate": ("metrics.json",)}
+READS = {"clean": ("report.json",), "train": ("train_summary.json", "metrics.jsonl", "eval_curve.jsonl"),
+         "evaluate": ("metrics.json",)}
 
 
 class PlotStageConfig(StageConfig):
@@ -28,8 +29,12 @@ def stage_config(cfg: PipelineConfig) -> PlotStageConfig:
 
 
 def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
+    from worldpm.report.eval_curve import FILE as EVAL_CURVE
+    from worldpm.report.eval_curve import read_eval_curve
     from worldpm.report.figures import (
         plot_eval_accuracy,
+        plot_eval_curves,
+        plot_grad_norm,
         plot_length_bias,
         plot_loss,
         plot_reliability,
@@ -37,6 +42,7 @@ def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, w
     )
     from worldpm.report.history import read_jsonl
     from worldpm.report.markdown import render_report
+    from worldpm.report.trainlog import grad_norm_spikes
 
     formats = list(scfg.plot.formats) or ["png"]
     clean_dir, train_dir, eval_dir = (Path(inputs[s].path) for s in ("clean", "train", "evaluate"))
@@ -47,13 +53,20 @@ def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, w
     if metrics is None:
         raise StageError(f"plot: the evaluate artifact has no metrics.json ({eval_dir})")
     rows = read_jsonl(train_dir / "metrics.jsonl")
+    points = read_eval_curve(train_dir / EVAL_CURVE)  # evaluation during training (train.eval_at); [] without
 
     files: dict[str, list[str]] = {}
+    spikes = None
     if rows:
         files["loss"] = plot_loss(rows, scfg.plot.smoothing, out, formats)
         files["train_accuracy_margin"] = plot_train_accuracy_margin(rows, scfg.plot.smoothing, out, formats)
+        if any(r.get("grad_norm") is not None for r in rows):
+            spikes = grad_norm_spikes([r.get("step") for r in rows], [r.get("grad_norm") for r in rows])
+            files["grad_norm"] = plot_grad_norm(rows, spikes, out, formats)
     else:
         log.warning("plot: %s has no logged steps; no training curves", train_dir / "metrics.jsonl")
+    if points:  # each set's BT loss against pairs seen beside the training loss, and per category
+        files["eval_curves"] = plot_eval_curves(rows, points, out, formats, scfg.plot.smoothing)
     files["eval_accuracy"] = plot_eval_accuracy(metrics, out, formats)
     files["reliability"] = plot_reliability(metrics, out, formats)
     files["length_bias"] = plot_length_bias(metrics, out, formats)
@@ -61,7 +74,7 @@ def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, w
     # the report links the PNG where there is one (GitHub/VS Code previews render both; PNG is smaller)
     images = {k: next((f for f in v if f.endswith(".png")), v[0]) for k, v in files.items()}
     md = render_report(name=scfg.name, clean_report=clean_report, train_summary=train_summary,
-                       metrics=metrics, images=images,
+                       metrics=metrics, images=images, spikes=spikes, eval_points=points or None,
                        digests={s: ref.digest for s, ref in inputs.items()})
     (out / "report.md").write_text(md)
     log.info("plot: %d figures (%s) and report.md", len(files), ", ".join(formats))

@@ -120,3 +120,30 @@ def test_a_config_that_is_a_directory_or_not_utf8(tmp_path):
     bad.write_bytes(b"name: \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"p.yaml: not UTF-8 text \(byte 6"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["train.eval_at={every: 5, log_points: 10}"], "not both"),
+    (["evaluate.eval_sets=[{name: eval, path: x.jsonl}]"], "a set named `eval` would mix with the eval split"),
+    (["evaluate.regression_watch=rb"], "not `test`, an eval set's name"),
+    (["evaluate.eval_sets=[{name: rb, path: x.jsonl, category: adversarial}]",
+      "evaluate.regression_watch=category:objective"], "no eval set has that category (categories: adversarial)"),
+    (["train.report_to=[wandb]"], "wandb needs a network"),
+    (["train.report_to=[tensorbord]"], "unknown tracker 'tensorbord'"),
+    (["train.objective=dpo", "model.from_config={model_type: qwen2}", "train.eval_at={every: 5}"],
+     "eval_at (evaluation during training) scores reward models"),
+])
+def test_eval_at_report_to_and_the_guard_watch_are_checked(sets, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, sets)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_eval_at_defaults_and_what_is_allowed():
+    cfg = load_config(None, ["evaluate.eval_sets=[{name: rb, path: x.jsonl, category: adversarial}]",
+                             "evaluate.regression_watch=category:adversarial", "train.report_to=[tensorboard, none]"])
+    assert cfg.train.eval_at.log_points == 10 and cfg.train.evaluates_during_training
+    assert cfg.train.report_to == ["tensorboard"] and cfg.evaluate.eval_sets[0].category == "adversarial"
+    dpo = load_config(None, ["train.objective=dpo", "model.from_config={model_type: qwen2}"])
+    assert not dpo.train.evaluates_during_training  # the default eval_at is bt's: a DPO run does not evaluate
+    assert not load_config(None, ["train.eval_at={}"]).train.evaluates_during_training

@@ -38,9 +38,11 @@ def _write_config(path: Path, data: dict) -> Path:
 def test_deployments_follow_the_config(tmp_path):
     cfg = _write_config(tmp_path / "pipeline.yaml",
                         {"schedule": {"cron": "15 4 * * 2", "timezone": "America/New_York"}})
-    full, clean = deploy.build_deployments(str(cfg), ["clean.min_margin=1"])
+    full, clean, sweep = deploy.build_deployments(str(cfg), ["clean.min_margin=1"])
     assert (full.flow_name, full.name) == ("worldpm", "full")
     assert (clean.flow_name, clean.name) == ("worldpm", "clean")
+    assert (sweep.flow_name, sweep.name, sweep.entrypoint) == ("worldpm", "sweep", "flows.sweep.worldpm_sweep")
+    assert not sweep.schedules and sweep.parameters == full.parameters and sweep.concurrency_limit == 1
     [sched] = full.schedules
     assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("15 4 * * 2", "America/New_York", True)
     assert not clean.schedules
@@ -50,13 +52,13 @@ def test_deployments_follow_the_config(tmp_path):
         assert d.concurrency_limit == 1
         assert d.concurrency_options.collision_strategy.value == "ENQUEUE"
         assert d.entrypoint == "flows.worldpm.worldpm"  # importable from any working directory
-    full, _ = deploy.build_deployments(str(cfg), schedule=False, on_overlap="cancel-new")
+    full, *_ = deploy.build_deployments(str(cfg), schedule=False, on_overlap="cancel-new")
     assert full.schedules == []
     assert full.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 def test_default_schedule_is_nightly_utc():
-    full, _ = deploy.build_deployments(None)
+    full, *_ = deploy.build_deployments(None)
     [sched] = full.schedules
     assert (sched.schedule.cron, sched.schedule.timezone) == ("0 2 * * *", "UTC")
 
@@ -115,6 +117,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         ([], None),
         (["train.max_steps=2000"], None),                    # serve's own --set
         (["clean.min_margin=1", "train.lr=1e-5"], None),      # in the default allowlist
+        (["train.eval_at={every: 5}", "train.eval_at.max_pairs=64", "train.report_to=[tensorboard]"], None),
         ([], ["owner/dataset@v2"]),                           # a hub id
         ([], [str(project / "data" / "more.jsonl")]),         # a file inside the project
     ]
@@ -126,6 +129,8 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         (str(cfg), ["model={trust_remote_code: true}"], None, "may not override model ("),
         (str(cfg), ["serve.allowed_overrides=['*']"], None, "may not override serve.allowed_overrides"),
         (str(cfg), ["train.accelerate_args=[--config_file, /tmp/x]"], None, "may not override train.accelerate_args"),
+        (str(cfg), ["sweep={axes: {train.lr: [1, 2]}}"], None, "may not override sweep ("),
+        (str(cfg), ["sweep.axes.model=[]"], None, "may not override sweep.axes.model"),
         (str(cfg), ['tokenize.plain_template="Q: {prompt} A: {response}"'], None, "not in serve.allowed_overrides of"),
         (str(cfg), ["train.deepspeed.config_file=/etc/passwd"], None, "not in serve.allowed_overrides"),
         (str(cfg), [], ["/etc"], "source '/etc' is outside the project folder"),
@@ -145,6 +150,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
                                                                      "outside the project folder"),
             (["model.name_or_path=/home/someone/model"], "model.name_or_path '/home/someone/model' is outside"),
             (["artifacts_dir=elsewhere"], "may not override artifacts_dir"),
+            (["sweep.axes={train.lr: [1, 2]}"], "may not override sweep.axes"),
             (["model.trust_remote_code=true"], "may not override model.trust_remote_code")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             check_run(served, str(cfg), overrides, None)

@@ -141,14 +141,15 @@ def test_the_code_version_follows_what_a_stage_imports(tmp_path):
         return json.loads(out.strip().splitlines()[-1])
 
     base = versions()
-    with open(tmp_path / "worldpm" / "data" / "schema.py", "a") as f:  # the column list of the data stages
+    # the column list of the data stages (train and evaluate read eval sets through the source adapters)
+    with open(tmp_path / "worldpm" / "data" / "schema.py", "a") as f:
         f.write("\n# edited\n")
     after_schema = versions()
-    assert {s for s in base if base[s] != after_schema[s]} == {"download", "normalise", "clean", "evaluate"}
-    with open(tmp_path / "worldpm" / "data" / "render.py", "a") as f:  # tokenize's layout, evaluate's too
+    assert {s for s in base if base[s] != after_schema[s]} == {"download", "normalise", "clean", "train", "evaluate"}
+    with open(tmp_path / "worldpm" / "data" / "render.py", "a") as f:  # tokenize's layout, eval sets' too
         f.write("\n# edited\n")
     after_render = versions()
-    assert {s for s in base if after_schema[s] != after_render[s]} == {"tokenize", "evaluate"}
+    assert {s for s in base if after_schema[s] != after_render[s]} == {"tokenize", "train", "evaluate"}
     with open(tmp_path / "worldpm" / "modeling" / "trainer" / "step.py", "a") as f:  # launched, not imported at top
         f.write("\n# edited\n")
     after_step = versions()

@@ -38,7 +38,14 @@ def fake_upstream(store: ArtifactStore) -> dict:
         rows.append({"step": int(s), "epoch": round(s / 60, 4), "loss": loss,
                      "accuracy": float(np.clip(0.5 + 0.3 * (1 - math.exp(-s / 30)) + rng.normal(0, 0.08), 0, 1)),
                      "margin": 1.2 * (1 - math.exp(-s / 30)) + rng.normal(0, 0.2), "lr": 1e-5, "grad_norm": 1.0,
-                     "tokens_per_s": 1000.0, "pairs_per_s": 4.0, "elapsed_s": float(s)})
+                     "tokens_per_s": 1000.0, "pairs_per_s": 4.0, "elapsed_s": float(s), "pairs": 16,
+                     "pairs_seen": 16 * int(s), "tokens_seen": 4000 * int(s)})
+    # evaluation during training at 8 log-spaced steps: the eval split, and two sets with categories
+    curve = [{"step": st, "pairs_seen": 16 * st, "tokens_seen": 4000 * st, "set": name, "subset": None,
+              "category": cat, "n": 100, "bt_loss": 0.3 + 0.39 * (16 * st / 16) ** -a, "accuracy": 0.6,
+              "lc_accuracy": 0.55}
+             for st in (1, 2, 4, 8, 15, 30, 60, 120)
+             for name, cat, a in (("eval", None, 0.2), ("rb", "adversarial", 0.1), ("hh", "objective", 0.01))]
     summary = {"steps": 120, "epochs": 2, "final_loss": rows[-1]["loss"], "train_accuracy": 0.78, "seconds": 30.5,
                "tokens_per_s": 1000.0, "device": "cpu", "num_processes": 1, "precision": "fp32",
                "padding_fraction": 0.2, "resumed_from_step": None}
@@ -52,6 +59,7 @@ def fake_upstream(store: ArtifactStore) -> dict:
     return {
         "clean": _commit(store, "clean", "c1", {"report.json": json.dumps(clean)}),
         "train": _commit(store, "train", "t1", {"metrics.jsonl": "\n".join(json.dumps(r) for r in rows) + "\n",
+                                                 "eval_curve.jsonl": "".join(json.dumps(c) + "\n" for c in curve),
                                                  "train_summary.json": json.dumps(summary)}),
         "evaluate": _commit(store, "evaluate", "e1", {"metrics.json": json.dumps({"test": test, "rb": rb})}),
     }
@@ -74,7 +82,8 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     res = pipeline.execute("plot", cfg, inputs, store, log=log)
     assert res.status == "ran"
     out = Path(res.path)
-    for stem in ("loss", "train_accuracy_margin", "eval_accuracy", "reliability", "length_bias"):
+    for stem in ("loss", "train_accuracy_margin", "eval_curves", "grad_norm", "eval_accuracy", "reliability",
+                 "length_bias"):
         for ext in ("png", "svg"):
             f = out / f"{stem}.{ext}"
             assert f.stat().st_size > 5000, f
@@ -101,7 +110,12 @@ def test_plot_stage_writes_figures_and_report(tmp_path):
     import re
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 5 and all((out / l).exists() for l in links)
+    assert len(links) == 7 and all((out / l).exists() for l in links)
+    # evaluation during training: the figure (per set and per category) and each curve's fit
+    assert "## Evaluation during training" in md and "![BT loss against pairs seen](eval_curves.png)" in md
+    assert "BT loss on each set at 8 points of training" in md
+    assert "| rb | adversarial | 8 |" in md and "| adversarial (mean of 1) | category | 8 |" in md
+    assert "## Gradient norm" in md and "No spikes." in md  # steady norms: none
     # the output is a function of the inputs: a forced rerun gives the same content digest
     again = pipeline.execute("plot", cfg, inputs, store, force=True, log=log)
     assert again.ref.digest == res.ref.digest
@@ -251,6 +265,138 @@ def test_publish_prefect_artifacts_is_a_no_op_outside_a_flow_run(tmp_path):
     funnel = {r["name"]: r["value"] for r in rows if r["kind"] == "funnel"}
     assert funnel == {"rows_in": 1396, "rejected:min_chars": 40, "rejected:near_identical": 100,
                       "rejected:dedupe": 56, "rows_out": 1200}
+
+
+def _cells(md: str) -> list[tuple[int, str]]:
+    """(line number, cell text) of every Markdown table cell of ``md`` (separator rows left out)."""
+    out = []
+    for i, line in enumerate(md.splitlines(), 1):
+        if line.startswith("|") and not set(line) <= set("|:- "):
+            out += [(i, c.strip()) for c in line.strip().strip("|").split(" | ")]
+    return out
+
+
+def test_report_artifact_markdown_embeds_figures_and_has_no_dicts_or_empty_cells(tmp_path):
+    """The worldpm-report artifact as Prefect's UI shows it: every figure embedded (the UI cannot read local PNG
+    files), the trainer's nested summary as rows of their own, counts and durations for people."""
+    from flows.artifacts import report_markdown
+    from worldpm.report.markdown import image_links
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    inputs = fake_upstream(store)
+    train_dir = Path(inputs["train"].path)
+    summary = json.loads((train_dir / "train_summary.json").read_text())
+    summary.update(epochs=1.0, seconds=251.43, peak_memory_gb=1.234567, packed=True, max_tokens_per_batch=None,
+                   startup={"imports_s": 3.21, "launch_to_first_step_s": 9.87},
+                   final={"step": 120, "loss": 0.4512, "grad_norm": 1.5, "pairs": 160, "padding": 0.061},
+                   eval={"pairs": 100, "loss": 0.61, "accuracy": 0.7}, length_control={})
+    inputs["train"] = _commit(store, "train", "t2", {"metrics.jsonl": (train_dir / "metrics.jsonl").read_text(),
+                                                      "train_summary.json": json.dumps(summary)})
+    cfg = PipelineConfig(name="ui-test", artifacts_dir=str(tmp_path / "artifacts"))
+    res = pipeline.execute("plot", cfg, inputs, store, log=log)
+
+    md = report_markdown(res.path)
+    links = image_links(md)
+    assert len(links) == 6 and all(l.startswith("data:image/png;base64,") for l in links)
+    import base64
+
+    assert all(base64.b64decode(l.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for l in links)
+    assert ".png)" not in md and "](" + res.path not in md  # no local image path left
+    cells = _cells(md)
+    assert cells and all(c for _, c in cells), [x for x in cells if not x[1]]  # no empty value
+    assert not [x for x in cells if x[1].startswith(("{", "[{")) or "': " in x[1] or '": ' in x[1]]  # no dicts
+    for row in ("| epochs | 1 |", "| seconds | 251 s (4 min 11 s) |", "| final.loss | 0.451 |",
+                "| final.padding | 6.1% |", "| startup.launch_to_first_step_s | 9.9 s |", "| eval.accuracy | 70.0% |",
+                "| peak_memory_gb | 1.23 GB |", "| packed | yes |", "| max_tokens_per_batch | - |",
+                "| length_control | (none) |", "| steps | 120 |"):
+        assert row in md, row
+    # report.md in the artifact folder keeps its relative links (readable offline, next to the PNGs)
+    assert image_links((Path(res.path) / "report.md").read_text())[0] == "loss.png"
+
+
+def _outside(fig) -> list[tuple[str, str]]:
+    """Titles, axis labels, texts and legends of ``fig`` that reach beyond the image (tick labels are left to
+    constrained layout: matplotlib does not draw those outside the axis limits)."""
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ticks = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for t in axis.get_ticklabels(which="both")}
+    bad = []
+    for a in fig.findobj(lambda a: isinstance(a, (Text, Legend))):
+        if id(a) in ticks or not a.get_visible() or (isinstance(a, Text) and not a.get_text().strip()):
+            continue
+        bb = a.get_window_extent(r)
+        if bb.x0 < -1 or bb.y0 < -1 or bb.x1 > fig.bbox.width + 1 or bb.y1 > fig.bbox.height + 1:
+            bad.append((type(a).__name__, a.get_text() if isinstance(a, Text) else "legend"))
+    return bad
+
+
+def test_titles_and_legends_stay_inside_every_figure(tmp_path, monkeypatch):
+    import worldpm.report.figures as F
+    from worldpm.report.eval_curve import EvalPoint
+    from worldpm.report.trainlog import grad_norm_spikes
+
+    drawn = []
+    save = F._save
+    monkeypatch.setattr(F, "_save", lambda fig, out, stem, formats: drawn.append((stem, fig)) or save(fig, out, stem,
+                                                                                                        formats))
+    store = ArtifactStore(tmp_path / "artifacts")
+    inputs = fake_upstream(store)
+    metrics = json.loads((Path(inputs["evaluate"].path) / "metrics.json").read_text())
+    rows = [json.loads(l) for l in (Path(inputs["train"].path) / "metrics.jsonl").read_text().splitlines()]
+    for m in (metrics, {"test": metrics["test"]}):  # two panels, and one (the narrowest figures)
+        F.plot_eval_accuracy(m, tmp_path, ["png"])
+        F.plot_reliability(m, tmp_path, ["png"])
+        F.plot_length_bias(m, tmp_path, ["png"])
+    F.plot_loss(rows, 0.9, tmp_path, ["png"])
+    F.plot_train_accuracy_margin(rows, 0.9, tmp_path, ["png"])
+    rows[90]["grad_norm"] = 9.0
+    F.plot_grad_norm(rows, grad_norm_spikes([r["step"] for r in rows], [r["grad_norm"] for r in rows]), tmp_path,
+                     ["png"])
+    pts = [EvalPoint(step=s, pairs_seen=16 * s, tokens_seen=100 * s, set=n, subset=None, category=c, n=50,
+                     bt_loss=0.7 * (16 / (16 * s)) ** a, accuracy=0.6, lc_accuracy=0.5)
+           for s in (1, 2, 4, 8, 16, 32, 64) for n, c, a in (("rewardbench-chat-hard", "adversarial", 0.05),
+                                                             ("mt-bench-human-judgements", "subjective", 0.0))]
+    F.plot_eval_curves(rows, pts, tmp_path, ["png"])
+    from worldpm.report.sweep import PointOutcome, write_sweep_report
+
+    write_sweep_report("a-sweep-with-a-long-name", [PointOutcome("Qwen2-tiny-random-a", "ok", tuple(pts)),
+                                                    PointOutcome("Qwen2-tiny-random-b", "failed", error="x")],
+                       tmp_path, ["png"])
+    stems = [s for s, _ in drawn]
+    assert set(stems) == {"eval_accuracy", "reliability", "length_bias", "loss", "train_accuracy_margin", "grad_norm",
+                          "eval_curves", "sweep"}
+    assert {s: _outside(f) for s, f in drawn if _outside(f)} == {}
+
+
+def test_the_guard_watches_an_eval_set_or_a_category(tmp_path):
+    """evaluate.regression_watch: an eval set's accuracy, or the unweighted mean of a category's sets (n their
+    total); the history line keeps each set's accuracy, BT loss, n and category."""
+    from worldpm.report.history import append_history, check_regression, history_entry, read_jsonl
+
+    def metrics(test, rb, hh, uf):
+        return {"test": {"accuracy": test, "n": 2000, "bt_loss": 0.6},
+                "rb": {"accuracy": rb, "n": 1000, "bt_loss": 0.65, "category": "adversarial"},
+                "hh": {"accuracy": hh, "n": 1000, "bt_loss": 0.66, "category": "adversarial"},
+                "uf": {"accuracy": uf, "n": 1000, "bt_loss": 0.69, "category": "subjective"}}
+
+    h = tmp_path / "h.jsonl"
+    append_history(h, history_entry(metrics(0.70, 0.80, 0.70, 0.55), "a"))
+    line = read_jsonl(h)[0]
+    assert line["eval_set_bt_loss"] == {"rb": 0.65, "hh": 0.66, "uf": 0.69}
+    assert line["sets"]["hh"]["category"] == "adversarial" and line["sets"]["rb"]["n"] == 1000
+    now = metrics(0.70, 0.60, 0.70, 0.55)  # rb drops by 0.2; the test split and the subjective set do not
+    assert check_regression(h, now, 0.02, "fail")[0]
+    assert check_regression(h, now, 0.02, "fail", watch="category:subjective")[0]
+    ok, msg = check_regression(h, now, 0.02, "fail", watch="rb")
+    assert not ok and msg.startswith("eval set rb accuracy regressed: 0.6000 now") and "vs 0.8000" in msg
+    ok, msg = check_regression(h, now, 0.02, "fail", watch="category:adversarial")
+    # the mean of rb and hh: 0.75 -> 0.65, over their 2000 pairs
+    assert not ok and msg.startswith("category adversarial (2 sets) accuracy regressed: 0.6500 now") and "n=2000" in msg
+    ok, msg = check_regression(h, now, 0.02, watch="nope")
+    assert ok and "no eval set nope accuracy in this run" in msg
 
 
 @pytest.mark.parametrize("n_sets", [1, 2, 4])

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worldpm.errors import ConfigError
+from worldpm.sweep import SweepConfig
 
 SOURCE_FORMATS = (
     "auto",
@@ -263,6 +264,38 @@ class NodesConfig(Strict):
             raise ValueError("count > 1 needs main_address: node 0's address that every node reaches")
         return self
 
+class EvalAtConfig(Strict):
+    """When the trainer evaluates during training (worldpm/modeling/trainer/evalcurve.py): every N steps or K points
+    log-spaced in pairs seen, the last step always; neither: no evaluation during training."""
+
+    every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the last)")
+    log_points: int | None = Field(
+        None, ge=1, description="K steps spaced evenly on a log scale of pairs seen, from the first step to the last "
+        "(two that would fall on one step are moved apart: min(K, steps) distinct steps)")
+    max_pairs: int = Field(
+        1000, ge=0, description="pairs of each set scored at a point: a fixed random sample of the set, the same at "
+        "every point (0: all)")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "EvalAtConfig":
+        if self.every is not None and self.log_points is not None:
+            raise ValueError("eval_at: give `every` (steps) or `log_points` (K points log-spaced in pairs seen), "
+                             "not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.every is not None or self.log_points is not None
+
+
+def _check_report_to(v: list[str]) -> list[str]:
+    from worldpm.modeling.tracking import TrackingError, check_report_to
+
+    try:
+        return check_report_to(v)
+    except TrackingError as e:
+        raise ValueError(str(e).removeprefix("train.report_to: ")) from None
+
 
 class TrainConfig(Strict):
     objective: Literal["bt", "dpo"] = "bt"
@@ -308,6 +341,17 @@ class TrainConfig(Strict):
         "subclasses, made with no arguments in every training process (observers: they must not change what is "
         "trained, they are in no cache key); the module must be importable where the trainer runs")
     log_every: int = Field(10, ge=1)
+    eval_at: EvalAtConfig = objective_field(
+        "bt", EvalAtConfig(log_points=10), description="evaluation during training: the eval split and every "
+        "evaluate.eval_sets entry scored at these steps, one record each in eval_curve.jsonl (bt: a DPO run does "
+        "not evaluate during training, and refuses an eval_at it is given)")
+    report_to: list[str] = runtime_field(
+        [], description="experiment trackers through accelerate's own: tensorboard, mlflow (offline: event files / "
+        "a local MLflow store under <artifacts_dir>/tracking/, or MLFLOW_TRACKING_URI); trackers that need a "
+        "network (wandb, ...) are refused. In no key: a cached run logs nothing new")
+    devices: list[int] | None = runtime_field(
+        None, description="the CUDA devices this run's processes use (CUDA_VISIBLE_DEVICES); null: every visible "
+        "GPU. A sweep pins each point to its own block of GPUs with it")
     eval_max_pairs: int = Field(
         2000, ge=0, description="eval split pairs scored at the end of training for train_summary.json (0: all)")
     seed: int = 42
@@ -336,8 +380,21 @@ class TrainConfig(Strict):
         None, ge=64, description="dpo: padded tokens per batch of the frozen reference's log-prob pass (ref_logps, "
         "evaluate); null: 16384 on CPU, 65536 on a GPU. In no key: it moves the values at float rounding level only")
 
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        return _check_report_to(v)
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        """train.eval_at is on and applies (objective bt)."""
+        return self.objective == "bt" and self.eval_at.enabled
+
     @model_validator(mode="after")
     def _length_control_is_bt(self) -> "TrainConfig":
+        if self.objective != "bt" and self.eval_at.enabled and "eval_at" in self.model_fields_set:
+            raise ValueError("eval_at (evaluation during training) scores reward models (objective bt); remove "
+                             "train.eval_at (or set it to {}) for dpo")
         if self.objective != "bt" and (self.length_balance != "none" or self.length_debias != "none"):
             raise ValueError("length_balance / length_debias apply to objective bt (the reward model); set them "
                              "to none for dpo")
@@ -354,6 +411,9 @@ class EvalSetConfig(Strict):
     name: str
     path: str
     format: str = "auto"
+    category: str | None = Field(
+        None, description="the set's kind as the paper groups benchmarks: adversarial, objective, subjective, or a "
+        "name of yours; eval curves, the sweep figure and the regression guard average a category's sets")
 
 
 class EvaluateConfig(Strict):
@@ -366,6 +426,9 @@ class EvaluateConfig(Strict):
         0.02, ge=0, description="a run whose test accuracy is more than this below the previous successful "
         "run's is a regression (null: no guard)")
     on_regression: Literal["fail", "warn"] = Field("warn", description="a regression fails the run or warns")
+    regression_watch: str = Field(
+        "test", description="what the regression guard compares across runs: test (the test split), an eval set's "
+        "name, or category:<name> (the mean accuracy of the category's eval sets)")
 
     @model_validator(mode="after")
     def _set_names(self) -> "EvaluateConfig":
@@ -396,7 +459,8 @@ DEPLOYMENT_OVERRIDES = [
     "train.grad_accum", "train.lr", "train.weight_decay",
     "train.warmup_ratio", "train.scheduler", "train.seed", "train.log_every", "train.checkpoint_every",
     "train.timeout_s", "train.length_balance", "train.length_debias", "train.length_debias_coef",
-    "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "plot.*",
+    "train.eval_at", "train.eval_at.*", "train.report_to",
+    "evaluate.batch_size", "evaluate.regression_delta", "evaluate.on_regression", "evaluate.regression_watch", "plot.*",
 ]
 
 
@@ -405,8 +469,8 @@ class ServeConfig(Strict):
         default_factory=lambda: list(DEPLOYMENT_OVERRIDES),
         description="keys (globs, e.g. clean.*) a deployment run may override with its `overrides` parameter; "
         "`sources` allows its `sources` parameter (hub ids, or paths inside the config's folder). Never "
-        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.nodes, train.callbacks or serve.*, and never a "
-        "path outside the config's folder, whatever this says")
+        "artifacts_dir, model.trust_remote_code, train.accelerate_args, train.nodes, train.callbacks, serve.* or "
+        "sweep.*, and never a path outside the config's folder, whatever this says")
 
 
 class PipelineConfig(Strict):
@@ -422,6 +486,26 @@ class PipelineConfig(Strict):
     plot: PlotConfig = PlotConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
+    sweep: SweepConfig | None = Field(
+        None, description="a grid of runs (`worldpm sweep`, deployment worldpm/sweep): each point the same DAG with "
+        "overrides, sharing the cache (worldpm/sweep.py)")
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "PipelineConfig":
+        names = [s.name for s in self.evaluate.eval_sets]
+        if self.train.evaluates_during_training and "eval" in names:
+            raise ValueError("evaluate.eval_sets: a set named `eval` would mix with the eval split in "
+                             "eval_curve.jsonl (train.eval_at is on); rename it")
+        w = self.evaluate.regression_watch
+        cats = {s.category for s in self.evaluate.eval_sets if s.category}
+        if w.startswith("category:"):
+            if w.split(":", 1)[1] not in cats:
+                raise ValueError(f"evaluate.regression_watch {w!r}: no eval set has that category (categories: "
+                                 f"{', '.join(sorted(cats)) or 'none'})")
+        elif w != "test" and w not in names:
+            raise ValueError(f"evaluate.regression_watch {w!r}: not `test`, an eval set's name "
+                             f"({', '.join(names) or 'none'}) or category:<name>")
+        return self
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:

@@ -505,3 +505,9 @@ def replace_dir(new: Path, final: Path) -> None:
         os.rename(aside, final)
         raise
     os.rename(aside, new)
+
+
+def work_dir_key(work: str | Path) -> str | None:
+    """The key whose work folder (ArtifactStore.work_dir) ``work`` is, or None for another folder."""
+    name = Path(work).name
+    return name[len(".work-"):] if name.startswith(".work-") else None

@@ -284,31 +284,212 @@ def plot_length_bias(metrics: dict, out: Path, formats: list[str]) -> list[str]:
 
 
 def plot_trend(history: list[dict], path: str | Path, title: str = "evaluation across runs") -> Path | None:
-    """Test accuracy (and each eval set's) per flow run; failed/warned runs marked. None if < 2 points."""
+    """Per flow run: test accuracy and each eval set's (left), test BT loss and each eval set's final BT loss
+    (right; runs from before eval-set losses were recorded have none); failed/warned runs marked. None if < 2
+    points."""
     points = [h for h in history if h.get("test_accuracy") is not None]
     if len(points) < 2:
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = _new_figure(max(6.0, 0.35 * len(points) + 3), 4.0)
-    ax = fig.add_subplot()
+    fig = _new_figure(2 * max(5.0, 0.3 * len(points) + 2.5), 4.0)
+    ax, lx = fig.subplots(1, 2)
     x = np.arange(1, len(points) + 1)
-    ax.plot(x, [p["test_accuracy"] for p in points], "o-", color=_SET_COLORS[0], label="test")
     names = sorted({k for p in points for k in (p.get("eval_sets") or {})})
+    ax.plot(x, [p["test_accuracy"] for p in points], "o-", color=_SET_COLORS[0], label="test")
+    lx.plot(x, [np.nan if p.get("test_bt_loss") is None else p["test_bt_loss"] for p in points], "o-",
+            color=_SET_COLORS[0], label="test")
     for i, name in enumerate(names, 1):
+        color = _SET_COLORS[i % len(_SET_COLORS)]
         ys = [np.nan if (p.get("eval_sets") or {}).get(name) is None else p["eval_sets"][name] for p in points]
-        ax.plot(x, ys, "s--", color=_SET_COLORS[i % len(_SET_COLORS)], ms=4, label=name)
+        ax.plot(x, ys, "s--", color=color, ms=4, label=name)
+        ls = [np.nan if (p.get("eval_set_bt_loss") or {}).get(name) is None else p["eval_set_bt_loss"][name]
+              for p in points]
+        lx.plot(x, ls, "s--", color=color, ms=4, label=name)
     bad = [(xi, p) for xi, p in zip(x, points) if p.get("status") in ("failed", "warned")]
     if bad:
         ax.scatter([b[0] for b in bad], [b[1]["test_accuracy"] for b in bad], s=120, facecolors="none",
                    edgecolors="red", linewidths=1.5, label="regression (warned/failed)", zorder=5)
-    ax.set_xticks(x, [p.get("time", "")[:16].replace("T", "\n") for p in points], fontsize=6)
-    ax.set_xlabel("flow run")
+    labels = [p.get("time", "")[:16].replace("T", "\n") for p in points]
+    for a in (ax, lx):
+        a.set_xticks(x, labels, fontsize=6)
+        a.set_xlabel("flow run")
+        a.grid(alpha=0.3)
+        a.legend(loc="best", fontsize=7)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("accuracy")
+    lx.set_ylabel("BT loss (final)")
+    lx.axhline(math.log(2), color="grey", lw=0.8, ls=":")
+    lx.set_title("BT loss")
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, format=path.suffix.lstrip(".") or "png")
     return path
+
+
+# ---- evaluation during training, gradient norm, sweeps (the paper's figures) ------------------------------------
+_CATEGORY_ORDER = ("adversarial", "objective", "subjective")
+
+
+def _category_sort(names) -> list[str]:
+    """The paper's three categories first, in its order, then the user's own names."""
+    names = list(dict.fromkeys(names))
+    return [c for c in _CATEGORY_ORDER if c in names] + sorted(c for c in names if c not in _CATEGORY_ORDER)
+
+
+def _log_ticks(ax, lo: float, hi: float, n: int = 5) -> None:
+    """Readable ticks on a log y-axis that spans less than a decade (loss curves do): n values, 2-3 digits."""
+    from matplotlib.ticker import NullLocator
+
+    if not (lo > 0 and hi > lo):
+        return
+    ticks = np.unique(np.round(np.geomspace(lo, hi, n), 3 if hi < 1 else 2))
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def plot_eval_curves(train_rows: list[dict], points: list, out: Path, formats: list[str],
+                     smoothing: float = 0.9) -> list[str]:
+    """Left: the training loss (EMA) and each eval set's BT loss against pairs seen (log x). Right (when any set
+    has a category): the mean BT loss of each category's sets. ``points``: eval_curve.EvalPoint records."""
+    from worldpm.report.eval_curve import category_curves, set_curves
+    from worldpm.report.trainlog import pairs_seen
+
+    sets = set_curves(points)
+    cats = category_curves(points)
+    if not sets:
+        return []
+    ncols = 2 if cats else 1
+    fig = _new_figure(6.2 * ncols, 4.4)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    ax = axes[0]
+    if train_rows:
+        x, loss = pairs_seen(train_rows), _column(train_rows, "loss")
+        ok = np.isfinite(x) & (x > 0)
+        if ok.any():
+            ax.plot(x[ok], loss[ok], color=_RAW, lw=0.8, alpha=0.7, label="training loss (raw)")
+            ax.plot(x[ok], ema(loss, smoothing)[ok], color="#525252", lw=1.6, label=f"training loss (EMA {smoothing:g})")
+    for i, (name, c) in enumerate(sets.items()):
+        ok = c.pairs_seen > 0
+        label = name + (f" ({c.category})" if c.category else "")
+        ax.plot(c.pairs_seen[ok], c.values[ok], "o-", ms=3.5, lw=1.4, color=_SET_COLORS[i % len(_SET_COLORS)],
+                label=label)
+    ax.set_xscale("log")
+    ax.axhline(math.log(2), color="grey", lw=0.8, ls=":", label="log 2 (no preference)")
+    ax.set_xlabel("pairs seen")
+    ax.set_ylabel("BT loss")
+    ax.set_title("BT loss during training, per set")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    if cats:
+        ax2 = axes[1]
+        for i, cat in enumerate(_category_sort(cats)):
+            c = cats[cat]
+            ok = c.pairs_seen > 0
+            ax2.plot(c.pairs_seen[ok], c.values[ok], "o-", ms=3.5, lw=1.6, color=_SET_COLORS[i % len(_SET_COLORS)],
+                     label=f"{cat} (mean of {len(c.sets)} set{'s' if len(c.sets) > 1 else ''})")
+        ax2.set_xscale("log")
+        ax2.axhline(math.log(2), color="grey", lw=0.8, ls=":")
+        ax2.set_xlabel("pairs seen")
+        ax2.set_ylabel("mean BT loss of the category's sets")
+        ax2.set_title("BT loss per category")
+        ax2.grid(alpha=0.3, which="both")
+        ax2.legend(fontsize=7, loc="best")
+    return _save(fig, out, "eval_curves", formats)
+
+
+def plot_grad_norm(rows: list[dict], spikes: list, out: Path, formats: list[str]) -> list[str]:
+    """The gradient norm (before clipping) per logged step, log y, with the spikes (trainlog.grad_norm_spikes)
+    marked and labelled by step."""
+    steps, g = _column(rows, "step"), _column(rows, "grad_norm")
+    ok = np.isfinite(g) & np.isfinite(steps)
+    if not ok.any():
+        return []
+    fig = _new_figure(7.5, 3.8)
+    ax = fig.add_subplot()
+    ax.plot(steps[ok], g[ok], color=_SMOOTH, lw=1.0, label="gradient norm (before clipping)")
+    if spikes:
+        ax.plot([s.step for s in spikes], [s.grad_norm for s in spikes], "o", mfc="none", mec="#cb181d", mew=1.5,
+                ms=9, label=f"spike ({len(spikes)}): > median + 6 robust sd of the 20 norms before")
+        for s in spikes[:12]:
+            ax.annotate(f"step {s.step}", (s.step, s.grad_norm), textcoords="offset points", xytext=(0, 8),
+                        ha="center", fontsize=7, color="#cb181d")
+    top, low = float(np.nanmax(g[ok])), float(np.nanmin(g[ok]))
+    if low > 0 and top / low > 50:  # a spike of orders of magnitude: log scale keeps the rest readable
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.set_ylim(top=top * 3)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    else:
+        ax.set_ylim(0, top * 1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient norm")
+    ax.set_title("Gradient norm" + (f": {len(spikes)} spike{'s' if len(spikes) > 1 else ''}" if spikes
+                                    else ": no spikes"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out, "grad_norm", formats)
+
+
+def plot_sweep(curves: dict[str, dict[str, object]], fits: dict[tuple[str, str], object],
+               table: list[list[str]], out: Path, formats: list[str], title: str = "Scaling sweep",
+               per: str = "category") -> list[str]:
+    """The sweep figure, laid out like the paper's: one log-log panel per category (adversarial, objective,
+    subjective, then the user's), each model's mean BT loss of the category's sets against pairs seen (markers)
+    and its power-law fit (dashed), alpha with its 95% interval in the legend; under them the table of alpha by
+    model and set (``table``: a header row, then one row per set, a column per model).
+
+    ``curves``: {model: {category: eval_curve.Curve}}; ``fits``: {(model, category): scaling.PowerLawFit or None}.
+    ``per="set"``: the panels are sets (a sweep whose eval sets have no category)."""
+    cats = _category_sort(c for per in curves.values() for c in per)
+    if not cats:
+        return []
+    models = list(curves)
+    ncols = len(cats)
+    table_rows = max(len(table), 1)
+    fig = _new_figure(max(4.6 * ncols, 8.0), 4.3 + 0.3 * table_rows + 0.4)
+    grid = fig.add_gridspec(2, ncols, height_ratios=[4.3, 0.3 * table_rows + 0.4])
+    colors = {m: _SET_COLORS[i % len(_SET_COLORS)] for i, m in enumerate(models)}
+    for j, cat in enumerate(cats):
+        ax = fig.add_subplot(grid[0, j])
+        lo, hi = math.inf, -math.inf
+        for m in models:
+            c = curves[m].get(cat)
+            if c is None:
+                continue
+            ok = (c.pairs_seen > 0) & (c.values > 0)
+            if not ok.any():
+                continue
+            x, y = c.pairs_seen[ok], c.values[ok]
+            lo, hi = min(lo, float(y.min())), max(hi, float(y.max()))
+            f = fits.get((m, cat))
+            label = m if f is None else f"{m}: α {f.label()}"
+            ax.plot(x, y, "o", ms=4, color=colors[m], label=label)
+            if f is not None:
+                xs = np.geomspace(x.min(), x.max(), 100)
+                ax.plot(xs, f.predict(xs), "--", lw=1.3, color=colors[m])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_ticks(ax, lo, hi)
+        ax.set_xlabel("pairs seen")
+        if j == 0:
+            ax.set_ylabel("BT loss (mean of the category's sets)" if per == "category" else "BT loss")
+        own = per == "category" and any(getattr(curves[m].get(cat), "category", cat) is None for m in models)
+        ax.set_title(cat.capitalize() if cat in _CATEGORY_ORDER else f"{cat} (a set, no category)" if own else cat)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    tax = fig.add_subplot(grid[1, :])
+    tax.axis("off")
+    if table:
+        t = tax.table(cellText=table[1:], colLabels=table[0], loc="center", cellLoc="center")
+        t.auto_set_font_size(False)
+        t.set_fontsize(7)
+        t.scale(1.0, 1.25)
+        for (r, _), cell in t.get_celld().items():
+            if r == 0:
+                cell.set_text_props(fontweight="bold")
+    tax.set_title("alpha of L = (D_c / D)^alpha [95% interval] by model and set", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, out, "sweep", formats)

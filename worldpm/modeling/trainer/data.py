@@ -372,28 +372,41 @@ class StepPlan:
                 micro += math.ceil((epochs - full) * len(sampler.global_batches(full)))
             self.total_steps = max(1, math.ceil(micro / self.micro_per_step))
 
-    def steps(self, start_step: int = 0):
-        """StepWork of steps start_step+1 .. total_steps (resume: the batches before are skipped, not read)."""
+    def _stream(self, start_step: int):
+        """(epoch reached, global micro-batch) from step start_step+1 on."""
         skip = start_step * self.micro_per_step
         epoch = 0
         while skip >= len(self.sampler.global_batches(epoch)):
             skip -= len(self.sampler.global_batches(epoch))
             epoch += 1
+        e, j = epoch, skip
+        while True:
+            batches = self.sampler.global_batches(e)
+            while j < len(batches):
+                yield e + (j + 1) / len(batches), batches[j]
+                j += 1
+            e, j = e + 1, 0
 
-        def stream():
-            e, j = epoch, skip
-            while True:
-                batches = self.sampler.global_batches(e)
-                while j < len(batches):
-                    yield e + (j + 1) / len(batches), batches[j]
-                    j += 1
-                e, j = e + 1, 0
-
-        it = stream()
+    def steps(self, start_step: int = 0):
+        """StepWork of steps start_step+1 .. total_steps (resume: the batches before are skipped, not read)."""
+        it = self._stream(start_step)
         lo, hi = self.rank * self.ga, (self.rank + 1) * self.ga
         for step in range(start_step + 1, self.total_steps + 1):
             got = [next(it) for _ in range(self.micro_per_step)]
             yield StepWork(step, got[-1][0], [b for _, b in got[lo:hi]], sum(len(b) for _, b in got))
+
+    def seen(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pairs seen, tokens seen) after each step, over every process: arrays of total_steps + 1 (index 0: none
+        yet). ``tokens``: a pair's real tokens (chosen + rejected, no padding). A function of the plan alone, so
+        every process knows it without a collective, and 1 process x 2 accumulations count as 2 processes x 1."""
+        it = self._stream(0)
+        pairs = np.zeros(self.total_steps + 1, dtype=np.int64)
+        toks = np.zeros(self.total_steps + 1, dtype=np.int64)
+        for step in range(1, self.total_steps + 1):
+            got = [next(it)[1] for _ in range(self.micro_per_step)]
+            pairs[step] = sum(len(b) for b in got)
+            toks[step] = sum(int(tokens[b].sum()) for b in got)
+        return np.cumsum(pairs), np.cumsum(toks)
 
 
 def padding_fraction(lengths: np.ndarray, batches: list) -> float:

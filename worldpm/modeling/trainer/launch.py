@@ -40,10 +40,17 @@ from worldpm.procs import stop_group
 
 # ---- the launch configuration ------------------------------------------------------------------------------------
 
-def visible_gpus() -> int:
+def visible_gpus(devices: list[int] | None = None) -> int:
+    """GPUs this run uses: train.devices (checked against what is visible), else every visible one."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices is None:
+        return n
+    bad = [d for d in devices if d < 0 or d >= n]
+    if bad:
+        raise StageError(f"train.devices {devices}: no CUDA device {bad[0]} here ({n} visible)")
+    return len(devices)
 
 
 def resolve_precision(requested: str, gpus: int) -> Literal["bf16", "fp32"]:
@@ -159,6 +166,10 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
         extra = ["--num_cpu_threads_per_process", threads] + extra
     cmd = launch_command(acfg_path, args_path, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if gpus and t.devices is not None:  # pinned (a sweep point's block of GPUs): the processes see only these
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(max(t.devices) + 1)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[d] for d in t.devices)
     if not gpus:
         env.setdefault("OMP_NUM_THREADS", threads)  # torchrun sets 1 for each worker unless told
         if t.deepspeed.enabled:

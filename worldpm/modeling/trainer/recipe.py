@@ -13,15 +13,18 @@ process.)
   AutoModelForSequenceClassification, num_labels=1) built on its device in its training dtype, optionally LoRA/QLoRA
   and gradient checkpointing; the layout (packed where the model can); the step plan (data.StepPlan: P processes x
   grad_accum micro-batches a step, each pair once an epoch); AdamW (fused on CUDA) with warmup + cosine/linear/
-  constant decay; and a resume from the newest complete checkpoint in <work>/checkpoints (save.resume).
+  constant decay; a resume from the newest complete checkpoint in <work>/checkpoints (save.resume); pairs and tokens
+  seen after each step (StepPlan.seen); the trackers of train.report_to (accelerate's, modeling/tracking.py); and
+  the eval sets of evaluation during training (train.eval_at, evalcurve.py), tokenized once.
 * ``Recipe.train``: each step, this process's grad_accum micro-batches (B pairs, or a token budget), each ONE
   forward pass over the 2B sequences (packed end to end, or padded), collated ahead on a thread; the fp32 loss
   weighted by pairs; gradient clipping; a log line (and a line of metrics.jsonl) every log_every steps, where a
   non-finite loss stops the run naming the step and the pair ids (no host sync per step, step.py); a checkpoint
-  every checkpoint_every steps.
+  every checkpoint_every steps; at each train.eval_at step, the eval split and every eval set scored by the training
+  processes (evalcurve.py: <work>/eval_curve.jsonl, to the trackers too).
 * ``Recipe.evaluate``: the eval split, sharded over the processes, batched by the same token budget.
 * ``Recipe.save``: the model in HF format (safetensors + config + tokenizer + worldpm.json with the text path) into
-  <out>/model; metrics.jsonl and train_summary.json into <out>.
+  <out>/model; metrics.jsonl, eval_curve.jsonl and train_summary.json into <out>.
 
 Callbacks (``Callback``; train.callbacks names them by import path, tests hand them in) observe each of these
 points: a trace of the pairs each process ran, faults (a crash, a nan, an out-of-memory), trackers.
@@ -215,7 +218,8 @@ class Recipe:
         from transformers import AutoTokenizer
 
         t, A = self.t, self.args
-        self.accelerator = make_accelerator(A)
+        self.tracking = make_tracking(A)
+        self.accelerator = make_accelerator(A, self.tracking)
         self.time.mark("accelerator")
         set_seed(t.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(str(A.tokenizer_dir))
@@ -240,6 +244,9 @@ class Recipe:
             self.plan = make_plan(self.data, t, self.accelerator, self.layout.packed)
         except ValueError as e:
             raise TrainingStop(str(e)) from None
+        # pairs and tokens seen after each step, over every process: the x-axis of the curves (metrics.jsonl rows,
+        # eval_curve.jsonl), a function of the plan alone
+        self.pairs_seen, self.tokens_seen = self.plan.seen(self.data.packed_len)
         optimizer, scheduler = optimizer_and_schedule(model, t, self.plan.total_steps, self.accelerator)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.start_step, ckpt = save.resume(self.accelerator, self.ckpt_dir, self.plan.micro_per_step)
@@ -255,7 +262,29 @@ class Recipe:
                  f"step, {'packed' if self.layout.packed else 'padded'}, {self.n_trainable:,}/{self.n_params:,} "
                  f"parameters trainable, precision {A.precision}, device {self.accelerator.device}, ready "
                  f"{self.time.marks['prepare'] - self.time.marks['launch']:.1f}s after launch")
+        if self.tracking is not None:
+            self.start_tracking()
+        # evaluation during training (train.eval_at): a step of its own after each optimizer step (evalcurve.py)
+        self.curve = None
+        if t.evaluates_during_training:
+            from worldpm.modeling.trainer.evalcurve import EvalCurve
+
+            self.curve = EvalCurve(self)
+            self.curve.start()
         self.cb.on_train_start(self)
+
+    def start_tracking(self) -> None:
+        """train.report_to: accelerate's trackers started under this run's names and tags; the main process records
+        where they write (<tracking>/runs/<train key>.json) for the evaluate stage's final metrics, and a resumed
+        run continues its MLflow run."""
+        from worldpm.modeling import tracking as T
+
+        record = self.tracking.start(self.accelerator)
+        if self.accelerator.is_main_process:
+            T.write_record(self.args.tracking.folder, self.args.tracking.train_key,
+                           {**record, "steps": self.plan.total_steps})
+            self.say(f"report_to: {', '.join(self.tracking.trackers)} as run {self.tracking.run_name} under "
+                     f"{self.tracking.folder}")
 
     def load_split(self, split: str) -> PairData:
         """A tokenized split, memory-mapped from its token store (data.read_split_pairs), with its cached reference
@@ -311,7 +340,10 @@ class Recipe:
             self.epoch = work.epoch
             self.log.n += 1
             if step % t.log_every == 0 or step == plan.total_steps:
-                self.say(self.log.line(acc, step, self.epoch, self.scheduler.get_last_lr()[0], grad_norm, finite))
+                self.say(self.log.line(acc, step, self.epoch, self.scheduler.get_last_lr()[0], grad_norm, finite,
+                                       seen=(self.pairs_seen[step], self.tokens_seen[step])))
+                if self.tracking is not None:
+                    self.tracking.log_train(acc, self.log.last)
                 cb.on_log(self, self.log.last)
             if step % t.checkpoint_every == 0 and step < plan.total_steps:
                 finite.check(acc)  # never checkpoint weights a nan has reached
@@ -319,8 +351,11 @@ class Recipe:
                     "step": step, "epoch": self.epoch, "total_steps": plan.total_steps,
                     "micro_per_step": plan.micro_per_step}, t.keep_checkpoints)
                 self.say(f"checkpoint {path.name} saved (step {step})")
+            if self.curve is not None:
+                self.curve.after_step(step)
             cb.on_step_end(self, step)
-        self.train_seconds = time.perf_counter() - self.t_start
+        # training time without the evaluation points (their share: eval_curve.seconds in train_summary.json)
+        self.train_seconds = time.perf_counter() - self.t_start - (self.curve.seconds if self.curve else 0.0)
         self.time.marks["first_step"] = self.log.first_step_at or time.time()
         self.say("startup: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.time.seconds().items()))
 
@@ -356,9 +391,12 @@ class Recipe:
             "pairs_per_s": round(self.log.run_pairs / max(self.train_seconds, 1e-9), 2),
             "peak_memory_gb": round(peak, 3),
             "final": self.log.last, "eval": self.eval_metrics, "length_control": self.length_info,
+            **({"eval_curve": self.curve.summary()} if self.curve is not None else {}),
         }
         if acc.is_main_process:
             shutil.copyfile(self.metrics_path, A.out / "metrics.jsonl")
+            if self.curve is not None:
+                self.curve.copy_to(A.out)
             (A.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
             # not the folder: it is the stage's temporary output, renamed into the store when the stage commits
             self.say(f"saved the model ({plan.total_steps - self.start_step} steps in {hms(elapsed)})")
@@ -370,7 +408,19 @@ class Recipe:
 
 # ---- setup, piece by piece -----------------------------------------------------------------------------------------
 
-def make_accelerator(args: TrainerArgs):
+def make_tracking(args: TrainerArgs):
+    """train.report_to as modeling/tracking.Tracking, or None."""
+    tr = args.tracking
+    if tr is None or not tr.report_to:
+        return None
+    from worldpm.modeling.tracking import read_record, setup_tracking
+
+    resume = (read_record(tr.folder, tr.train_key).get("mlflow") or {}).get("run_id")  # a resumed key: its run
+    return setup_tracking(tr.report_to, tr.folder, run_config=tr.config, tags=tr.tags, run_name=tr.run_name,
+                          experiment=tr.experiment, run_id=resume)
+
+
+def make_accelerator(args: TrainerArgs, tracking=None):
     """The Accelerator. On CPU: ``cpu=True`` (several processes: MULTI_CPU over gloo); under DeepSpeed on CPU
     (its CPU accelerator, DS_ACCELERATOR=cpu) the process group is named gloo explicitly, without which accelerate
     leaves the backend unset and every process believes it is process 0 of 1. Across machines (train.nodes) the
@@ -395,6 +445,8 @@ def make_accelerator(args: TrainerArgs):
         init["timeout"] = timedelta(seconds=args.train.nodes.timeout_s)
     if init:
         kw["kwargs_handlers"] = [InitProcessGroupKwargs(**init)]
+    if tracking is not None:
+        kw.update(tracking.accelerator_kwargs)  # log_with, project_dir
     return Accelerator(
         mixed_precision="bf16" if args.precision == "bf16" else "no",
         gradient_accumulation_steps=args.train.grad_accum,

@@ -154,7 +154,10 @@ class StepLog:
         self.padded += batch["padded_tokens"]
         self.pairs += n
 
-    def line(self, accelerator, step: int, epoch: float, lr: float, grad_norm, guard: FiniteGuard) -> str:
+    def line(self, accelerator, step: int, epoch: float, lr: float, grad_norm, guard: FiniteGuard,
+             seen: tuple[int, int] | None = None) -> str:
+        """Reduce the window, write its metrics.jsonl row (with ``seen``: pairs_seen, tokens_seen since the start
+        of training, every process) and return the progress line."""
         now = time.perf_counter()
         t = torch.cat([self.window, torch.tensor([self.tokens, self.padded, self.pairs], dtype=torch.float64,
                                                  device=self.device), guard.local_bad().to(self.device).reshape(1)])
@@ -169,6 +172,7 @@ class StepLog:
         self.last = {
             "step": step, "epoch": round(epoch, 4), **{k: round(v, 6) for k, v in vals.items()},
             "lr": lr, "grad_norm": round(gn, 6), "pairs": int(pairs), "tokens": int(tokens), "fed_tokens": int(padded),
+            **({"pairs_seen": int(seen[0]), "tokens_seen": int(seen[1])} if seen is not None else {}),
             "tokens_per_s": round(tokens / dt, 1), "pairs_per_s": round(pairs / dt, 2),
             "padding": round(1 - tokens / padded, 4) if padded else 0.0,
             "elapsed_s": round(now - self.t_start, 2),
