@@ -34,7 +34,7 @@ def test_prefect_yaml_declares_what_serve_deploys_and_the_data_train_pair():
     spec = _prefect_yaml()
     deps = {d["name"]: d for d in spec["deployments"]}
     assert list(deps) == ["full", "clean", "data", "train"]
-    full, clean = deploy.build_deployments(str(ROOT / "pipeline.yaml"))
+    full, clean, _sweep = deploy.build_deployments(str(ROOT / "pipeline.yaml"))  # (worldpm/sweep: serve's only)
     cfg = load_config(ROOT / "pipeline.yaml")
     for name, d in deps.items():
         assert d["entrypoint"] == full.entrypoint == "flows.worldpm.worldpm"  # importable from any folder
@@ -129,7 +129,11 @@ def test_workers_run_the_deployments_of_prefect_yaml(prefect_api_url, prefect_ho
             c.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                               base_job_template=json.loads(POOL_TEMPLATE.read_text())))
     env = dict(os.environ, PREFECT_API_URL=prefect_api_url, WORLDPM_PROJECT=str(project), COLUMNS="200",
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2",
+               # with opentelemetry-sdk in the workers' environment (mlflow-skinny, worldpm[track], brings it) the
+               # data run's Completed event reached the server but its trigger never started train (seen with
+               # Prefect 3.8.8, cause not found); docs/deploy.md tells users to start workers so too
+               OTEL_SDK_DISABLED="true")
     logs = [tmp_path / f"worker-{pool}.log" for pool in ("cpu", "gpu")]
     workers = []
     for pool, log in zip(("cpu", "gpu"), logs):
