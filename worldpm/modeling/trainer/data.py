@@ -260,6 +260,24 @@ def cut_micro_batches(order: np.ndarray, lengths: np.ndarray, batch_size: int,
     return [order[b[k]:b[k + 1]] for k in range(len(b) - 1)]
 
 
+def shard_for_scoring(data: "PairData", n: int, num_processes: int, process_index: int, layout: "Layout",
+                      pad_id: int, batch_size: int, max_tokens_per_batch: int | None = None):
+    """Every pair of ``data[:n]`` once, for scoring on every process (ZeRO-3 included): contiguous length-sorted
+    batches of ``batch_size`` pairs or ``max_tokens_per_batch`` tokens, batch i on process i % P (no wrap-around
+    duplicates), the same number of forward passes on every process: a process short of batches reruns the first
+    one, to be left uncounted. Yields (pair indices, the collated batch without pair_ids, real)."""
+    order = np.argsort(-data.pair_len[:n], kind="stable")
+    cost = data.packed_len[:n] if layout.packed else None
+    batches = cut_micro_batches(order, data.pair_len[:n], batch_size, max_tokens_per_batch, cost)
+    mine = batches[process_index::num_processes]
+    for i in range(math.ceil(len(batches) / num_processes)):
+        real = i < len(mine)
+        idx = (mine[i] if real else batches[0]).tolist()
+        batch = layout.collate(data, idx, pad_id)
+        batch.pop("pair_ids")
+        yield idx, batch, real
+
+
 class Batches(Sequence):
     """An epoch's micro-batches as two arrays, not a list of arrays: batch k is order[starts[k]:ends[k]] (8 bytes a
     pair and 16 a micro-batch, whatever the count: 15M pairs in micro-batches of 8 would be 1.9M array objects)."""

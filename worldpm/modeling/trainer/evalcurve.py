@@ -20,7 +20,6 @@ the same weights as one without.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from worldpm.config import EvalAtConfig
-from worldpm.modeling.trainer.data import PairData, cut_micro_batches, load_pairs
+from worldpm.modeling.trainer.data import PairData, load_pairs, shard_for_scoring
 from worldpm.modeling.trainer.step import hms, to_device
 from worldpm.report import eval_curve as EC
 
@@ -107,17 +106,9 @@ def score_rewards(model, objective, data: PairData, accelerator, pad_id: int, la
     process i % P, the same number of forward passes on every process (a process short of batches reruns its
     first, uncounted), one all-reduce of the rewards."""
     n = len(data)
-    order = np.argsort(-data.pair_len, kind="stable")
-    cost = data.packed_len if layout.packed else None
-    batches = cut_micro_batches(order, data.pair_len, batch_size, max_tokens_per_batch, cost)
-    P, r = accelerator.num_processes, accelerator.process_index
-    mine = batches[r::P]
     out = torch.zeros(2, n, dtype=torch.float64, device=accelerator.device)
-    for i in range(math.ceil(len(batches) / P)):
-        real = i < len(mine)
-        idx = mine[i] if real else batches[0]
-        batch = layout.collate(data, idx, pad_id)
-        batch.pop("pair_ids")
+    for idx, batch, real in shard_for_scoring(data, n, accelerator.num_processes, accelerator.process_index, layout,
+                                              pad_id, batch_size, max_tokens_per_batch):
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             rc, rr = objective.rewards(model, batch)

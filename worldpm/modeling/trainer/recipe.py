@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -42,7 +41,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from worldpm.config import ModelConfig, TrainConfig
@@ -52,7 +50,7 @@ from worldpm.modeling.objectives import build_objective
 from worldpm.modeling.trainer import guard, save
 from worldpm.data.tokstore import TokenStoreError, store_path
 from worldpm.modeling.trainer.data import (Layout, PairBatchSampler, PairData, PairDataError, StepPlan,
-                                           cut_micro_batches, read_split_pairs)
+                                           read_split_pairs, shard_for_scoring)
 from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.modeling.trainer.step import (FiniteGuard, OutOfMemory, Prefetcher, StepLog, TrainingStop, hms,
                                            oom_message, to_device)
@@ -592,29 +590,18 @@ def evaluate_split(model, objective, data: PairData | None, accelerator, pad_id:
                    max_pairs: int, layout: Layout, max_tokens_per_batch: int | None = None) -> dict | None:
     """{pairs, loss, accuracy} of the first max_pairs pairs of `data` (0: all), or None without pairs.
 
-    Every pair once: contiguous length-sorted batches of ``batch_size`` pairs, or of ``max_tokens_per_batch``
-    tokens as in training (the memory limit holds here too), batch i on process i % P (no wrap-around duplicates).
-    Works under ZeRO-3: every process runs every forward (a process with fewer batches reruns its first,
-    uncounted)."""
+    Every pair once, batched as in training (the memory limit holds here too), under ZeRO-3 too:
+    data.shard_for_scoring."""
     if data is None:
         return None
     n = len(data) if not max_pairs else min(len(data), max_pairs)
     if n == 0:
         return None
-    order = np.argsort(-data.pair_len[:n], kind="stable")
-    cost = data.packed_len[:n] if layout.packed else None
-    batches = cut_micro_batches(order, data.pair_len[:n], batch_size, max_tokens_per_batch, cost)
-    P, r = accelerator.num_processes, accelerator.process_index
-    mine = batches[r::P]
-    rounds = math.ceil(len(batches) / P)
     was = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, pairs
-    for i in range(rounds):
-        real = i < len(mine)
-        idx = (mine[i] if real else batches[0]).tolist()
-        batch = layout.collate(data, idx, pad_id)
-        batch.pop("pair_ids")
+    for idx, batch, real in shard_for_scoring(data, n, accelerator.num_processes, accelerator.process_index, layout,
+                                              pad_id, batch_size, max_tokens_per_batch):
         batch = to_device(batch, accelerator.device)
         with accelerator.autocast():
             loss, stats = objective.compute(model, batch)
