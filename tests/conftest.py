@@ -5,6 +5,7 @@ not one ephemeral server per test: `prefect_api_url` starts it on first use and 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # each of the test processes (pytest-xdist, pyproject's addopts) computes on one thread, and so do the trainers
+    # they launch (launch.py keeps OMP_NUM_THREADS): two processes of two spinning threads each on two cores ran a
+    # training test 3x slower than alone. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -55,14 +61,47 @@ def prefect_home(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def prefect_api_url(prefect_home):
-    """A real `prefect server start` on 127.0.0.1 for the whole session; PREFECT_API_URL points at it."""
+def _drain_prefect_workers() -> None:
+    """Send what this process's Prefect log and event workers still hold while their server is up, as Prefect's own
+    test harness does: left to interpreter exit, they retry against the stopped server for a minute or more."""
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=60)
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=60)
+
+
+@contextlib.contextmanager
+def _prefect_settings(url: str, home: Path):
+    """This process's Prefect settings with PREFECT_API_URL and PREFECT_HOME set, whatever imported prefect first:
+    Prefect reads the environment once, at import, so a test that imported it before the server started (any order
+    under pytest-xdist) would otherwise run its in-process flows, and its log and event workers' threads, on a
+    temporary server of their own. Set both as Prefect's own test harness does (prefect.testing.utilities): the
+    current settings context, and the process-global one that new threads read."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_HOME: str(home)}), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        yield
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A real `prefect server start` on 127.0.0.1 with its database under `home`; yields its API URL. While it
+    runs, PREFECT_API_URL and PREFECT_HOME point at it in os.environ (for subprocesses) and in this process's
+    Prefect settings (`_prefect_settings`)."""
     port = _free_port()
-    env = dict(os.environ, PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false")
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false",
+               # a run that finds its deployment's one slot taken waits this long before it tries again (Prefect's
+               # default 30 s): the waits happen as in production, only shorter
+               PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2")
     env.pop("PREFECT_API_URL", None)
-    log = open(prefect_home / "server.log", "w")
+    log = open(home / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -71,7 +110,7 @@ def prefect_api_url(prefect_home):
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {(prefect_home / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -83,9 +122,13 @@ def prefect_api_url(prefect_home):
         raise RuntimeError("prefect server did not come up in 180 s")
     old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
     os.environ["PREFECT_API_URL"] = url
-    os.environ["PREFECT_HOME"] = str(prefect_home)
+    os.environ["PREFECT_HOME"] = str(home)
     try:
-        yield url
+        with _prefect_settings(url, home):
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()
     finally:
         for k, v in old.items():
             if v is None:
@@ -98,6 +141,19 @@ def prefect_api_url(prefect_home):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def start_prefect_server():
+    """`prefect_server`, for a test module that needs a server of its own."""
+    return prefect_server
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_home):
+    """The session's Prefect server (`prefect_server`); PREFECT_API_URL points at it."""
+    with prefect_server(prefect_home) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """prefect.yaml on work pools: the deployments `worldpm serve` publishes (full, clean) and the pair data (CPU pool)
 -> train (GPU pool) chained by an event trigger; registered with `prefect --no-prompt deploy --all` and run by real
-`prefect worker start` processes against the session's Prefect server (conftest `prefect_api_url`), with the
+`prefect worker start` processes against a Prefect server of their own (conftest `start_prefect_server`), with the
 deployment policy holding on the worker path (flows/workers.py)."""
 from __future__ import annotations
 
@@ -89,6 +89,16 @@ def _project(tmp_path: Path, se_paired: Path) -> Path:
     return project
 
 
+@pytest.fixture(scope="module")
+def workers_api_url(tmp_path_factory, start_prefect_server):
+    """A Prefect server for this module alone. On the session's server, after the rest of the suite had run on it,
+    the data run's Completed event reached the server but the data -> train trigger never started train (Prefect
+    3.8.8 on SQLite; in each full run on 2026-12-04, never with the module alone; cause not found): a nightly's server does
+    not serve a whole test suite's runs first, so the chain is tested on a fresh one."""
+    with start_prefect_server(tmp_path_factory.mktemp("workers_prefect_home")) as url:
+        yield url
+
+
 def _client():
     from prefect.client.orchestration import get_client
 
@@ -118,11 +128,7 @@ def _task_states(flow_run_id: UUID) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.launch
-@pytest.mark.xfail(strict=False, reason=(
-    "known failure, open (issue 22): after the rest of the suite, on the session's shared Prefect server, the data "
-    "run's Completed event arrives but the data -> train trigger never starts train; run alone "
-    "(`pytest tests/test_workers.py`) on a fresh server it passes (53 s)"))
-def test_workers_run_the_deployments_of_prefect_yaml(prefect_api_url, prefect_home, se_paired, tmp_path):
+def test_workers_run_the_deployments_of_prefect_yaml(workers_api_url, se_paired, tmp_path):
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import PrefectHTTPStatusError
@@ -132,7 +138,7 @@ def test_workers_run_the_deployments_of_prefect_yaml(prefect_api_url, prefect_ho
         for pool in ("cpu", "gpu"):  # as `prefect work-pool create cpu --type process --base-job-template ...`
             c.create_work_pool(WorkPoolCreate(name=pool, type="process",
                                               base_job_template=json.loads(POOL_TEMPLATE.read_text())))
-    env = dict(os.environ, PREFECT_API_URL=prefect_api_url, WORLDPM_PROJECT=str(project), COLUMNS="200",
+    env = dict(os.environ, PREFECT_API_URL=workers_api_url, WORLDPM_PROJECT=str(project), COLUMNS="200",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2",
                # with opentelemetry-sdk in the workers' environment (mlflow-skinny, worldpm[track], brings it) the
                # data run's Completed event reached the server but its trigger never started train (seen with
@@ -179,9 +185,9 @@ def test_workers_run_the_deployments_of_prefect_yaml(prefect_api_url, prefect_ho
         with _client() as c:
             while not (trains := c.read_flow_runs(deployment_filter=DeploymentFilter(
                     id=DeploymentFilterId(any_=[deps["train"].id])))):
-                assert time.monotonic() < deadline, ("the Completed data run started no train run; messages the "
-                                                     "server dropped: "
-                                                     f"{sorted(p.name for p in (prefect_home / 'dlq').glob('*'))}")
+                dropped = sorted(p.name for p in (Path(os.environ["PREFECT_HOME"]) / "dlq").glob("*"))
+                assert time.monotonic() < deadline, \
+                    f"the Completed data run started no train run; messages the server dropped: {dropped}"
                 time.sleep(1)
         [train] = trains
         run = _final(train.id, workers, logs)
@@ -215,14 +221,3 @@ def test_workers_run_the_deployments_of_prefect_yaml(prefect_api_url, prefect_ho
             except (ProcessLookupError, PermissionError):
                 pass
             w.wait()
-        with _client() as c:  # the session's server serves other tests' deployments of the same names
-            for n in names:
-                try:
-                    c.delete_deployment(c.read_deployment_by_name(n).id)
-                except Exception:  # noqa: BLE001 - not registered (deploy failed)
-                    pass
-            for pool in ("cpu", "gpu"):
-                try:
-                    c.delete_work_pool(pool)
-                except Exception:  # noqa: BLE001
-                    pass

@@ -161,7 +161,8 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
     if node == 0:  # the run's first failure is recorded afresh (a node that joined before may not clear it)
         (args.work / FAILURE).unlink(missing_ok=True)
     extra = nodes.launch_options(t.nodes, t.deepspeed.enabled) + list(t.accelerate_args)
-    threads = str(max(1, len(os.sched_getaffinity(0)) // local))  # CPU: the cores shared out over the processes
+    # CPU: OMP_NUM_THREADS where the user set it, else the cores shared out over the processes
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // local))
     if not gpus:  # said explicitly, or accelerate warns that it picked a default
         extra = ["--num_cpu_threads_per_process", threads] + extra
     cmd = launch_command(acfg_path, args_path, extra)
@@ -171,7 +172,7 @@ def run(args: TrainerArgs, gpus: int, log, timeout_s: float | None = None) -> tu
         ids = visible.split(",") if visible else [str(i) for i in range(max(t.devices) + 1)]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[d] for d in t.devices)
     if not gpus:
-        env.setdefault("OMP_NUM_THREADS", threads)  # torchrun sets 1 for each worker unless told
+        env["OMP_NUM_THREADS"] = threads  # torchrun sets 1 for each worker unless told
         if t.deepspeed.enabled:
             env["DS_ACCELERATOR"] = "cpu"
     where = f" on node {node} of {t.nodes.count}" if t.nodes.count > 1 else ""
