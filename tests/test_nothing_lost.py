@@ -787,7 +787,10 @@ def test_a_full_disk_in_training_is_one_line_on_a_real_small_filesystem(staged, 
         pytest.skip(f"{why}; test_a_full_disk_in_training_is_the_disk_full_line_injected covers the same path")
     try:
         shutil.copytree(kept, project / "artifacts", dirs_exist_ok=True)
-        p = worldpm_cli("run", "--until", "train", "--set", "train.max_steps=2", cwd=project, check=False)
+        # one step of 2 pairs, no evaluation on the way: what fills the disk is saving the model
+        p = worldpm_cli("run", "--until", "train", "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+                        "--set", "train.eval_at.log_points=null", "--set", "train.eval_max_pairs=8", cwd=project,
+                        check=False)
         assert p.returncode == 1 and "Traceback" not in p.stderr and "trainer stderr:" not in p.stderr, p.stderr
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith(f"worldpm: train: the disk is full (no space left on the device of "
