@@ -140,9 +140,8 @@ def test_workers_run_the_deployments_of_prefect_yaml(workers_api_url, se_paired,
                                               base_job_template=json.loads(POOL_TEMPLATE.read_text())))
     env = dict(os.environ, PREFECT_API_URL=workers_api_url, WORLDPM_PROJECT=str(project), COLUMNS="200",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2",
-               # with opentelemetry-sdk in the workers' environment (mlflow-skinny, worldpm[track], brings it) the
-               # data run's Completed event reached the server but its trigger never started train (seen with
-               # Prefect 3.8.8, cause not found); docs/deploy.md tells users to start workers so too
+               # as docs/deploy.md starts workers: a precaution (a trigger that did not fire was once blamed on
+               # opentelemetry-sdk, which mlflow-skinny brings; on a fresh server the chain passed without it too)
                OTEL_SDK_DISABLED="true")
     logs = [tmp_path / f"worker-{pool}.log" for pool in ("cpu", "gpu")]
     workers = []
