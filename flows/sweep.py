@@ -80,7 +80,7 @@ def worldpm_sweep(config_path: str | None = None, overrides: list[str] | None = 
     concurrency limits, then the sweep report. A failed point is named in the report; the others go on."""
     from prefect.client.orchestration import get_client
 
-    from worldpm.report.eval_curve import FILE, read_eval_curve
+    from worldpm.modeling.eval_curve import FILE, read_eval_curve
     from worldpm.report.sweep import PointOutcome, write_sweep_report
     from worldpm.sweep import plan_slots, point_configs
 

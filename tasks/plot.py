@@ -29,8 +29,8 @@ def stage_config(cfg: PipelineConfig) -> PlotStageConfig:
 
 
 def run(scfg: PlotStageConfig, inputs: dict[str, ArtifactRef], out: Path, log, work: Path) -> dict:
-    from worldpm.report.eval_curve import FILE as EVAL_CURVE
-    from worldpm.report.eval_curve import read_eval_curve
+    from worldpm.modeling.eval_curve import FILE as EVAL_CURVE
+    from worldpm.modeling.eval_curve import read_eval_curve
     from worldpm.report.figures import (
         plot_eval_accuracy,
         plot_eval_curves,

@@ -74,6 +74,23 @@ def test_stages_never_import_each_other():
     assert not bad, f"a stage imports another stage (or the registry): {bad}"
 
 
+# worldpm's own floors, the ground first: an import may only run down (or stay on its floor)
+FLOORS = ("worldpm.config", "worldpm.data", "worldpm.modeling", "worldpm.report")
+
+
+def _floor(module: str) -> int | None:
+    for i, f in enumerate(FLOORS):
+        if module == f or module.startswith(f + "."):
+            return i
+    return None
+
+
+def test_no_import_runs_back_up_the_library():
+    bad = [(a, b) for a, deps in _graph().items() for b in deps
+           if _floor(a) is not None and _floor(b) is not None and _floor(b) > _floor(a)]
+    assert not bad, f"imports up the floors ({' < '.join(FLOORS)}): {bad}"
+
+
 def test_no_import_circles():
     g = _graph()
     # a package's __init__ importing its own submodules is how a package hands names on: not a circle of files

@@ -335,7 +335,7 @@ def _outside(fig) -> list[tuple[str, str]]:
 
 def test_titles_and_legends_stay_inside_every_figure(tmp_path, monkeypatch):
     import worldpm.report.figures as F
-    from worldpm.report.eval_curve import EvalPoint
+    from worldpm.modeling.eval_curve import EvalPoint
     from worldpm.report.trainlog import grad_norm_spikes
 
     drawn = []

@@ -6,7 +6,6 @@ tags that say nothing ran, and no new report. A second pipeline name publishes u
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

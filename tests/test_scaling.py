@@ -1,4 +1,4 @@
-"""Power-law fits (worldpm/report/scaling.py), eval-curve records (eval_curve.py), gradient-norm spikes
+"""Power-law fits (worldpm/report/scaling.py), eval-curve records (worldpm/modeling/eval_curve.py), gradient-norm spikes
 (trainlog.py) and the figures drawn from them."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from worldpm.errors import StageError
-from worldpm.report.eval_curve import (
+from worldpm.modeling.eval_curve import (
     EvalPoint,
     append_points,
     category_curves,

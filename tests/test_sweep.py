@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from worldpm.config import load_config
 from worldpm.errors import ConfigError
-from worldpm.report.eval_curve import EvalPoint
+from worldpm.modeling.eval_curve import EvalPoint
 from worldpm.report.figures import plot_eval_curves, plot_grad_norm
 from worldpm.report.markdown import image_links
 from worldpm.report.sweep import PointOutcome, alpha_table, sweep_fits, write_sweep_report

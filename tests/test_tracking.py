@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from worldpm.modeling.tracking import TrackingError, check_report_to, flat_config, setup_tracking
-from worldpm.report.eval_curve import EvalPoint
+from worldpm.config import TrackingError, check_report_to
+from worldpm.modeling.tracking import flat_config, setup_tracking
+from worldpm.modeling.eval_curve import EvalPoint
 
 ROWS = [{"step": s, "epoch": s / 30, "loss": 0.69 - 0.01 * s, "accuracy": 0.5 + 0.01 * s, "margin": 0.02 * s,
          "lr": 5e-5, "grad_norm": 1.0 + s, "pairs": 16, "tokens": 1000, "tokens_per_s": 500.0, "padding": 0.0,

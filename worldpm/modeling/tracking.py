@@ -41,44 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-SUPPORTED = ("tensorboard", "mlflow")
-_NETWORK = {
-    "wandb": "wandb logs to its service at api.wandb.ai (an account and a network)",
-    "comet_ml": "comet_ml logs to Comet's service (an account and a network)",
-    "clearml": "clearml logs to a ClearML server (a network)",
-    "swanlab": "swanlab logs to its cloud service (an account and a network)",
-    "trackio": "trackio syncs to a Hugging Face Space (a network)",
-}
-_PACKAGE = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny (or mlflow)"}
+from worldpm.config import check_report_to  # train.report_to is checked where the config is loaded
+
 _TRAIN_KEYS = ("loss", "accuracy", "margin", "lr", "grad_norm", "tokens_per_s", "pairs_per_s", "padding", "epoch",
                "pairs_seen", "tokens_seen")
 _FINAL_KEYS = ("accuracy", "lc_accuracy", "bt_loss", "ece", "margin_length_corr", "length_rule_accuracy",
                "rewardbench_score", "n")
-
-
-class TrackingError(ValueError):
-    """A report_to entry that cannot be used here; the message is one line."""
-
-
-def check_report_to(report_to: Iterable[str]) -> list[str]:
-    """The trackers, checked: known, offline, installed. A one-line TrackingError otherwise."""
-    names = []
-    for name in report_to:
-        n = str(name).strip().lower()
-        if n in ("none", ""):
-            continue
-        if n in _NETWORK:
-            raise TrackingError(f"train.report_to: {n} needs a network ({_NETWORK[n]}); this pipeline reports "
-                                f"offline to {' or '.join(SUPPORTED)}")
-        if n not in SUPPORTED:
-            raise TrackingError(f"train.report_to: unknown tracker {name!r}; one of {', '.join(SUPPORTED)}")
-        import importlib.util
-
-        if importlib.util.find_spec(n) is None:  # found, not imported: a config loads in milliseconds
-            raise TrackingError(f"train.report_to: {n} is not installed here (pip install {_PACKAGE[n]})")
-        if n not in names:
-            names.append(n)
-    return names
 
 
 def _scalar(v: Any) -> bool:

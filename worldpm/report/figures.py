@@ -353,7 +353,7 @@ def plot_eval_curves(train_rows: list[dict], points: list, out: Path, formats: l
                      smoothing: float = 0.9) -> list[str]:
     """Left: the training loss (EMA) and each eval set's BT loss against pairs seen (log x). Right (when any set
     has a category): the mean BT loss of each category's sets. ``points``: eval_curve.EvalPoint records."""
-    from worldpm.report.eval_curve import category_curves, set_curves
+    from worldpm.modeling.eval_curve import category_curves, set_curves
     from worldpm.report.trainlog import pairs_seen
 
     sets = set_curves(points)

@@ -223,7 +223,7 @@ def _training(train_summary: dict | None, images: dict[str, str]) -> list[str]:
 
 def _eval_during_training(points: list, images: dict[str, str]) -> list[str]:
     """Each set's BT loss during training and its power-law fit in pairs seen (worldpm/report/scaling.py)."""
-    from worldpm.report.eval_curve import category_curves, set_curves
+    from worldpm.modeling.eval_curve import category_curves, set_curves
     from worldpm.report.scaling import CRITERION, fit_curves
 
     sets, cats = set_curves(points), category_curves(points)

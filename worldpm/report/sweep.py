@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worldpm.report.eval_curve import EvalPoint, category_curves, set_curves
+from worldpm.modeling.eval_curve import EvalPoint, category_curves, set_curves
 from worldpm.report.scaling import CRITERION, PowerLawFit, f3, fit_or_reason
 
 _CATEGORY_ORDER = ("adversarial", "objective", "subjective")

@@ -10,7 +10,7 @@
 * **How**: the training model itself, in eval mode under no_grad (no second copy), length-sorted batches of the
   training micro-batch size (or token budget), batch i on process i % P; every process runs the same number of
   forward passes (ZeRO-3 needs all of them in each), then one all-reduce gathers the rewards. The main process
-  turns them into records (report/eval_curve.py: step, pairs_seen, tokens_seen, set, subset, category, n, bt_loss,
+  turns them into records (modeling/eval_curve.py: step, pairs_seen, tokens_seen, set, subset, category, n, bt_loss,
   accuracy, lc_accuracy), appends them to the file and hands them to the trackers.
 * **Resume**: records after the resumed step are dropped (they are redone); a point at the resumed step whose
   records a crash lost (the checkpoint is written before the point is evaluated) is evaluated first.
@@ -30,7 +30,7 @@ import torch
 from worldpm.config import EvalAtConfig
 from worldpm.modeling.trainer.data import PairData, load_pairs, shard_for_scoring
 from worldpm.modeling.trainer.step import hms, to_device
-from worldpm.report import eval_curve as EC
+from worldpm.modeling import eval_curve as EC
 
 SAMPLE_SEED = 0  # the sample of a large set: the same whatever train.seed, so runs of a sweep score the same pairs
 
