@@ -30,6 +30,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from worldpm.config import PipelineConfig, load_config, parse_override, source_from_cli
@@ -53,6 +54,11 @@ class Served:
     def project(self) -> Path:
         """Where a run's paths may point: the served config's folder (the working directory without one)."""
         return Path(self.config_path).resolve().parent if self.config_path else Path.cwd().resolve()
+
+    @cached_property
+    def base(self) -> PipelineConfig:
+        """The served config itself, loaded and validated once per run (check_run and read_roots compare with it)."""
+        return load_config(self.config_path, self.overrides)
 
 
 def mark_served(config_path: str | None, overrides: list[str]) -> None:
@@ -127,7 +133,7 @@ def _paths(cfg: PipelineConfig) -> dict[str, str]:
 def read_roots(served: Served) -> list[Path]:
     """Where a deployment run may read data files: the project folder, and what the served config itself reads
     (its local sources and eval sets, which the operator may have put anywhere), resolved."""
-    base = load_config(served.config_path, served.overrides)
+    base = served.base
     roots = [served.project]
     for s in base.sources:
         if s.kind == "local" and s.path:
@@ -155,7 +161,7 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     if not same(config_path, served.config_path):
         raise ConfigError(f"{where} cannot change config_path (to {config_path!r}): it runs the served config "
                           f"{served.config_path or '<defaults>'}")
-    base = load_config(served.config_path, served.overrides)
+    base = served.base
     allowed = list(base.serve.allowed_overrides)
     for o in overrides or []:
         if o in served.overrides:  # the operator's own --set entries

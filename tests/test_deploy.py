@@ -104,6 +104,21 @@ def test_server_refuses_a_port_in_use(capsys):
 
 
 # ---- what a deployment run may override (issue 12 case 6) --------------------------------------------------------
+def test_a_deployment_run_validates_each_config_once(tmp_path, monkeypatch):
+    """The run's config once, and the served config it is checked against once (it was loaded three times more)."""
+    import flows.policy as policy
+    from worldpm.config import load_config
+
+    cfg = _write_config(tmp_path / "pipeline.yaml", {"name": "served"})
+    loaded = []
+    monkeypatch.setattr(policy, "load_config", lambda *a, **k: loaded.append(a) or load_config(*a, **k))
+    served = policy.Served(str(cfg), ["train.max_steps=20"])
+    run_cfg = policy.check_run(served, str(cfg), ["train.lr=1e-5"], None)  # as flows/worldpm.py does
+    roots = policy.read_roots(served)
+    assert run_cfg.train.lr == 1e-5 and run_cfg.train.max_steps == 20 and tmp_path.resolve() in roots
+    assert loaded == [(str(cfg), ["train.max_steps=20"]), (str(cfg), ["train.max_steps=20", "train.lr=1e-5"], None)]
+
+
 def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path):
     from flows.policy import Served, check_run
     from worldpm.errors import ConfigError
@@ -144,6 +159,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
 
     # the list is the served config's; even "*" never opens a path outside the project or the store
     _write_config(cfg, {"name": "served", "serve": {"allowed_overrides": ["*"]}})
+    served = Served(str(cfg), ["train.max_steps=2000"])  # each run reads the served config anew (once)
     check_run(served, str(cfg), ['tokenize.plain_template="Q: {prompt} A: {response}"'], None)
     for overrides, needle in (
             (["evaluate.eval_sets=[{name: x, path: /etc/passwd}]"], "evaluate.eval_sets.0.path '/etc/passwd' is "
@@ -155,6 +171,7 @@ def test_a_deployment_run_may_change_only_what_the_served_config_allows(tmp_path
         with pytest.raises(ConfigError, match=re.escape(needle)):
             check_run(served, str(cfg), overrides, None)
     _write_config(cfg, {"name": "served", "serve": {"allowed_overrides": ["train.lr"]}})
+    served = Served(str(cfg), ["train.max_steps=2000"])
     with pytest.raises(ConfigError, match="may not override clean.min_margin"):
         check_run(served, str(cfg), ["clean.min_margin=1"], None)
     with pytest.raises(ConfigError, match="may not replace the sources"):
