@@ -16,7 +16,7 @@ anything runs:
   and every path that differs from the served config must lie inside the project;
 * a local source is checked by the files it expands to (a glob, a folder), each resolved: `data/share*/x.jsonl`
   reaches outside when data/shared is a symlink that points there. And at read time too: the run reads under
-  `read_roots(served)` (worldpm.data.sources.read_root), so a link that appears after this check is refused where
+  `Served.roots` (worldpm.data.sources.read_root), so a link that appears after this check is refused where
   the file is opened.
 
 Runs from `worldpm run` (the terminal: the user's own authority) are not checked. A run is a deployment run when
@@ -57,8 +57,22 @@ class Served:
 
     @cached_property
     def base(self) -> PipelineConfig:
-        """The served config itself, loaded and validated once per run (check_run and read_roots compare with it)."""
+        """The served config itself, loaded and validated once per run (check_run and `roots` compare with it)."""
         return load_config(self.config_path, self.overrides)
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        """Where a deployment run may read data files: the project folder, and what the served config itself reads
+        (its local sources and eval sets, which the operator may have put anywhere), resolved; found once per run
+        (check_run checks the run's sources against them, and the run's reads are checked where they open)."""
+        roots = [self.project]
+        for s in self.base.sources:
+            if s.kind == "local" and s.path:
+                try:
+                    roots += [f.resolve() for f in local_files(s.path)]
+                except AdapterError:  # nothing there now: the run's download stage says so
+                    pass
+        return roots + [Path(e.path).resolve() for e in self.base.evaluate.eval_sets]
 
 
 def mark_served(config_path: str | None, overrides: list[str]) -> None:
@@ -130,21 +144,6 @@ def _paths(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
-def read_roots(served: Served) -> list[Path]:
-    """Where a deployment run may read data files: the project folder, and what the served config itself reads
-    (its local sources and eval sets, which the operator may have put anywhere), resolved."""
-    base = served.base
-    roots = [served.project]
-    for s in base.sources:
-        if s.kind == "local" and s.path:
-            try:
-                roots += [f.resolve() for f in local_files(s.path)]
-            except AdapterError:  # nothing there now: the run's download stage says so
-                pass
-    roots += [Path(e.path).resolve() for e in base.evaluate.eval_sets]
-    return roots
-
-
 def effective_overrides(served: Served, overrides: list[str] | None) -> list[str]:
     """What a deployment run runs with: the served --set entries, then the run's own (a run's `overrides` parameter
     replaces the deployment's default list in Prefect, so without this a run that sets one threshold would drop
@@ -194,7 +193,7 @@ def check_run(served: Served, config_path: str | None, overrides: list[str] | No
     for name, value in _paths(cfg).items():
         if before.get(name) != value and not _inside(value, root):
             raise ConfigError(f"{where}: {name} {value!r} is outside the project folder {root}")
-    roots = read_roots(served)
+    roots = served.roots
     for i, s in enumerate(cfg.sources):
         if s.kind != "local" or not s.path:
             continue

@@ -90,7 +90,7 @@ def worldpm_sweep(config_path: str | None = None, overrides: list[str] | None = 
     if served is not None:  # a deployment run: only what the served config allows, never its sweep: section
         cfg = policy.check_run(served, config_path, overrides, sources)
         overrides = policy.effective_overrides(served, overrides)
-        roots = policy.read_roots(served)  # and data files are checked again where they are opened
+        roots = served.roots  # and data files are checked again where they are opened
     else:
         cfg = load_config(config_path, overrides or [], sources or None)
     if cfg.sweep is None:

@@ -66,7 +66,7 @@ def worldpm(config_path: str | None = None, overrides: list[str] | None = None, 
     roots = None
     if served is not None:  # a deployment run: only what the served config allows (flows/policy.py)
         cfg = policy.check_run(served, config_path, overrides, sources)
-        roots = policy.read_roots(served)  # and data files are checked again where they are opened
+        roots = served.roots  # and data files are checked again where they are opened
     else:
         cfg = load_config(config_path, overrides or [], sources or None)
     log = get_run_logger()

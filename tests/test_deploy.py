@@ -114,7 +114,7 @@ def test_a_deployment_run_validates_each_config_once(tmp_path, monkeypatch):
     monkeypatch.setattr(policy, "load_config", lambda *a, **k: loaded.append(a) or load_config(*a, **k))
     served = policy.Served(str(cfg), ["train.max_steps=20"])
     run_cfg = policy.check_run(served, str(cfg), ["train.lr=1e-5"], None)  # as flows/worldpm.py does
-    roots = policy.read_roots(served)
+    roots = served.roots
     assert run_cfg.train.lr == 1e-5 and run_cfg.train.max_steps == 20 and tmp_path.resolve() in roots
     assert loaded == [(str(cfg), ["train.max_steps=20"]), (str(cfg), ["train.max_steps=20", "train.lr=1e-5"], None)]
 

@@ -399,7 +399,7 @@ def test_a_deployment_run_checks_what_it_reads_where_it_opens_it(linked_project,
     """The read-time half: under the roots a served run reads within (the flow sets them), the download stage
     refuses a file that resolves outside, as it would if the link appeared after the policy's check; without them
     (a run from the terminal, the user's own authority) the same source reads."""
-    from flows.policy import Served, read_roots
+    from flows.policy import Served
     from worldpm.config import load_config
     from worldpm.data.sources import read_root
     from worldpm.errors import StageError
@@ -408,7 +408,7 @@ def test_a_deployment_run_checks_what_it_reads_where_it_opens_it(linked_project,
     project, outside = linked_project
     cfg = load_config(project / "pipeline.yaml", [], ["data/share*/secret.jsonl"])
     store = ArtifactStore(cfg.artifacts_dir)
-    with read_root(read_roots(Served(str(project / "pipeline.yaml")))):
+    with read_root(Served(str(project / "pipeline.yaml")).roots):
         with pytest.raises(StageError) as e:
             PIPELINE.run(cfg, store, until="download")
     assert str(e.value) == (f"download: {project / 'data/shared/secret.jsonl'} (from {project}/data/share*/secret"
