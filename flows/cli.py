@@ -259,7 +259,7 @@ class ApiWatch(threading.Thread):
 def _sweep_cmd(args: argparse.Namespace) -> int:
     from flows.sweep import worldpm_sweep
     from worldpm.cli import _config_path, quiet_expected_tracebacks
-    from worldpm.config import load_config
+    from worldpm.config import handing_on, load_config
     from worldpm.errors import ConfigError
 
     path = _config_path(args.config)
@@ -269,7 +269,8 @@ def _sweep_cmd(args: argparse.Namespace) -> int:
                           "(pipeline.yaml shows one)")
     if not args.verbose:
         quiet_expected_tracebacks()
-    result = with_prefect(worldpm_sweep, config_path=path, overrides=args.set or [], sources=args.source or None)
+    with handing_on(cfg):  # the sweep flow, in this process, takes cfg: not validated again
+        result = with_prefect(worldpm_sweep, config_path=path, overrides=args.set or [], sources=args.source or None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

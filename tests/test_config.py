@@ -147,3 +147,34 @@ def test_eval_at_defaults_and_what_is_allowed():
     dpo = load_config(None, ["train.objective=dpo", "model.from_config={model_type: qwen2}"])
     assert not dpo.train.evaluates_during_training  # the default eval_at is bt's: a DPO run does not evaluate
     assert not load_config(None, ["train.eval_at={}"]).train.evaluates_during_training
+
+
+def test_handing_on_gives_back_the_validated_config_for_the_same_arguments_and_text_only(tmp_path, monkeypatch):
+    """config.handing_on (what `worldpm run` does around its flow): the same arguments and file text give a copy
+    of the config, not validated again; other arguments, changed text or leaving the block validate as ever."""
+    from worldpm.config import PipelineConfig, handing_on
+
+    validate = PipelineConfig.model_validate.__func__
+    validated = []
+    monkeypatch.setattr(PipelineConfig, "model_validate",
+                        classmethod(lambda cls, *a, **k: validated.append(a) or validate(cls, *a, **k)))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("artifacts_dir: store\ntrain: {lr: 0.001}\n")
+    cfg = load_config(str(path), ["train.max_steps=3"])
+    with handing_on(cfg):
+        again = load_config(str(path), ["train.max_steps=3"])
+        assert again == cfg and again is not cfg and again.artifacts_dir == str(tmp_path / "store")
+        assert len(validated) == 1
+        again.train.max_steps = 7  # a copy: what the caller holds does not change
+        assert load_config(str(path), ["train.max_steps=3"]).train.max_steps == 3 == cfg.train.max_steps
+        assert load_config(str(path), ["train.max_steps=4"]).train.max_steps == 4
+        assert len(validated) == 2
+        path.write_text("artifacts_dir: store\ntrain: {lr: 0.002}\n")
+        assert load_config(str(path), ["train.max_steps=3"]).train.lr == 0.002
+        assert len(validated) == 3
+        path.write_text("artifacts_dir: store\ntrain: {lr: 0.001}\n")
+        monkeypatch.chdir(tmp_path)  # the same arguments from another folder: validated (paths may read otherwise)
+        load_config(str(path), ["train.max_steps=3"])
+        assert len(validated) == 4
+    load_config(str(path), ["train.max_steps=3"])
+    assert len(validated) == 5

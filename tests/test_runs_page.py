@@ -111,3 +111,36 @@ def test_two_pipelines_publish_under_their_own_keys(first_run, worldpm_cli, tmp_
     assert keys == {"tiny-beta-run"}  # no plot in this run: no report
     alpha = {a.key for r in flow_runs(NAME) for a in artifacts(flow_run_id=r.id)} - {None}
     assert alpha and not keys & alpha
+
+
+def test_worldpm_run_validates_its_config_once(first_run, monkeypatch, capsys):
+    """`worldpm run` validates its config before Prefect starts (a typo fails in milliseconds), and the flow it then
+    runs in the same process takes that config (config.handing_on) instead of validating it again from its
+    parameters: one validation a process (it was two)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows.worldpm import worldpm as flow
+    from tasks import PIPELINE
+    from worldpm import cli
+    from worldpm.config import PipelineConfig
+
+    folder, config, _ = first_run
+    validate = PipelineConfig.model_validate.__func__
+    validated = []
+    monkeypatch.setattr(PipelineConfig, "model_validate",
+                        classmethod(lambda cls, *a, **k: validated.append(a) or validate(cls, *a, **k)))
+    ran = []
+
+    def run_flow(**params):  # the console script's run_flow, less its background-server handling (flows/cli.py)
+        with temporary_settings(updates={PREFECT_API_URL: get_current_settings().api.url}):
+            ran.append(flow(**params))
+        return ran[-1]
+
+    monkeypatch.chdir(folder)
+    # an override in no key (train.timeout_s): the run is the first run's, every stage from the cache
+    code = cli.main(["run", "--verbose", "--config", str(config), "--set", "train.timeout_s=600"], pipeline=PIPELINE,
+                    run_flow=run_flow)
+    assert code == 0, capsys.readouterr()
+    [results] = ran
+    assert [r["status"] for r in results] == ["cached"] * len(PIPELINE.names)
+    assert len(validated) == 1, validated

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from worldpm.config import PipelineConfig, load_config
+from worldpm.config import PipelineConfig, handing_on, load_config
 from worldpm.engine import Pipeline
 from worldpm.errors import EXIT_CONFIG, EXIT_STAGE, ConfigError, NeedsTheLog, StageError, disk_full, free_space
 
@@ -141,7 +141,7 @@ def cmd_run(args) -> int:
     # logging to API ---" after every batch) says nothing on the terminal; the run's log file keeps the run.
     raise_before, logging.raiseExceptions = logging.raiseExceptions, bool(args.verbose)
     try:
-        with keep_run_log():
+        with keep_run_log(), handing_on(cfg):  # the flow, in this process, takes cfg: not validated again
             results = args.run_flow(
                 config_path=path, overrides=args.set or [], sources=args.source or None,
                 until=args.until, only=args.only, start=args.start, force=args.force or [],

@@ -5,12 +5,14 @@ setting silently ignored. ``--set section.key=value`` overrides go through the s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from worldpm.errors import ConfigError
 from worldpm.sweep import SweepConfig
@@ -524,6 +526,7 @@ class PipelineConfig(Strict):
     sweep: SweepConfig | None = Field(
         None, description="a grid of runs (`worldpm sweep`, deployment worldpm/sweep): each point the same DAG with "
         "overrides, sharing the cache (worldpm/sweep.py)")
+    _loaded_from: tuple | None = PrivateAttr(None)  # load_config's arguments, file text and folder (handing_on)
 
     @model_validator(mode="after")
     def _across_sections(self) -> "PipelineConfig":
@@ -597,9 +600,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 sources: list[str] | None = None) -> PipelineConfig:
-    """Load and validate pipeline.yaml (or defaults when path is None), then --set overrides, then --source."""
+    """Load and validate pipeline.yaml (or defaults when path is None), then --set overrides, then --source. Inside
+    ``handing_on(cfg)``, the arguments (and file text) ``cfg`` was loaded from give a copy of ``cfg``, unvalidated."""
     origin = str(path) if path else "<defaults>"
     data: dict = {}
+    text = None
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -613,6 +618,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "config as UTF-8") from None
         except OSError as e:
             raise ConfigError(f"{p}: cannot be read: {e.strerror or type(e).__name__}") from None
+    loaded_from = (str(path) if path is not None else None, text, tuple(overrides or ()), tuple(sources or ()),
+                   os.getcwd())  # a relative path, a --source's reading and a default artifacts_dir depend on it
+    if _handed is not None and _handed._loaded_from == loaded_from:
+        return _handed.model_copy(deep=True)
+    if text is not None:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -638,7 +648,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for e in cfg.evaluate.eval_sets:
         if not Path(e.path).is_absolute():
             e.path = str(base / e.path)
+    cfg._loaded_from = loaded_from
     return cfg
+
+
+_handed: PipelineConfig | None = None  # handing_on's config, while its block runs
+
+
+@contextlib.contextmanager
+def handing_on(cfg: PipelineConfig):
+    """While this block runs, ``load_config`` called with the arguments ``cfg`` was loaded from (the same file text,
+    in the same working directory) returns a copy of ``cfg`` instead of validating it again. `worldpm run` validates
+    its config before Prefect starts (a typo fails in milliseconds), then runs the flow in its own process, and the
+    flow loads its config from its parameters (flows/worldpm.py): so a process validates its config once."""
+    global _handed
+    before, _handed = _handed, cfg.model_copy(deep=True)
+    try:
+        yield
+    finally:
+        _handed = before
 
 
 _DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".gz", ".xml", ".txt", ".yaml", ".yml")
