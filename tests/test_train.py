@@ -84,6 +84,22 @@ def test_token_budget_micro_batches_fit_and_cover_the_epoch():
         PairBatchSampler(np.maximum(c, r), 8, max_tokens_per_batch=300, packed_cost=c + r)
 
 
+def test_a_token_budget_below_the_longest_pair_is_refused_before_the_model_is_built(tokenized, monkeypatch):
+    """A budget under the longest pair's real tokens (chosen + rejected) fits no layout: the recipe says so right
+    after loading the data, not after building the model (minutes and GPU memory for a large one) as it did. (In
+    process the recipe's TrainingStop; launched, the stage's one line: test_nothing_lost.)"""
+    from worldpm.modeling.trainer import recipe
+
+    def build_model(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(recipe, "build_model", build_model)
+    store, ref, _ = tokenized
+    with pytest.raises(TrainingStop, match=r"train.max_tokens_per_batch 32 is below the \d+ tokens of the longest pair "
+                                         r"\(chosen \+ rejected\): raise it to at least"):
+        pipeline.execute("train", tiny_cfg("train.max_tokens_per_batch=32"), train_inputs(store, ref), store, log=LOG)
+
+
 def test_the_eval_split_keeps_the_token_budget(tokenized):
     """train.max_tokens_per_batch is the memory limit of training; the eval split scored at its end keeps it too
     (it used to take batch_size pairs whatever their length), and still scores every pair once."""

@@ -100,9 +100,10 @@ def f3(x: float) -> str:
 
 # ---- the fits ---------------------------------------------------------------------------------------------------
 def _t(df: int) -> float:
-    from scipy.stats import t
+    """The t distribution's two-sided LEVEL quantile (scipy.special's: scipy.stats takes a second to import)."""
+    from scipy.special import stdtrit
 
-    return float(t.ppf(0.5 + LEVEL / 2, df))
+    return float(stdtrit(df, 0.5 + LEVEL / 2))
 
 
 def _aicc(rss: float, n: int, k: int) -> float:

@@ -224,6 +224,15 @@ def load_pairs(path: str | Path, ref_path: str | Path | None = None) -> PairData
 CUT_CHUNK = 1 << 16  # pairs whose costs become Python ints at once in a budgeted cut (not the whole epoch's)
 
 
+def check_token_budget(max_tokens_per_batch: int | None, worst: int, padded: bool = False) -> None:
+    """A micro-batch must hold the most expensive pair: ``worst`` tokens (packed: its chosen + rejected tokens, a
+    lower bound of any layout's cost; padded: 2 x its longer side). ValueError naming the knob otherwise."""
+    if max_tokens_per_batch is not None and worst > max_tokens_per_batch:
+        raise ValueError(f"train.max_tokens_per_batch {max_tokens_per_batch} is below the {worst} tokens of the "
+                         f"longest pair (chosen + rejected{', padded' if padded else ''}): raise it to at least "
+                         f"{worst} or lower tokenize.max_length")
+
+
 def cut_points(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens_per_batch: int | None = None,
                packed_cost: np.ndarray | None = None) -> np.ndarray:
     """Where `order` is cut into consecutive micro-batches (int64 bounds: micro-batch k is order[b[k]:b[k+1]]): of
@@ -321,12 +330,9 @@ class PairBatchSampler:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.packed_cost = None if packed_cost is None else np.asarray(packed_cost)
         if max_tokens_per_batch is not None:
-            worst = int(self.packed_cost.max()) if self.packed_cost is not None else 2 * int(self.lengths.max())
-            if worst > max_tokens_per_batch:
-                raise ValueError(f"train.max_tokens_per_batch {max_tokens_per_batch} is below the {worst} tokens of "
-                                 f"the longest pair (chosen + rejected"
-                                 f"{'' if self.packed_cost is not None else ', padded'}): "
-                                 f"raise it to at least {worst} or lower tokenize.max_length")
+            padded = self.packed_cost is None
+            check_token_budget(max_tokens_per_batch, 2 * int(self.lengths.max()) if padded else
+                               int(self.packed_cost.max()), padded)
         self._cache: dict[int, Batches] = {}
 
     def global_batches(self, epoch: int) -> Batches:

@@ -50,7 +50,7 @@ from worldpm.modeling.objectives import build_objective
 from worldpm.modeling.trainer import guard, save
 from worldpm.data.tokstore import TokenStoreError, store_path
 from worldpm.modeling.trainer.data import (Layout, PairBatchSampler, PairData, PairDataError, StepPlan,
-                                           read_split_pairs, shard_for_scoring)
+                                           check_token_budget, read_split_pairs, shard_for_scoring)
 from worldpm.modeling.trainer.args import FAILURE, TrainerArgs
 from worldpm.modeling.trainer.step import (FiniteGuard, OutOfMemory, Prefetcher, StepLog, TrainingStop, hms,
                                            oom_message, to_device)
@@ -243,6 +243,10 @@ class Recipe:
             self.data, self.length_info = length_control.apply(self.data, t.length_balance, t.length_debias,
                                                                t.length_debias_coef, t.seed)
             self.say(f"length control: {json.dumps(self.length_info)}")
+        try:  # a budget below the longest pair's real tokens fails in any layout: say so before building the model
+            check_token_budget(t.max_tokens_per_batch, int(self.data.packed_len.max()))
+        except ValueError as e:
+            raise TrainingStop(str(e)) from None
         self.time.mark("data")
 
         model = build_model(self.objective, A.model, self.tokenizer, self.accelerator, t.gradient_checkpointing,
