@@ -521,7 +521,9 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     """The train stage with 2 CPU processes (torchrun, gloo) against 1 process with the same global batch (4 pairs x
     2 accumulations = 4 pairs x 2 processes): the same loss curve; every pair once in the epoch across the two;
     metrics reduced over both (each line counts 8 pairs); one model, scoring as the 1-process one. The 2-process
-    run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint."""
+    run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint, reporting to TensorBoard: the
+    event file of the launched run holds every step it ran (accelerate's tracker flushes each log, so this holds
+    whether or not a process ends through the interpreter's teardown: recipe.exit_after_success skips it)."""
     store, ref, _ = tokenized
     one_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2", "train.num_processes=1"])
     two_sets = multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2"]
@@ -534,8 +536,9 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     with pytest.raises(StageError, match="exited with 17"):
         pipeline.execute("train", crashing, inputs, store, log=LOG)
     log = ListLog()
-    two = pipeline.execute("train", load_config(None, two_sets + ["train.callbacks=[support:Trace]"]), inputs, store,
-                           log=log)
+    two = pipeline.execute("train", load_config(None, two_sets + ["train.callbacks=[support:Trace]",
+                                                                  "train.report_to=[tensorboard]"]),
+                           inputs, store, log=log)
     assert two.manifest["num_processes"] == 2 and two.manifest["resumed_from_step"] == 10
     assert any("2 processes a step" in ln for ln in log.lines)
 
@@ -547,6 +550,12 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
     np.testing.assert_allclose([m["accuracy"] for m in b], [m["accuracy"] for m in a], atol=1e-6)
     assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run_dir] = (store.root / "tracking" / "tensorboard").iterdir()  # the run's folder (<pipeline>-train-<key>)
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(11, steps + 1))
 
     # every pair once in the epoch, over both processes; each process ran its own half of every step
     seen = traced(tmp_path / "two")
