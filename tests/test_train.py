@@ -552,8 +552,8 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    [run_dir] = (store.root / "tracking" / "tensorboard").iterdir()  # the run's folder (<pipeline>-train-<key>)
-    ea = EventAccumulator(str(run_dir))
+    record = json.loads((store.root / "tracking" / "runs" / f"{two.key}.json").read_text())  # where it wrote
+    ea = EventAccumulator(record["tensorboard"])
     ea.Reload()
     assert [e.step for e in ea.Scalars("train/loss")] == list(range(11, steps + 1))
 
