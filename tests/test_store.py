@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -274,3 +275,20 @@ def test_a_damaged_artifact_is_named_and_rebuilt(tmp_path, se_paired, caplog, ca
     assert err.strip().splitlines()[-1].startswith("worldpm: artifacts verify: 1 damaged artifact(s), first clean/")
     assert store.get("clean", clean["key"]) is None and store.bad_copies("clean", clean["key"])
     assert cli.main(["artifacts", "verify", "--config", str(cfg_path)], pipeline=PIPELINE, run_flow=None) == 0
+
+
+def test_json_lines_readers_skip_blank_lines_and_name_a_bad_line(tmp_path):
+    """metrics.jsonl / the run history (report.history.read_jsonl) and eval_curve.jsonl (read_eval_curve) share one
+    reader (store.json_lines): a missing file is empty, blank lines are skipped, a bad line is named by file:line."""
+    from worldpm.errors import StageError
+    from worldpm.modeling.eval_curve import read_eval_curve
+    from worldpm.report.history import read_jsonl
+
+    assert read_jsonl(tmp_path / "missing.jsonl") == [] and read_eval_curve(tmp_path / "missing.jsonl") == []
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert read_jsonl(f) == [{"step": 1}, {"step": 2}]
+    f.write_text('\n\n{"step": \n')  # (no good line first: an eval-curve record has fields of its own to check)
+    for read in (read_jsonl, read_eval_curve):
+        with pytest.raises(StageError, match=rf"^{re.escape(str(f))}:3: not a JSON line \("):
+            read(f)

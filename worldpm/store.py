@@ -52,6 +52,23 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Each non-blank line of a JSON-lines file (metrics.jsonl, eval_curve.jsonl, the run history) as (where, value),
+    where = "<path>:<line number>"; nothing when the file does not exist. A line that is not JSON is a StageError
+    naming the file and line."""
+    p = Path(path)
+    if not p.exists():
+        return
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{p}:{i}: not a JSON line ({e.msg})") from None
+        yield f"{p}:{i}", value
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from worldpm.errors import StageError
+from worldpm.store import json_lines
 
 FILE = "eval_curve.jsonl"
 FIELDS = ("step", "pairs_seen", "tokens_seen", "set", "subset", "category", "n", "bt_loss", "accuracy",
@@ -144,19 +145,7 @@ def truncate_after(path: str | Path, step: int) -> int:
 def read_eval_curve(path: str | Path) -> list[EvalPoint]:
     """The records of an eval_curve.jsonl, in file order; [] when it does not exist. A bad line is a StageError
     naming the file and line."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{p}:{i}: not a JSON line ({e.msg})") from None
-        out.append(EvalPoint.from_json(d, f"{p}:{i}"))
-    return out
+    return [EvalPoint.from_json(d, where) for where, d in json_lines(path)]
 
 
 # ---- curves -------------------------------------------------------------------------------------------------------

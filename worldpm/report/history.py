@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from worldpm.errors import StageError
+from worldpm.store import json_lines
 
 HISTORY_DIR = "history"
 
@@ -44,19 +45,8 @@ def read_history(path: str | Path) -> list[dict]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """A JSON-lines file (history, training metrics); [] when it does not exist. A line that is not JSON is an
-    error naming the file and line."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    entries = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise StageError(f"{p}:{i}: not a JSON line ({e.msg})") from None
-    return entries
+    error naming the file and line (store.json_lines)."""
+    return [value for _, value in json_lines(path)]
 
 
 def history_entry(metrics: dict, evaluate_key: str | None, status: str = "ok") -> dict:
