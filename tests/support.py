@@ -20,6 +20,8 @@ from worldpm.modeling.trainer.recipe import Callback
 from worldpm.store import ArtifactStore
 
 LOG = logging.getLogger("test")
+RB = Path(__file__).resolve().parent / "fixtures" / "rewardbench_small.jsonl"  # 32 RewardBench-format pairs
+RB_SET = f"evaluate.eval_sets=[{{name: rb, path: {RB}, category: adversarial}}]"  # RB as an eval set
 TINY_BERT = "{model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}"
 TINY_QWEN = ("{model_type: qwen2, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
              "num_key_value_heads: 2, intermediate_size: 128}")
@@ -96,6 +98,11 @@ def tiny_qwen_tokenizer(d: Path) -> Path:
 
 def curve(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_records(out: Path) -> list[dict]:
+    """A train artifact's eval_curve.jsonl (train.eval_at)."""
+    return [json.loads(x) for x in (out / "eval_curve.jsonl").read_text().splitlines()]
 
 
 # ---- trainer callbacks: faults and a trace ----------------------------------------------------------------------

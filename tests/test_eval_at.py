@@ -1,5 +1,6 @@
 """Evaluation during training (train.eval_at, worldpm/modeling/trainer/evalcurve.py): where the points land, what a
-record holds (checked against the saved model scored outside the trainer), resume, and 1 process against 2."""
+record holds (checked against the saved model scored outside the trainer) and resume. 1 process against 2 (with a
+resume in 2 processes) is tests/test_train.py's launched 2-process test, which evaluates during training too."""
 from __future__ import annotations
 
 import json
@@ -8,19 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import LOG, CrashAfter, SimulatedCrash, tiny_cfg, train_inputs
+from support import LOG, RB, RB_SET, CrashAfter, SimulatedCrash, eval_records, tiny_cfg, train_inputs
 from tasks import PIPELINE as pipeline
-from worldpm.config import EvalAtConfig, load_config
+from worldpm.config import EvalAtConfig
 from worldpm.modeling import models
 from worldpm.modeling.trainer.data import load_pairs
 from worldpm.modeling.trainer.evalcurve import eval_steps
-
-RB = Path(__file__).resolve().parent / "fixtures" / "rewardbench_small.jsonl"
-SETS = f"evaluate.eval_sets=[{{name: rb, path: {RB}, category: adversarial}}]"
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "eval_curve.jsonl").read_text().splitlines()]
 
 
 def rows(out: Path) -> list[dict]:
@@ -51,7 +45,7 @@ def test_eval_at_records_where_asked_and_as_the_saved_model_scores(tokenized):
     (whole set, then each subset, with its category); metrics.jsonl rows carry pairs_seen / tokens_seen; the last
     point's numbers are those of the saved model scored outside the trainer (plain transformers, padded)."""
     store, tok, _ = tokenized
-    res = pipeline.execute("train", tiny_cfg(SETS, "train.eval_at={log_points: 4}"), train_inputs(store, tok), store,
+    res = pipeline.execute("train", tiny_cfg(RB_SET, "train.eval_at={log_points: 4}"), train_inputs(store, tok), store,
                            log=LOG)
     out = Path(res.ref.path)
     logged = rows(out)
@@ -61,7 +55,7 @@ def test_eval_at_records_where_asked_and_as_the_saved_model_scores(tokenized):
     assert all(r["tokens_seen"] >= r["pairs_seen"] * 2 for r in logged)
     want = eval_steps(pairs_seen, EvalAtConfig(log_points=4))
     assert want == [1, 2, 4, 6]
-    recs = records(out)
+    recs = eval_records(out)
     assert sorted({r["step"] for r in recs}) == want
     for r in recs:  # the x-axis of a record is the training log's at that step
         assert (r["pairs_seen"], r["tokens_seen"]) == next((m["pairs_seen"], m["tokens_seen"]) for m in logged
@@ -96,7 +90,7 @@ def test_eval_at_resumes_without_duplicates_or_gaps(tokenized, tmp_path, in_proc
 
     store, tok, _ = tokenized
     inputs = train_inputs(store, tok)
-    cfg = tiny_cfg(SETS, "train.eval_at={every: 1}", "train.seed=7")
+    cfg = tiny_cfg(RB_SET, "train.eval_at={every: 1}", "train.seed=7")
     ref = pipeline.execute("train", cfg, inputs, ArtifactStore(tmp_path / "plain"), log=LOG)
     in_process_trainer.callbacks = [CrashAfter()]
     with pytest.raises(SimulatedCrash):
@@ -110,37 +104,9 @@ def test_eval_at_resumes_without_duplicates_or_gaps(tokenized, tmp_path, in_proc
     in_process_trainer.callbacks = []
     res = pipeline.execute("train", cfg, inputs, store, log=LOG)
     assert res.manifest["resumed_from_step"] == 2
-    a, b = records(Path(ref.ref.path)), records(Path(res.ref.path))
+    a, b = eval_records(Path(ref.ref.path)), eval_records(Path(res.ref.path))
     assert sorted(r["step"] for r in b) == sorted(r["step"] for r in a)  # each point once
     key_of = lambda r: (r["step"], r["set"], r["subset"])  # noqa: E731
     b_by = {key_of(r): r for r in b}
     for r in a:
         assert b_by[key_of(r)]["bt_loss"] == pytest.approx(r["bt_loss"], abs=1e-5), key_of(r)
-
-
-@pytest.mark.launch
-def test_eval_at_lands_on_the_same_steps_with_one_and_two_processes(tokenized, tiny_qwen_dir, monkeypatch,
-                                                                     in_process_trainer):
-    """4 steps of 8 pairs: 1 process x 2 accumulations (in process) and 2 launched processes x 1 evaluate at the
-    same steps, with the same pairs and tokens seen, the same n, and the same BT loss (the same model: the two
-    processes score their halves and gather)."""
-    from worldpm.modeling.trainer import launch
-
-    store, tok, _ = tokenized
-    base = [f"model.name_or_path={tiny_qwen_dir}", "tokenize.max_length=64", "train.batch_size=4", "train.max_steps=4",
-            "train.lr=1e-3", "train.log_every=1", "train.checkpoint_every=100", "train.eval_max_pairs=8",
-            "train.eval_at={log_points: 3}", SETS]
-    inputs = train_inputs(store, tok)
-    with monkeypatch.context() as m:
-        m.setattr(launch, "run", in_process_trainer)
-        one = pipeline.execute("train", load_config(None, base + ["train.grad_accum=2", "train.num_processes=1"]),
-                               inputs, store, log=LOG)
-    two = pipeline.execute("train", load_config(None, base + ["train.grad_accum=1", "train.num_processes=2"]), inputs,
-                           store, log=LOG)
-    assert two.manifest["num_processes"] == 2
-    a, b = records(Path(one.ref.path)), records(Path(two.ref.path))
-    assert sorted({r["step"] for r in a}) == sorted({r["step"] for r in b}) == [1, 2, 4]
-    fixed = lambda r: (r["step"], r["pairs_seen"], r["tokens_seen"], r["set"], r["subset"], r["category"], r["n"])  # noqa: E731
-    assert [fixed(r) for r in a] == [fixed(r) for r in b]
-    np.testing.assert_allclose([r["bt_loss"] for r in b], [r["bt_loss"] for r in a], atol=2e-4, rtol=0)
-    assert [m["pairs_seen"] for m in rows(Path(one.ref.path))] == [m["pairs_seen"] for m in rows(Path(two.ref.path))]

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from support import (LOG, TINY_QWEN, TRACE_ENV, CrashAfter, ListLog, NanAt, OomAt, SimulatedCrash, Trace, curve,
-                     se_shard, tiny_cfg, traced, train_inputs)
+from support import (LOG, RB_SET, TINY_QWEN, TRACE_ENV, CrashAfter, ListLog, NanAt, OomAt, SimulatedCrash, Trace,
+                     curve, eval_records, se_shard, tiny_cfg, traced, train_inputs)
 from tasks import PIPELINE as pipeline
 from worldpm.config import load_config
 from worldpm.data.splits import read_split
@@ -523,10 +523,14 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     metrics reduced over both (each line counts 8 pairs); one model, scoring as the 1-process one. The 2-process
     run is killed after step 12 and resumed in 2 processes from its step-10 checkpoint, reporting to TensorBoard: the
     event file of the launched run holds every step it ran (accelerate's tracker flushes each log, so this holds
-    whether or not a process ends through the interpreter's teardown: recipe.exit_after_success skips it)."""
+    whether or not a process ends through the interpreter's teardown: recipe.exit_after_success skips it). Both
+    evaluate during training (train.eval_at, 3 log-spaced points, the eval split and a RewardBench-format set): the
+    2-process run's points, two of them from before its crash, land on the same steps with the same pairs and tokens
+    seen, the same n and the same BT loss (the two processes score their halves and gather)."""
     store, ref, _ = tokenized
-    one_cfg = load_config(None, multi(tiny_qwen_dir) + ["train.grad_accum=2", "train.num_processes=1"])
-    two_sets = multi(tiny_qwen_dir) + ["train.grad_accum=1", "train.num_processes=2"]
+    evals = ["train.eval_at={log_points: 3}", RB_SET]
+    one_cfg = load_config(None, multi(tiny_qwen_dir) + evals + ["train.grad_accum=2", "train.num_processes=1"])
+    two_sets = multi(tiny_qwen_dir) + evals + ["train.grad_accum=1", "train.num_processes=2"]
     inputs = train_inputs(store, ref)
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "one"))
     in_process_trainer.callbacks = [Trace()]
@@ -550,6 +554,11 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
     np.testing.assert_allclose([m["accuracy"] for m in b], [m["accuracy"] for m in a], atol=1e-6)
     assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
+    ea_, eb = (eval_records(o) for o in (Path(one.ref.path), Path(two.ref.path)))
+    assert sorted({r["step"] for r in ea_}) == sorted({r["step"] for r in eb}) == [1, 6, steps]  # 2 before the crash
+    fixed = lambda r: (r["step"], r["pairs_seen"], r["tokens_seen"], r["set"], r["subset"], r["category"], r["n"])  # noqa: E731
+    assert [fixed(r) for r in eb] == [fixed(r) for r in ea_]
+    np.testing.assert_allclose([r["bt_loss"] for r in eb], [r["bt_loss"] for r in ea_], atol=2e-4, rtol=0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     record = json.loads((store.root / "tracking" / "runs" / f"{two.key}.json").read_text())  # where it wrote
