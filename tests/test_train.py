@@ -661,7 +661,7 @@ def summary_vocab(res) -> int:
 # ---- a real backbone learns (slow) --------------------------------------------------------------------------------
 
 # 94 training pairs, 3 epochs of 16-pair steps (18 steps) at 64 tokens. What this asserts held on every seed tried
-# (42, 1, 2, 3, 4, 5; 2026-12-05): mean loss of the first epoch 0.69 (chance: ln 2 = 0.693), of the third 0.34-0.46;
+# (42, 1, 2, 3, 4, 5; 2026-12-05): the loss 0.69 over the first steps (chance: ln 2 = 0.693), 0.34-0.46 over the last;
 # the saved model ranks 0.979-0.989 of its training pairs right, BT loss 0.29-0.39 on them. It asserts fitting, not
 # generalisation: the earlier version (384 pairs seen once) asserted held-out accuracy above chance and passed on 2 of
 # 5 seeds (42 and 4; 1, 2 and 3 failed): 384 pairs move held-out StackExchange preference by less than the noise of a
