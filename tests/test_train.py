@@ -554,11 +554,11 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
     np.testing.assert_allclose([m["accuracy"] for m in b], [m["accuracy"] for m in a], atol=1e-6)
     assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
-    ea_, eb = (eval_records(o) for o in (Path(one.ref.path), Path(two.ref.path)))
-    assert sorted({r["step"] for r in ea_}) == sorted({r["step"] for r in eb}) == [1, 6, steps]  # 2 before the crash
+    e1, e2 = (eval_records(o) for o in (Path(one.ref.path), Path(two.ref.path)))
+    assert sorted({r["step"] for r in e1}) == sorted({r["step"] for r in e2}) == [1, 6, steps]  # 2 before the crash
     fixed = lambda r: (r["step"], r["pairs_seen"], r["tokens_seen"], r["set"], r["subset"], r["category"], r["n"])  # noqa: E731
-    assert [fixed(r) for r in eb] == [fixed(r) for r in ea_]
-    np.testing.assert_allclose([r["bt_loss"] for r in eb], [r["bt_loss"] for r in ea_], atol=2e-4, rtol=0)
+    assert [fixed(r) for r in e2] == [fixed(r) for r in e1]
+    np.testing.assert_allclose([r["bt_loss"] for r in e2], [r["bt_loss"] for r in e1], atol=2e-4, rtol=0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     record = json.loads((store.root / "tracking" / "runs" / f"{two.key}.json").read_text())  # where it wrote
