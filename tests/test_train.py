@@ -551,6 +551,8 @@ def test_two_cpu_processes_train_as_one_and_resume_as_two(tokenized, tiny_qwen_d
     steps = math.ceil(math.ceil(n_train / 4) / 2)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
     assert all(m["pairs"] == 8 for m in a[:-1]) and [m["pairs"] for m in a] == [m["pairs"] for m in b]
+    # the x-axis the curves are drawn against, carried across the 2-process run's resume
+    assert [(m["pairs_seen"], m["tokens_seen"]) for m in b] == [(m["pairs_seen"], m["tokens_seen"]) for m in a]
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], atol=2e-4, rtol=0)
     np.testing.assert_allclose([m["accuracy"] for m in b], [m["accuracy"] for m in a], atol=1e-6)
     assert max(abs(m["loss"] - math.log(2)) for m in a) > 0.05  # the model moves: the curves are not flat at ln 2
