@@ -9,16 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import LOG, RB, RB_SET, CrashAfter, SimulatedCrash, eval_records, tiny_cfg, train_inputs
+from support import LOG, RB, RB_SET, CrashAfter, SimulatedCrash, curve, eval_records, tiny_cfg, train_inputs
 from tasks import PIPELINE as pipeline
 from worldpm.config import EvalAtConfig
 from worldpm.modeling import models
 from worldpm.modeling.trainer.data import load_pairs
 from worldpm.modeling.trainer.evalcurve import eval_steps
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_eval_steps_every_n_and_log_spaced():
@@ -48,7 +44,7 @@ def test_eval_at_records_where_asked_and_as_the_saved_model_scores(tokenized):
     res = pipeline.execute("train", tiny_cfg(RB_SET, "train.eval_at={log_points: 4}"), train_inputs(store, tok), store,
                            log=LOG)
     out = Path(res.ref.path)
-    logged = rows(out)
+    logged = curve(out)
     pairs_seen = np.concatenate([[0], [r["pairs_seen"] for r in logged]])
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert list(pairs_seen[1:]) == list(np.cumsum([r["pairs"] for r in logged]))

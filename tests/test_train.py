@@ -444,7 +444,7 @@ def test_killed_run_resumes_from_its_checkpoint(tokenized, in_process_trainer):
     key, _ = pipeline.resolve("train", cfg, train_inputs(store, ref))
     work = store.work_dir("train", key)
     assert [p.name for p in trainer_save.complete_checkpoints(work / "checkpoints")] == ["step-00000002"]
-    assert [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [m["step"] for m in curve(work)] == [1, 2, 3]
     in_process_trainer.callbacks = []
     log = ListLog()
     res = pipeline.execute("train", cfg, train_inputs(store, ref), store, log=log)
@@ -684,7 +684,7 @@ def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
     tok = pipeline.execute("tokenize", cfg, {"shard": shard}, store, log=LOG)
     res = pipeline.execute("train", cfg, train_inputs(store, tok.ref), store, log=LOG)
     out = Path(res.ref.path)
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = curve(out)
     train = read_split(tok.ref, "train")
     per_epoch = math.ceil(train.height / 16)
     assert len(steps) == 3 * per_epoch
