@@ -126,15 +126,13 @@ def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, mo
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from support import LOG, tiny_cfg, train_inputs
+    from support import LOG, RB_SET, eval_records, tiny_cfg, train_inputs
     from tasks import PIPELINE
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     store, tok, _ = tokenized
-    rb = Path(__file__).resolve().parent / "fixtures" / "rewardbench_small.jsonl"
-    sets = f"evaluate.eval_sets=[{{name: rb, path: {rb}, category: adversarial}}]"
-    cfg = tiny_cfg(sets, "train.eval_at={every: 3}", "train.report_to=[tensorboard, mlflow]", "name=tracked")
+    cfg = tiny_cfg(RB_SET, "train.eval_at={every: 3}", "train.report_to=[tensorboard, mlflow]", "name=tracked")
     inputs = train_inputs(store, tok)
     train = PIPELINE.execute("train", cfg, inputs, store, log=LOG)
     ev = PIPELINE.execute("evaluate", cfg, {**inputs, "train": train.ref}, store, log=LOG)
@@ -149,7 +147,7 @@ def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, mo
             "final/rb/bt_loss"} <= scalars
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in ea.Scalars("eval/rb/bt_loss")] == [3, 6]
-    points = [json.loads(x) for x in (Path(train.ref.path) / "eval_curve.jsonl").read_text().splitlines()]
+    points = eval_records(Path(train.ref.path))
     rb_loss = [p["bt_loss"] for p in points if p["set"] == "rb" and p["subset"] is None]
     assert [e.value for e in ea.Scalars("eval/rb/bt_loss")] == pytest.approx(rb_loss, abs=1e-6)
     metrics = json.loads((Path(ev.ref.path) / "metrics.json").read_text())
@@ -171,6 +169,6 @@ def test_report_to_through_the_train_and_evaluate_stages(tokenized, tmp_path, mo
     assert hist("eval/rb/bt_loss") == [(3, round(rb_loss[0], 6)), (6, round(rb_loss[1], 6))]
     assert hist("final/rb/bt_loss") == [(6, round(metrics["rb"]["bt_loss"], 6))]
 
-    again = PIPELINE.execute("train", tiny_cfg(sets, "train.eval_at={every: 3}", "name=tracked"), inputs, store,
+    again = PIPELINE.execute("train", tiny_cfg(RB_SET, "train.eval_at={every: 3}", "name=tracked"), inputs, store,
                              log=LOG)
     assert again.status == "cached" and again.key == train.key
