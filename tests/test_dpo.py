@@ -293,8 +293,9 @@ def test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy(dpo_setup):
 
     from tasks import PIPELINE as pipeline
     from worldpm.modeling import models
-    from worldpm.modeling.trainer.data import load_pairs
+    from support import curve
     from worldpm.modeling.logps import load_causal_lm
+    from worldpm.modeling.trainer.data import load_pairs
 
     store, cfg, _, tok_ref, ref = dpo_setup
     tokzr = models.load_tokenizer(f"{tok_ref.path}/tokenizer")
@@ -310,7 +311,7 @@ def test_tiny_lm_trained_with_dpo_raises_implicit_reward_accuracy(dpo_setup):
     tol = 1e-4 if made["dtype"] == "float32" else obj.beta * biggest * 2**-5
     res = pipeline.execute("train", cfg, {"tokenize": tok_ref, "ref_logps": ref.ref}, store, log=LOG)
     out = Path(res.ref.path)
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = curve(out)
     assert {"loss", "accuracy", "margin", "reward_chosen", "logps_chosen", "kl"} <= steps[-1].keys()
     after = implicit_accuracy(load_causal_lm(out), obj, data, tokzr.pad_token_id)
     print(f"dpo: {len(data)} train pairs, implicit-reward accuracy {before[0]:.3f} (max |reward| {before[1]:.1e}) "

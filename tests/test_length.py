@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import LOG, tiny_cfg, train_inputs
+from support import LOG, curve, tiny_cfg, train_inputs
 from tasks import PIPELINE as pipeline
 from worldpm.config import load_config
 from worldpm.errors import ConfigError
@@ -125,7 +125,7 @@ def test_training_with_length_control_records_what_it_did(tokenized, opts):
         small = min(counts["chosen_longer"], counts["chosen_shorter"])
         assert lc["pairs_kept"] == 2 * small + counts["same_length"]
         assert lc["after"]["chosen_longer"] == lc["after"]["chosen_shorter"] == small
-        steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = curve(out)
         assert all("length_penalty" in s for s in steps)  # the penalty is logged
     else:
         w = L.balance_weights(ct, rt)

@@ -687,8 +687,8 @@ def test_minilm_learns_stack_exchange_preferences_on_cpu(tmp_path, se_paired):
     out = Path(res.ref.path)
     steps = curve(out)
     train = read_split(tok.ref, "train")
-    per_epoch = math.ceil(train.height / 16)
-    assert len(steps) == 3 * per_epoch
+    per_epoch = math.ceil(train.height / cfg.train.batch_size)
+    assert len(steps) == cfg.train.epochs * per_epoch
     first, last = np.mean([m["loss"] for m in steps[:per_epoch]]), np.mean([m["loss"] for m in steps[-per_epoch:]])
     model = models.load_reward_model(out)
     pad = model.config.pad_token_id
